@@ -1,0 +1,68 @@
+/* Fused noising and the CFG combine. */
+#include "ops.h"
+
+OP_DECLARE(add_noise) {
+    static char *kwlist[] = {"x0", "sigma", "xt_out", "seed", "offset", "eps_out", "flow", "stream", NULL};
+    PyObject *x0_obj, *sigma_obj, *xt_obj, *seed_obj, *offset_obj = NULL, *eps_obj = Py_None;
+    int flow = 0;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|OOp$K", kwlist, &x0_obj, &sigma_obj, &xt_obj, &seed_obj,
+                                     &offset_obj, &eps_obj, &flow, &stream))
+        return NULL;
+    dipp_noise_args a = {0};
+    if (arg_u64(seed_obj, "seed", &a.seed) < 0) return NULL;
+    if (offset_obj && arg_u64(offset_obj, "offset", &a.offset) < 0) return NULL;
+    call_views call;
+    call_init(&call);
+    PyObject *result = NULL;
+    dipp_status status = DIPP_OK;
+    tensor_view *x0 = call_tensor(&call, x0_obj, "x0", ROLE_INPUT, DTYPES_FLOAT);
+    if (!x0 || check_batched(x0) < 0) goto done;
+    tensor_view *sigma = call_tensor(&call, sigma_obj, "sigma", ROLE_INPUT, DTYPES_F32);
+    if (!sigma || check_per_sample(sigma, x0->shape[0]) < 0 || check_sigma_values(sigma) < 0) goto done;
+    tensor_view *xt = call_tensor(&call, xt_obj, "xt_out", ROLE_OUTPUT, DTYPES_FLOAT);
+    if (!xt || check_same_shape(x0, xt) < 0 || check_same_dtype(x0, xt) < 0) goto done;
+    tensor_view *eps = call_optional(&call, eps_obj, "eps_out", ROLE_OUTPUT, DTYPES_FLOAT);
+    if (PyErr_Occurred() || (eps && (check_same_shape(x0, eps) < 0 || check_same_dtype(x0, eps) < 0))) goto done;
+    if (call_check_devices_and_overlap(&call) < 0) goto done;
+    a.x0 = x0->data;
+    a.xt = xt->data;
+    a.eps_out = eps ? eps->data : NULL;
+    a.sigma = sigma->data;
+    a.dtype = x0->dtype;
+    a.batch = x0->shape[0];
+    a.per_sample = x0->numel / a.batch;
+    a.flow = flow;
+    RUN_KERNEL(module, x0->device_type == kDLCUDA, add_noise, a, stream, status, done);
+    if (raise_status(status) == 0) result = Py_NewRef(Py_None);
+done:
+    call_release(&call);
+    return result;
+}
+
+OP_DECLARE(cfg_combine) {
+    static char *kwlist[] = {"uncond", "cond", "out", "omega", "stream", NULL};
+    PyObject *u_obj, *c_obj, *out_obj;
+    double omega;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOd|$K", kwlist, &u_obj, &c_obj, &out_obj, &omega, &stream))
+        return NULL;
+    if (arg_finite("omega", omega) < 0) return NULL;
+    call_views call;
+    call_init(&call);
+    PyObject *result = NULL;
+    dipp_status status = DIPP_OK;
+    tensor_view *u = call_tensor(&call, u_obj, "uncond", ROLE_INPUT, DTYPES_FLOAT);
+    if (!u) goto done;
+    tensor_view *c = call_tensor(&call, c_obj, "cond", ROLE_INPUT, DTYPES_FLOAT);
+    if (!c || check_same_shape(u, c) < 0 || check_same_dtype(u, c) < 0) goto done;
+    tensor_view *out = call_tensor(&call, out_obj, "out", ROLE_OUTPUT, DTYPES_FLOAT);
+    if (!out || check_same_shape(u, out) < 0 || check_same_dtype(u, out) < 0) goto done;
+    if (call_check_devices_and_overlap(&call) < 0) goto done;
+    dipp_cfg_args a = {u->data, c->data, out->data, u->dtype, u->numel, (float)omega};
+    RUN_KERNEL(module, u->device_type == kDLCUDA, cfg_combine, a, stream, status, done);
+    if (raise_status(status) == 0) result = Py_NewRef(Py_None);
+done:
+    call_release(&call);
+    return result;
+}

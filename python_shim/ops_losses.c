@@ -1,0 +1,201 @@
+/* TA loss, DI++ generator gradient and DI* pseudo-Huber terms. */
+#include "ops.h"
+
+/* A batched float tensor with the shape and dtype of `like`. */
+static tensor_view *batched_like(call_views *call, PyObject *obj, const char *name, view_role role,
+                                 const tensor_view *like) {
+    tensor_view *v = call_tensor(call, obj, name, role, DTYPES_FLOAT);
+    if (!v || check_same_shape(like, v) < 0 || check_same_dtype(like, v) < 0) return NULL;
+    return v;
+}
+
+static tensor_view *optional_batched_like(call_views *call, PyObject *obj, const char *name, view_role role,
+                                          const tensor_view *like) {
+    if (obj == Py_None) return NULL;
+    return batched_like(call, obj, name, role, like);
+}
+
+static tensor_view *per_sample(call_views *call, PyObject *obj, const char *name, unsigned dtypes, int64_t batch) {
+    tensor_view *v = call_tensor(call, obj, name, ROLE_OUTPUT, dtypes);
+    if (!v || check_per_sample(v, batch) < 0) return NULL;
+    return v;
+}
+
+OP_DECLARE(ta_loss) {
+    static char *kwlist[] = {"d_ta", "x0", "loss_out", "sigma", "grad_out", "nonfinite_out", "weighting",
+                             "sigma_data", "reduction", "stream", NULL};
+    static const char *const weightings[] = {"unit", "edm", NULL};
+    static const char *const reductions[] = {"sum", "mean", NULL};
+    PyObject *d_obj, *x0_obj, *loss_obj, *sigma_obj = Py_None, *grad_obj = Py_None, *bad_obj = Py_None;
+    const char *weighting = "edm", *reduction = "mean";
+    double sigma_data = 0.5;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|OOOsds$K", kwlist, &d_obj, &x0_obj, &loss_obj, &sigma_obj,
+                                     &grad_obj, &bad_obj, &weighting, &sigma_data, &reduction, &stream))
+        return NULL;
+    int w = arg_choice("weighting", weighting, weightings);
+    int r = arg_choice("reduction", reduction, reductions);
+    if (w < 0 || r < 0 || arg_positive("sigma_data", sigma_data) < 0) return NULL;
+    if (w == DIPP_TA_EDM && sigma_obj == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "sigma is required with weighting='edm'");
+        return NULL;
+    }
+    call_views call;
+    call_init(&call);
+    PyObject *result = NULL;
+    dipp_status status = DIPP_OK;
+    tensor_view *d = call_tensor(&call, d_obj, "d_ta", ROLE_INPUT, DTYPES_FLOAT);
+    if (!d || check_batched(d) < 0) goto done;
+    int64_t batch = d->shape[0];
+    tensor_view *x0 = batched_like(&call, x0_obj, "x0", ROLE_INPUT, d);
+    if (!x0) goto done;
+    tensor_view *loss = per_sample(&call, loss_obj, "loss_out", DTYPES_F32, batch);
+    if (!loss) goto done;
+    tensor_view *sigma = call_optional(&call, sigma_obj, "sigma", ROLE_INPUT, DTYPES_F32);
+    if (PyErr_Occurred() || (sigma && (check_per_sample(sigma, batch) < 0 || check_sigma_values(sigma) < 0)))
+        goto done;
+    tensor_view *grad = optional_batched_like(&call, grad_obj, "grad_out", ROLE_OUTPUT, d);
+    if (PyErr_Occurred()) goto done;
+    tensor_view *bad = bad_obj == Py_None ? NULL : per_sample(&call, bad_obj, "nonfinite_out", DTYPES_I64, batch);
+    if (PyErr_Occurred() || call_check_devices_and_overlap(&call) < 0) goto done;
+    dipp_ta_args a = {0};
+    a.d_ta = d->data;
+    a.x0 = x0->data;
+    a.sigma = sigma ? sigma->data : NULL;
+    a.grad_out = grad ? grad->data : NULL;
+    a.loss_out = loss->data;
+    a.nonfinite_out = bad ? bad->data : NULL;
+    a.dtype = d->dtype;
+    a.batch = batch;
+    a.per_sample = d->numel / batch;
+    a.weighting = w;
+    a.sigma_data = (float)sigma_data;
+    a.mean_over_elements = r;
+    RUN_KERNEL(module, d->device_type == kDLCUDA, ta_loss, a, stream, status, done);
+    if (raise_status(status) == 0) result = Py_NewRef(Py_None);
+done:
+    call_release(&call);
+    return result;
+}
+
+OP_DECLARE(generator_grad) {
+    static char *kwlist[] = {"x0",          "d_ta",   "d_cond", "grad_out",  "weight_out", "ref_dist_out",
+                             "gap_out",     "surrogate_out", "nonfinite_out", "d_uncond", "omega", "dr",
+                             "alpha",       "weighting", "min_norm", "stream", NULL};
+    static const char *const weightings[] = {"unit", "normalized", NULL};
+    PyObject *o[9], *uncond_obj = Py_None, *dr_obj = Py_None;
+    double omega = 1.0, alpha = 0.0, min_norm = 1e-5;
+    const char *weighting = "normalized";
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO|OdOdsd$K", kwlist, &o[0], &o[1], &o[2], &o[3], &o[4],
+                                     &o[5], &o[6], &o[7], &o[8], &uncond_obj, &omega, &dr_obj, &alpha, &weighting,
+                                     &min_norm, &stream))
+        return NULL;
+    int w = arg_choice("weighting", weighting, weightings);
+    if (w < 0 || arg_finite("omega", omega) < 0 || arg_finite("alpha", alpha) < 0 ||
+        arg_positive("min_norm", min_norm) < 0)
+        return NULL;
+    call_views call;
+    call_init(&call);
+    PyObject *result = NULL;
+    dipp_status status = DIPP_OK;
+    tensor_view *x0 = call_tensor(&call, o[0], "x0", ROLE_INPUT, DTYPES_FLOAT);
+    if (!x0 || check_batched(x0) < 0) goto done;
+    int64_t batch = x0->shape[0];
+    tensor_view *ta = batched_like(&call, o[1], "d_ta", ROLE_INPUT, x0);
+    tensor_view *cond = ta ? batched_like(&call, o[2], "d_cond", ROLE_INPUT, x0) : NULL;
+    tensor_view *uncond = cond ? optional_batched_like(&call, uncond_obj, "d_uncond", ROLE_INPUT, x0) : NULL;
+    if (!cond || PyErr_Occurred()) goto done;
+    tensor_view *dr = optional_batched_like(&call, dr_obj, "dr", ROLE_INPUT, x0);
+    if (PyErr_Occurred()) goto done;
+    tensor_view *grad = batched_like(&call, o[3], "grad_out", ROLE_OUTPUT, x0);
+    tensor_view *weight = grad ? per_sample(&call, o[4], "weight_out", DTYPES_F32, batch) : NULL;
+    tensor_view *dist = weight ? per_sample(&call, o[5], "ref_dist_out", DTYPES_F32, batch) : NULL;
+    tensor_view *gap = dist ? per_sample(&call, o[6], "gap_out", DTYPES_F32, batch) : NULL;
+    tensor_view *sur = gap ? per_sample(&call, o[7], "surrogate_out", DTYPES_F32, batch) : NULL;
+    tensor_view *bad = sur ? per_sample(&call, o[8], "nonfinite_out", DTYPES_I64, batch) : NULL;
+    if (!bad || call_check_devices_and_overlap(&call) < 0) goto done;
+    dipp_gen_args a = {0};
+    a.x0 = x0->data;
+    a.d_ta = ta->data;
+    a.d_cond = cond->data;
+    a.d_uncond = uncond ? uncond->data : NULL;
+    a.dr = dr ? dr->data : NULL;
+    a.grad_out = grad->data;
+    a.weight_out = weight->data;
+    a.ref_dist_out = dist->data;
+    a.gap_out = gap->data;
+    a.surrogate_out = sur->data;
+    a.nonfinite_out = bad->data;
+    a.dtype = x0->dtype;
+    a.batch = batch;
+    a.per_sample = x0->numel / batch;
+    a.omega = (float)omega;
+    a.alpha = (float)alpha;
+    a.weighting = w;
+    a.min_norm = (float)min_norm;
+    RUN_KERNEL(module, x0->device_type == kDLCUDA, generator_grad, a, stream, status, done);
+    if (raise_status(status) == 0) result = Py_NewRef(Py_None);
+done:
+    call_release(&call);
+    return result;
+}
+
+OP_DECLARE(huber_terms) {
+    static char *kwlist[] = {"x0",     "d_p",   "d_q",   "sigma",     "a_out",         "b_out",     "dprime_out",
+                             "ysq_out", "yr_out", "h_out", "value_out", "nonfinite_out", "c",         "weighting",
+                             "stream", NULL};
+    static const char *const weightings[] = {"unit", "sigma2", NULL};
+    PyObject *o[12];
+    double c;
+    const char *weighting = "sigma2";
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOOOOd|s$K", kwlist, &o[0], &o[1], &o[2], &o[3], &o[4],
+                                     &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &c, &weighting, &stream))
+        return NULL;
+    int w = arg_choice("weighting", weighting, weightings);
+    if (w < 0 || arg_positive("c", c) < 0) return NULL;
+    call_views call;
+    call_init(&call);
+    PyObject *result = NULL;
+    dipp_status status = DIPP_OK;
+    tensor_view *x0 = call_tensor(&call, o[0], "x0", ROLE_INPUT, DTYPES_FLOAT);
+    if (!x0 || check_batched(x0) < 0) goto done;
+    int64_t batch = x0->shape[0];
+    tensor_view *dp = batched_like(&call, o[1], "d_p", ROLE_INPUT, x0);
+    tensor_view *dq = dp ? batched_like(&call, o[2], "d_q", ROLE_INPUT, x0) : NULL;
+    tensor_view *sigma = dq ? call_tensor(&call, o[3], "sigma", ROLE_INPUT, DTYPES_F32) : NULL;
+    if (!sigma || check_per_sample(sigma, batch) < 0 || check_sigma_values(sigma) < 0) goto done;
+    tensor_view *av = batched_like(&call, o[4], "a_out", ROLE_OUTPUT, x0);
+    tensor_view *bv = av ? batched_like(&call, o[5], "b_out", ROLE_OUTPUT, x0) : NULL;
+    tensor_view *dv = bv ? batched_like(&call, o[6], "dprime_out", ROLE_OUTPUT, x0) : NULL;
+    tensor_view *ysq = dv ? per_sample(&call, o[7], "ysq_out", DTYPES_F32, batch) : NULL;
+    tensor_view *yr = ysq ? per_sample(&call, o[8], "yr_out", DTYPES_F32, batch) : NULL;
+    tensor_view *h = yr ? per_sample(&call, o[9], "h_out", DTYPES_F32, batch) : NULL;
+    tensor_view *val = h ? per_sample(&call, o[10], "value_out", DTYPES_F32, batch) : NULL;
+    tensor_view *bad = val ? per_sample(&call, o[11], "nonfinite_out", DTYPES_I64, batch) : NULL;
+    if (!bad || call_check_devices_and_overlap(&call) < 0) goto done;
+    dipp_huber_args a = {0};
+    a.x0 = x0->data;
+    a.d_p = dp->data;
+    a.d_q = dq->data;
+    a.sigma = sigma->data;
+    a.a_out = av->data;
+    a.b_out = bv->data;
+    a.dprime_out = dv->data;
+    a.ysq_out = ysq->data;
+    a.yr_out = yr->data;
+    a.h_out = h->data;
+    a.value_out = val->data;
+    a.nonfinite_out = bad->data;
+    a.dtype = x0->dtype;
+    a.batch = batch;
+    a.per_sample = x0->numel / batch;
+    a.c = (float)c;
+    a.weighting = w;
+    RUN_KERNEL(module, x0->device_type == kDLCUDA, huber_terms, a, stream, status, done);
+    if (raise_status(status) == 0) result = Py_NewRef(Py_None);
+done:
+    call_release(&call);
+    return result;
+}

@@ -1,0 +1,130 @@
+/* Multi-tensor EMA and Adam/AdamW: many tensors, one call, one parallel loop. */
+#include "ops.h"
+
+#include <stdio.h>
+
+/* A list or tuple of tensors as a new reference to a fast sequence; NULL on error. */
+static PyObject *tensor_list(PyObject *obj, const char *name) {
+    if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a list or tuple of tensors, got %s", name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    return PySequence_Fast(obj, name);
+}
+
+static int check_lengths(PyObject *a, const char *an, PyObject *b, const char *bn) {
+    if (PySequence_Fast_GET_SIZE(a) == PySequence_Fast_GET_SIZE(b)) return 0;
+    PyErr_Format(PyExc_ValueError, "%s has %zd tensors but %s has %zd", bn, PySequence_Fast_GET_SIZE(b), an,
+                 PySequence_Fast_GET_SIZE(a));
+    return -1;
+}
+
+static tensor_view *item(call_views *call, PyObject *seq, const char *name, Py_ssize_t i, view_role role,
+                         unsigned dtypes) {
+    char label[64];
+    snprintf(label, sizeof label, "%s[%zd]", name, i);
+    return call_tensor(call, PySequence_Fast_GET_ITEM(seq, i), label, role, dtypes);
+}
+
+OP_DECLARE(ema_update) {
+    static char *kwlist[] = {"ema", "params", "decay", "stream", NULL};
+    PyObject *ema_obj, *param_obj;
+    double decay;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOd|$K", kwlist, &ema_obj, &param_obj, &decay, &stream))
+        return NULL;
+    if (arg_in_range("decay", decay, 0.0, 1.0, 0, 0) < 0) return NULL;
+    PyObject *emas = tensor_list(ema_obj, "ema"), *params = emas ? tensor_list(param_obj, "params") : NULL;
+    call_views call;
+    call_init(&call);
+    PyObject *result = NULL;
+    dipp_tensor_pair *pairs = NULL;
+    dipp_status status = DIPP_OK;
+    if (!params || check_lengths(emas, "ema", params, "params") < 0) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(emas);
+    if (n == 0) {
+        PyErr_SetString(PyExc_ValueError, "ema: the list of tensors is empty");
+        goto done;
+    }
+    pairs = PyMem_Calloc((size_t)n, sizeof(dipp_tensor_pair));
+    if (!pairs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        tensor_view *e = item(&call, emas, "ema", i, ROLE_INOUT, DTYPES_FLOAT);
+        tensor_view *p = e ? item(&call, params, "params", i, ROLE_INPUT, DTYPES_FLOAT) : NULL;
+        if (!p || check_same_shape(e, p) < 0) goto done;
+        pairs[i] = (dipp_tensor_pair){e->data, p->data, NULL, NULL, e->dtype, p->dtype, e->numel};
+    }
+    if (call_check_devices_and_overlap(&call) < 0) goto done;
+    dipp_ema_args a = {pairs, n, (float)decay};
+    RUN_KERNEL(module, call.views[0]->device_type == kDLCUDA, ema_update, a, stream, status, done);
+    if (raise_status(status) == 0) result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(pairs);
+    call_release(&call);
+    Py_XDECREF(emas);
+    Py_XDECREF(params);
+    return result;
+}
+
+OP_DECLARE(adam_step) {
+    static char *kwlist[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "lr",       "beta1",  "beta2",
+                             "eps",    "weight_decay", "step", "decoupled",   "stream", NULL};
+    PyObject *objs[4];
+    double lr, beta1, beta2, eps, weight_decay;
+    long long step;
+    int decoupled = 0;
+    unsigned long long stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO$dddddL|pK", kwlist, &objs[0], &objs[1], &objs[2], &objs[3],
+                                     &lr, &beta1, &beta2, &eps, &weight_decay, &step, &decoupled, &stream))
+        return NULL;
+    if (arg_in_range("lr", lr, 0.0, 1e6, 0, 0) < 0 || arg_in_range("beta1", beta1, 0.0, 1.0, 0, 1) < 0 ||
+        arg_in_range("beta2", beta2, 0.0, 1.0, 0, 1) < 0 || arg_positive("eps", eps) < 0 ||
+        arg_in_range("weight_decay", weight_decay, 0.0, 1e6, 0, 0) < 0)
+        return NULL;
+    if (step < 1) {
+        PyErr_Format(PyExc_ValueError, "step must be >= 1 (the count after this update), got %lld", step);
+        return NULL;
+    }
+    static const char *const names[4] = {"params", "grads", "exp_avgs", "exp_avg_sqs"};
+    PyObject *seqs[4] = {NULL, NULL, NULL, NULL};
+    call_views call;
+    call_init(&call);
+    PyObject *result = NULL;
+    dipp_tensor_pair *pairs = NULL;
+    dipp_status status = DIPP_OK;
+    for (int k = 0; k < 4; ++k) {
+        seqs[k] = tensor_list(objs[k], names[k]);
+        if (!seqs[k] || (k && check_lengths(seqs[0], names[0], seqs[k], names[k]) < 0)) goto done;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seqs[0]);
+    if (n == 0) {
+        PyErr_SetString(PyExc_ValueError, "params: the list of tensors is empty");
+        goto done;
+    }
+    pairs = PyMem_Calloc((size_t)n, sizeof(dipp_tensor_pair));
+    if (!pairs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        tensor_view *p = item(&call, seqs[0], "params", i, ROLE_INOUT, DTYPES_FLOAT);
+        tensor_view *g = p ? item(&call, seqs[1], "grads", i, ROLE_INPUT, DTYPES_FLOAT) : NULL;
+        tensor_view *m = g ? item(&call, seqs[2], "exp_avgs", i, ROLE_INOUT, DTYPES_F32) : NULL;
+        tensor_view *v = m ? item(&call, seqs[3], "exp_avg_sqs", i, ROLE_INOUT, DTYPES_F32) : NULL;
+        if (!v || check_same_shape(p, g) < 0 || check_same_shape(p, m) < 0 || check_same_shape(p, v) < 0) goto done;
+        pairs[i] = (dipp_tensor_pair){p->data, g->data, m->data, v->data, p->dtype, g->dtype, p->numel};
+    }
+    if (call_check_devices_and_overlap(&call) < 0) goto done;
+    dipp_adam_args a = {pairs, n, (float)lr, (float)beta1, (float)beta2, (float)eps, (float)weight_decay, decoupled,
+                        (int64_t)step};
+    RUN_KERNEL(module, call.views[0]->device_type == kDLCUDA, adam_step, a, stream, status, done);
+    if (raise_status(status) == 0) result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(pairs);
+    call_release(&call);
+    for (int k = 0; k < 4; ++k) Py_XDECREF(seqs[k]);
+    return result;
+}

@@ -1,0 +1,467 @@
+/* Zero-copy ingestion of NumPy arrays and DLPack capsules, with argument checks. */
+#define NO_IMPORT_ARRAY
+#define PY_ARRAY_UNIQUE_SYMBOL DIPP_ARRAY_API
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include "tensor_arg.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <numpy/arrayobject.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const dtype_names[VIEW_NTYPES] = {"float32", "float16", "bfloat16", "float64", "int64"};
+static const int64_t dtype_sizes[VIEW_NTYPES] = {4, 2, 2, 8, 8};
+
+void raise_error(PyObject *exception, const char *format, ...) {
+    char message[512];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(message, sizeof message, format, args);
+    va_end(args);
+    PyErr_SetString(exception, message);
+}
+
+const char *view_dtype_name(int dtype) {
+    return (dtype >= 0 && dtype < VIEW_NTYPES) ? dtype_names[dtype] : "unsupported";
+}
+
+void call_init(call_views *call) {
+    call->views = NULL;
+    call->count = 0;
+    call->capacity = 0;
+}
+
+static void view_release(tensor_view *v) {
+    if (v->versioned && v->versioned->deleter) v->versioned->deleter(v->versioned);
+    if (v->legacy && v->legacy->deleter) v->legacy->deleter(v->legacy);
+    v->versioned = NULL;
+    v->legacy = NULL;
+    Py_CLEAR(v->owner);
+}
+
+void call_release(call_views *call) {
+    for (Py_ssize_t i = 0; i < call->count; ++i) {
+        view_release(call->views[i]);
+        PyMem_Free(call->views[i]);
+    }
+    PyMem_Free(call->views);
+    call_init(call);
+}
+
+static tensor_view *call_new_view(call_views *call) {
+    if (call->count == call->capacity) {
+        Py_ssize_t capacity = call->capacity ? 2 * call->capacity : 16;
+        tensor_view **grown = PyMem_Realloc(call->views, (size_t)capacity * sizeof(tensor_view *));
+        if (!grown) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        call->views = grown;
+        call->capacity = capacity;
+    }
+    tensor_view *v = PyMem_Calloc(1, sizeof(tensor_view));
+    if (!v) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    call->views[call->count++] = v; /* counted now so that call_release frees a half-built view */
+    return v;
+}
+
+static void allowed_list(unsigned dtypes, char *buf, size_t size) {
+    buf[0] = '\0';
+    for (int t = 0; t < VIEW_NTYPES; ++t) {
+        if (!(dtypes & (1u << t))) continue;
+        if (buf[0]) strncat(buf, ", ", size - strlen(buf) - 1);
+        strncat(buf, dtype_names[t], size - strlen(buf) - 1);
+    }
+}
+
+static int check_dtype_allowed(const tensor_view *v, unsigned dtypes, const char *got) {
+    if (v->dtype >= 0 && (dtypes & (1u << v->dtype))) return 0;
+    char allowed[96];
+    allowed_list(dtypes, allowed, sizeof allowed);
+    PyErr_Format(PyExc_TypeError, "%s: expected dtype %s, got %s", v->name, allowed, got);
+    return -1;
+}
+
+static int numpy_dtype(int typenum) {
+    switch (typenum) {
+    case NPY_FLOAT32: return VIEW_F32;
+    case NPY_FLOAT16: return VIEW_F16;
+    case NPY_FLOAT64: return VIEW_F64;
+    case NPY_INT64: return VIEW_I64;
+    default: return -1;
+    }
+}
+
+static int from_numpy(PyObject *obj, tensor_view *v, unsigned dtypes) {
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    v->dtype = numpy_dtype(PyArray_TYPE(arr));
+    if (check_dtype_allowed(v, dtypes, PyArray_DESCR(arr)->typeobj->tp_name) < 0) return -1;
+    if (!PyArray_ISNOTSWAPPED(arr)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected native byte order", v->name);
+        return -1;
+    }
+    if (PyArray_NDIM(arr) > VIEW_MAX_DIMS) {
+        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions supported", v->name, VIEW_MAX_DIMS);
+        return -1;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISALIGNED(arr)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: expected a C-contiguous, aligned array with positive strides "
+                     "(use numpy.ascontiguousarray or tensor.contiguous())",
+                     v->name);
+        return -1;
+    }
+    if (v->role != ROLE_INPUT && !PyArray_ISWRITEABLE(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s: output array is read-only", v->name);
+        return -1;
+    }
+    v->ndim = PyArray_NDIM(arr);
+    for (int d = 0; d < v->ndim; ++d) v->shape[d] = PyArray_DIM(arr, d);
+    v->data = PyArray_DATA(arr);
+    v->device_type = kDLCPU;
+    v->device_id = 0;
+    Py_INCREF(obj);
+    v->owner = obj;
+    return 0;
+}
+
+static int dlpack_dtype(DLDataType t) {
+    if (t.lanes != 1) return -1;
+    if (t.code == kDLFloat && t.bits == 32) return VIEW_F32;
+    if (t.code == kDLFloat && t.bits == 16) return VIEW_F16;
+    if (t.code == kDLBfloat && t.bits == 16) return VIEW_BF16;
+    if (t.code == kDLFloat && t.bits == 64) return VIEW_F64;
+    if (t.code == kDLInt && t.bits == 64) return VIEW_I64;
+    return -1;
+}
+
+/* Asks the producer for a capsule: versioned first, then the 0.x protocol. */
+static PyObject *request_capsule(PyObject *obj, const char *name, int is_cuda) {
+    PyObject *method = PyObject_GetAttrString(obj, "__dlpack__");
+    if (!method) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a NumPy array or an object with __dlpack__ (a torch.Tensor), got %s",
+                     name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyObject *empty = PyTuple_New(0);
+    PyObject *kwargs = PyDict_New();
+    PyObject *capsule = NULL;
+    if (empty && kwargs) {
+        int ok = 0;
+        if (is_cuda) {
+            /* -1: no producer-side synchronisation; we launch on the caller's stream */
+            PyObject *stream = PyLong_FromLong(-1);
+            ok = stream ? PyDict_SetItemString(kwargs, "stream", stream) : -1;
+            Py_XDECREF(stream);
+        }
+        PyObject *version = Py_BuildValue("(ii)", 1, 0);
+        if (ok == 0 && version && PyDict_SetItemString(kwargs, "max_version", version) == 0) {
+            capsule = PyObject_Call(method, empty, kwargs);
+            if (!capsule && PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyDict_DelItemString(kwargs, "max_version");
+                capsule = PyObject_Call(method, empty, kwargs);
+            }
+        }
+        Py_XDECREF(version);
+    }
+    Py_XDECREF(empty);
+    Py_XDECREF(kwargs);
+    Py_DECREF(method);
+    return capsule;
+}
+
+static int query_device(PyObject *obj, const char *name, int *device_type, int *device_id) {
+    PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (!dev) return -1;
+    int ok = PyArg_ParseTuple(dev, "ii", device_type, device_id);
+    Py_DECREF(dev);
+    if (!ok) {
+        PyErr_Format(PyExc_BufferError, "%s: __dlpack_device__ did not return (device_type, device_id)", name);
+        return -1;
+    }
+    return 0;
+}
+
+static int contiguous_strides(const DLTensor *t) {
+    if (!t->strides) return 1;
+    int64_t expected = 1;
+    for (int d = t->ndim - 1; d >= 0; --d) {
+        if (t->shape[d] != 1 && t->strides[d] != expected) return 0;
+        expected *= t->shape[d];
+    }
+    return 1;
+}
+
+static int from_dlpack(PyObject *obj, tensor_view *v, unsigned dtypes) {
+    int device_type = 0, device_id = 0;
+    if (!PyObject_HasAttrString(obj, "__dlpack__")) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a NumPy array or an object with __dlpack__ (a torch.Tensor), got %s",
+                     v->name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (query_device(obj, v->name, &device_type, &device_id) < 0) return -1;
+    if (device_type != kDLCPU && device_type != kDLCUDA) {
+        PyErr_Format(PyExc_ValueError, "%s: unsupported device type %d (only CPU and CUDA tensors)", v->name,
+                     device_type);
+        return -1;
+    }
+    PyObject *capsule = request_capsule(obj, v->name, device_type == kDLCUDA);
+    if (!capsule) return -1;
+    DLTensor *t = NULL;
+    uint64_t flags = 0;
+    if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
+        DLManagedTensorVersioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
+        if (!m || PyCapsule_SetName(capsule, "used_dltensor_versioned") < 0) goto fail;
+        v->versioned = m;
+        if (m->version.major != 1) {
+            PyErr_Format(PyExc_BufferError, "%s: DLPack major version %u is not supported (need 1)", v->name,
+                         (unsigned)m->version.major);
+            goto fail;
+        }
+        t = &m->dl_tensor;
+        flags = m->flags;
+    } else if (PyCapsule_IsValid(capsule, "dltensor")) {
+        DLManagedTensor *m = PyCapsule_GetPointer(capsule, "dltensor");
+        if (!m || PyCapsule_SetName(capsule, "used_dltensor") < 0) goto fail;
+        v->legacy = m;
+        t = &m->dl_tensor;
+    } else {
+        PyErr_Format(PyExc_BufferError, "%s: __dlpack__ returned an unused or unknown capsule", v->name);
+        goto fail;
+    }
+    v->owner = capsule;
+    v->dtype = dlpack_dtype(t->dtype);
+    {
+        char got[48];
+        snprintf(got, sizeof got, "DLPack code %u bits %u lanes %u", t->dtype.code, t->dtype.bits, t->dtype.lanes);
+        if (check_dtype_allowed(v, dtypes, v->dtype >= 0 ? dtype_names[v->dtype] : got) < 0) return -1;
+    }
+    if (t->ndim > VIEW_MAX_DIMS || t->ndim < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions supported", v->name, VIEW_MAX_DIMS);
+        return -1;
+    }
+    if (!contiguous_strides(t)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: expected a C-contiguous tensor with positive strides (use tensor.contiguous())", v->name);
+        return -1;
+    }
+    if (v->role != ROLE_INPUT && (flags & DLPACK_FLAG_BITMASK_READ_ONLY)) {
+        PyErr_Format(PyExc_ValueError, "%s: output tensor is read-only", v->name);
+        return -1;
+    }
+    v->ndim = t->ndim;
+    for (int d = 0; d < v->ndim; ++d) v->shape[d] = t->shape[d];
+    v->data = (char *)t->data + t->byte_offset;
+    v->device_type = t->device.device_type;
+    v->device_id = t->device.device_id;
+    if ((uintptr_t)v->data % (uintptr_t)dtype_sizes[v->dtype] != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: data pointer is not aligned to its element size", v->name);
+        return -1;
+    }
+    return 0;
+fail:
+    Py_DECREF(capsule);
+    v->versioned = NULL;
+    v->legacy = NULL;
+    return -1;
+}
+
+tensor_view *call_tensor(call_views *call, PyObject *obj, const char *name, view_role role, unsigned dtypes) {
+    if (obj == NULL || obj == Py_None) {
+        PyErr_Format(PyExc_TypeError, "%s: a tensor is required, got None", name);
+        return NULL;
+    }
+    tensor_view *v = call_new_view(call);
+    if (!v) return NULL;
+    snprintf(v->label, sizeof v->label, "%s", name);
+    v->name = v->label;
+    v->role = role;
+    v->dtype = -1;
+    int rc = PyArray_Check(obj) ? from_numpy(obj, v, dtypes) : from_dlpack(obj, v, dtypes);
+    if (rc < 0) return NULL;
+    v->itemsize = dtype_sizes[v->dtype];
+    v->numel = 1;
+    for (int d = 0; d < v->ndim; ++d) {
+        if (v->shape[d] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: negative dimension", name);
+            return NULL;
+        }
+        v->numel *= v->shape[d];
+    }
+    if (v->numel == 0) {
+        PyErr_Format(PyExc_ValueError, "%s: is empty (zero elements)", name);
+        return NULL;
+    }
+    return v;
+}
+
+tensor_view *call_optional(call_views *call, PyObject *obj, const char *name, view_role role, unsigned dtypes) {
+    if (obj == NULL || obj == Py_None) return NULL;
+    return call_tensor(call, obj, name, role, dtypes);
+}
+
+static const char *device_name(int device_type) { return device_type == kDLCUDA ? "cuda" : "cpu"; }
+
+static int compare_start(const void *pa, const void *pb) {
+    uintptr_t a = (uintptr_t)(*(tensor_view *const *)pa)->data, b = (uintptr_t)(*(tensor_view *const *)pb)->data;
+    return (a > b) - (a < b);
+}
+
+/* Sweep over views sorted by start address: any view starting before the
+ * furthest end seen so far overlaps the view that reached it. */
+static int check_overlap(call_views *call) {
+    tensor_view **sorted = PyMem_Malloc((size_t)call->count * sizeof(tensor_view *));
+    if (!sorted) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(sorted, call->views, (size_t)call->count * sizeof(tensor_view *));
+    qsort(sorted, (size_t)call->count, sizeof(tensor_view *), compare_start);
+    uintptr_t end_all = 0, end_out = 0;
+    const tensor_view *holder_all = NULL, *holder_out = NULL;
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < call->count && rc == 0; ++i) {
+        const tensor_view *v = sorted[i];
+        uintptr_t start = (uintptr_t)v->data, end = start + (uintptr_t)(v->numel * v->itemsize);
+        const tensor_view *clash = NULL;
+        if (v->role != ROLE_INPUT && holder_all && start < end_all) clash = holder_all;
+        else if (holder_out && start < end_out) clash = holder_out;
+        if (clash) {
+            PyErr_Format(PyExc_ValueError, "%s overlaps %s in memory; outputs must not alias other arguments",
+                         v->role != ROLE_INPUT ? v->name : clash->name, v->role != ROLE_INPUT ? clash->name : v->name);
+            rc = -1;
+        }
+        if (end > end_all) {
+            end_all = end;
+            holder_all = v;
+        }
+        if (v->role != ROLE_INPUT && end > end_out) {
+            end_out = end;
+            holder_out = v;
+        }
+    }
+    PyMem_Free(sorted);
+    return rc;
+}
+
+int call_check_devices_and_overlap(call_views *call) {
+    if (call->count == 0) return 0;
+    const tensor_view *first = call->views[0];
+    for (Py_ssize_t i = 1; i < call->count; ++i) {
+        const tensor_view *a = call->views[i];
+        if (a->device_type != first->device_type || a->device_id != first->device_id) {
+            PyErr_Format(PyExc_ValueError, "%s is on %s:%d but %s is on %s:%d; all tensors must share one device",
+                         a->name, device_name(a->device_type), a->device_id, first->name,
+                         device_name(first->device_type), first->device_id);
+            return -1;
+        }
+    }
+    return check_overlap(call);
+}
+
+static void shape_text(const tensor_view *v, char *buf, size_t size) {
+    size_t used = (size_t)snprintf(buf, size, "(");
+    for (int d = 0; d < v->ndim && used < size; ++d)
+        used += (size_t)snprintf(buf + used, size - used, d ? ", %lld" : "%lld", (long long)v->shape[d]);
+    if (used < size) snprintf(buf + used, size - used, v->ndim == 1 ? ",)" : ")");
+}
+
+int check_same_shape(const tensor_view *a, const tensor_view *b) {
+    int same = a->ndim == b->ndim;
+    for (int d = 0; same && d < a->ndim; ++d) same = a->shape[d] == b->shape[d];
+    if (same) return 0;
+    char sa[128], sb[128];
+    shape_text(a, sa, sizeof sa);
+    shape_text(b, sb, sizeof sb);
+    PyErr_Format(PyExc_ValueError, "%s has shape %s but %s has shape %s; they must match", b->name, sb, a->name, sa);
+    return -1;
+}
+
+int check_same_dtype(const tensor_view *a, const tensor_view *b) {
+    if (a->dtype == b->dtype) return 0;
+    PyErr_Format(PyExc_TypeError, "%s is %s but %s is %s; they must share a dtype", b->name,
+                 view_dtype_name(b->dtype), a->name, view_dtype_name(a->dtype));
+    return -1;
+}
+
+int check_per_sample(const tensor_view *v, int64_t batch) {
+    if (v->ndim == 1 && v->shape[0] == batch) return 0;
+    char s[128];
+    shape_text(v, s, sizeof s);
+    PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld,) (one value per sample), got %s", v->name,
+                 (long long)batch, s);
+    return -1;
+}
+
+int check_batched(const tensor_view *v) {
+    if (v->ndim >= 1) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: expected a batch (at least one dimension), got a scalar", v->name);
+    return -1;
+}
+
+int arg_finite(const char *name, double value) {
+    if (isfinite(value)) return 0;
+    raise_error(PyExc_ValueError, "%s must be finite, got %g", name, value);
+    return -1;
+}
+
+int arg_positive(const char *name, double value) {
+    if (isfinite(value) && value > 0.0) return 0;
+    raise_error(PyExc_ValueError, "%s must be a finite number > 0, got %g", name, value);
+    return -1;
+}
+
+int arg_in_range(const char *name, double value, double lo, double hi, int lo_open, int hi_open) {
+    int ok = isfinite(value) && (lo_open ? value > lo : value >= lo) && (hi_open ? value < hi : value <= hi);
+    if (ok) return 0;
+    raise_error(PyExc_ValueError, "%s must be in %c%g, %g%c, got %g", name, lo_open ? '(' : '[', lo, hi,
+                 hi_open ? ')' : ']', value);
+    return -1;
+}
+
+int arg_u64(PyObject *obj, const char *name, uint64_t *out) {
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    unsigned long long value = PyLong_AsUnsignedLongLong(obj);
+    if (value == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be in [0, 2**64), got %S", name, obj);
+        return -1;
+    }
+    *out = (uint64_t)value;
+    return 0;
+}
+
+int arg_choice(const char *name, const char *value, const char *const *choices) {
+    for (int i = 0; choices[i]; ++i)
+        if (strcmp(value, choices[i]) == 0) return i;
+    char allowed[160] = "";
+    for (int i = 0; choices[i]; ++i) {
+        if (i) strncat(allowed, ", ", sizeof allowed - strlen(allowed) - 1);
+        strncat(allowed, choices[i], sizeof allowed - strlen(allowed) - 1);
+    }
+    PyErr_Format(PyExc_ValueError, "%s must be one of %s, got '%s'", name, allowed, value);
+    return -1;
+}
+
+int check_sigma_values(const tensor_view *sigma) {
+    if (sigma->device_type != kDLCPU || sigma->dtype != VIEW_F32) return 0;
+    const float *s = sigma->data;
+    for (int64_t i = 0; i < sigma->numel; ++i) {
+        if (!(isfinite(s[i]) && s[i] > 0.0f)) {
+            raise_error(PyExc_ValueError, "%s[%lld] must be finite and > 0, got %g", sigma->name, (long long)i,
+                         (double)s[i]);
+            return -1;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,80 @@
+/*
+ * Turning Python arguments (NumPy arrays, __dlpack__ producers) into checked,
+ * zero-copy views, and releasing them. Every check raises a Python exception
+ * that names the argument; callers just return NULL when a function fails.
+ */
+#ifndef DIPP_TENSOR_ARG_H
+#define DIPP_TENSOR_ARG_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#include "dlpack_abi.h"
+
+/* View element types beyond the kernel dtypes (which are 0..2 as in dipp_math.h). */
+enum { VIEW_F32 = 0, VIEW_F16 = 1, VIEW_BF16 = 2, VIEW_F64 = 3, VIEW_I64 = 4, VIEW_NTYPES = 5 };
+
+#define DTYPES_FLOAT ((1u << VIEW_F32) | (1u << VIEW_F16) | (1u << VIEW_BF16))
+#define DTYPES_F32 (1u << VIEW_F32)
+#define DTYPES_I64 (1u << VIEW_I64)
+#define DTYPES_F64 (1u << VIEW_F64)
+
+#define VIEW_MAX_DIMS 16
+
+typedef enum { ROLE_INPUT = 0, ROLE_OUTPUT = 1, ROLE_INOUT = 2 } view_role;
+
+typedef struct {
+    const char *name; /* points at label */
+    char label[64];
+    view_role role;
+    void *data;
+    int dtype;
+    int ndim;
+    int64_t shape[VIEW_MAX_DIMS];
+    int64_t numel;
+    int64_t itemsize;
+    int device_type; /* kDLCPU or kDLCUDA */
+    int device_id;
+    PyObject *owner;                     /* array or capsule kept alive */
+    DLManagedTensor *legacy;             /* to delete when done, or NULL */
+    DLManagedTensorVersioned *versioned; /* to delete when done, or NULL */
+} tensor_view;
+
+/* All views of one call: released together; device and overlap checks span them.
+ * Views are allocated one by one so pointers handed out stay valid. */
+typedef struct {
+    tensor_view **views;
+    Py_ssize_t count, capacity;
+} call_views;
+
+void call_init(call_views *call);
+void call_release(call_views *call);
+
+/* Acquires obj as a view; NULL with an exception set on failure. */
+tensor_view *call_tensor(call_views *call, PyObject *obj, const char *name, view_role role, unsigned dtypes);
+/* Same, but Py_None gives NULL without an error (check PyErr_Occurred). */
+tensor_view *call_optional(call_views *call, PyObject *obj, const char *name, view_role role, unsigned dtypes);
+
+/* One device for all views; no output overlapping any other view. 0 ok, -1 error. */
+int call_check_devices_and_overlap(call_views *call);
+
+int check_same_shape(const tensor_view *a, const tensor_view *b);
+int check_same_dtype(const tensor_view *a, const tensor_view *b);
+int check_per_sample(const tensor_view *v, int64_t batch);
+int check_batched(const tensor_view *v); /* ndim >= 1 */
+
+int arg_finite(const char *name, double value);
+int arg_positive(const char *name, double value);
+int arg_in_range(const char *name, double value, double lo, double hi, int lo_open, int hi_open);
+int arg_u64(PyObject *obj, const char *name, uint64_t *out);
+/* Picks choice index of value among NULL-terminated names; -1 with ValueError. */
+int arg_choice(const char *name, const char *value, const char *const *choices);
+/* On CPU: every element of a float32 per-sample vector finite and > 0. */
+int check_sigma_values(const tensor_view *sigma);
+
+const char *view_dtype_name(int dtype);
+/* Like PyErr_Format, but with C printf formats (floats included). */
+void raise_error(PyObject *exception, const char *format, ...);
+
+#endif /* DIPP_TENSOR_ARG_H */
