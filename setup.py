@@ -91,9 +91,22 @@ class BuildWithCuda(build_ext):
             cmd = [nvcc, *NVCC_FLAGS, *cuda_archs(), "-Icsrc", *sources, "-o", str(cached)]
             print("diffinstruct: " + " ".join(cmd), file=sys.stderr)
             subprocess.run(cmd, check=True, cwd=ROOT)
-        target_dir = Path(self.get_ext_fullpath("diffinstruct._core")).parent
-        target_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(cached, target_dir / "libdipp_cuda.so")
+        target = self.cuda_library_path()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(cached, target)
+        if self.inplace or getattr(self, "editable_mode", False):
+            shutil.copy2(cached, ROOT / "python_shim" / "diffinstruct" / "libdipp_cuda.so")
+        self._cuda_built = True
+
+    def cuda_library_path(self) -> Path:
+        return Path(self.get_ext_fullpath("diffinstruct._core")).parent / "libdipp_cuda.so"
+
+    def get_outputs(self) -> list[str]:
+        # editable and wheel builds copy only what is listed here
+        outputs = super().get_outputs()
+        if getattr(self, "_cuda_built", False):
+            outputs.append(str(self.cuda_library_path()))
+        return outputs
 
 
 core = Extension(

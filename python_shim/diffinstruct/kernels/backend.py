@@ -1,0 +1,83 @@
+"""Choosing where a kernel runs: the C extension (CPU, or its lazily loaded CUDA
+library) or, for CUDA tensors without a CUDA build, the PyTorch reference."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+try:
+    import torch
+except ImportError:  # the kernels also work on NumPy arrays alone
+    torch = None  # type: ignore[assignment]
+
+try:
+    from .. import _core
+except ImportError as error:  # pragma: no cover - only without a build
+    raise ImportError(
+        "diffinstruct's C extension is not built; install the package with 'pip install .' "
+        "(or run 'make test', which builds it)"
+    ) from error
+
+core = _core
+
+
+class CudaFallbackWarning(RuntimeWarning):
+    """A CUDA tensor went to the PyTorch reference because no CUDA kernels were built."""
+
+
+def is_torch(x: Any) -> bool:
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def is_cuda(x: Any) -> bool:
+    return is_torch(x) and x.is_cuda
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_kernels_loaded() -> bool:
+    loaded, _path, _reason = core.cuda_status(load=True)
+    return bool(loaded)
+
+
+def cuda_backend_status() -> dict[str, Any]:
+    """Whether the CUDA kernel library is present and loadable, and why not."""
+    loaded, path, reason = core.cuda_status(load=True)
+    return {"loaded": bool(loaded), "library": path, "reason": reason}
+
+
+def use_reference(*tensors: Any) -> bool:
+    """True when a CUDA tensor must take the reference path (warns once)."""
+    if not any(is_cuda(t) for t in tensors if t is not None):
+        return False
+    if cuda_kernels_loaded():
+        return False
+    _, path, reason = core.cuda_status()
+    warnings.warn(
+        f"diffinstruct: CUDA tensors are handled by the PyTorch reference ({reason or path}); "
+        "rebuild with nvcc for the fused CUDA kernels",
+        CudaFallbackWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def stream_of(*tensors: Any) -> int:
+    for t in tensors:
+        if is_cuda(t):
+            return int(torch.cuda.current_stream(t.device).cuda_stream)
+    return 0
+
+
+def plain(x: Any) -> Any:
+    """What the binding may read or write: tensors leave autograd (same storage)."""
+    if is_torch(x) and x.requires_grad:
+        return x.detach()
+    return x
+
+
+def check_cuda_sigma(sigma: Any, name: str = "sigma") -> None:
+    """The C binding checks CPU sigma values itself; CUDA ones are checked here (one sync)."""
+    if is_cuda(sigma) and not bool(torch.all(torch.isfinite(sigma) & (sigma > 0))):
+        raise ValueError(f"{name} must be finite and > 0 for every sample")
