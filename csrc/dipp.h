@@ -147,13 +147,13 @@ typedef struct {
 typedef struct {
     dipp_tensor_pair *tensors;
     int64_t count;
-    float decay;
+    double decay;            /* double: 1 - decay must not inherit float rounding */
 } dipp_ema_args;
 
 typedef struct {
     dipp_tensor_pair *tensors;
     int64_t count;
-    float lr, beta1, beta2, eps, weight_decay;
+    double lr, beta1, beta2, eps, weight_decay; /* double, as torch.optim keeps them */
     int decoupled;           /* AdamW */
     int64_t step;            /* 1-based, after increment */
 } dipp_adam_args;

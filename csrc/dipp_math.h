@@ -137,9 +137,10 @@ DIPP_HD void dipp_philox_block(uint64_t seed, uint64_t block, uint32_t out[4]) {
     dipp_philox4x32_10(ctr, key, out);
 }
 
-/* Top 24 bits, centred in their cell: exact in float, strictly inside (0, 1). */
+/* Top 23 bits, centred in their cell: k + 0.5 with k < 2^23 is exact in float,
+ * so u is exactly ((bits >> 9) + 0.5) / 2^23, strictly inside (0, 1). */
 DIPP_HD float dipp_uniform_open(uint32_t bits) {
-    return ((float)(bits >> 8) + 0.5f) * 5.9604644775390625e-08f;
+    return ((float)(bits >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
 #define DIPP_TWO_PI_F 6.28318530717958647692f
@@ -316,26 +317,54 @@ DIPP_HD float dipp_fold_lanes32(float lanes[32]) {
 
 /* ---------------------------------------------------------------- optimiser */
 
-DIPP_HD float dipp_ema(float ema, float value, float decay) { return decay * ema + (1.0f - decay) * value; }
+/* ema <- decay ema + (1 - decay) value; one_minus_decay comes from dipp_one_minus. */
+DIPP_HD float dipp_ema(float ema, float value, float decay, float one_minus_decay) {
+    return decay * ema + one_minus_decay * value;
+}
 
-/*
- * One Adam/AdamW element step in torch.optim.Adam's order of operations.
- * step_size = lr / (1 - beta1^t); bc2_sqrt = sqrt(1 - beta2^t).
- */
-DIPP_HD float dipp_adam(float param, float grad, float *exp_avg, float *exp_avg_sq, float lr, float beta1, float beta2,
-                        float eps, float weight_decay, int decoupled, float step_size, float bc2_sqrt) {
-    if (weight_decay != 0.0f) {
-        if (decoupled) param = param * (1.0f - lr * weight_decay);
-        else grad = grad + weight_decay * param;
+/* 1 - x formed in double, as Python forms it before torch sees a float scalar. */
+DIPP_HD float dipp_one_minus(double x) { return (float)(1.0 - x); }
+
+/* Per-step Adam constants, derived on the host in double like torch.optim.Adam. */
+typedef struct {
+    float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt;
+    float decay_factor; /* AdamW: 1 - lr * weight_decay */
+    int decoupled;
+} dipp_adam_consts;
+
+DIPP_HD dipp_adam_consts dipp_adam_prepare(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                           int decoupled, int64_t step) {
+    dipp_adam_consts c;
+    double bc1 = 1.0 - pow(beta1, (double)step);
+    double bc2 = 1.0 - pow(beta2, (double)step);
+    c.lr = (float)lr;
+    c.beta1 = (float)beta1;
+    c.beta2 = (float)beta2;
+    c.one_minus_beta1 = dipp_one_minus(beta1);
+    c.one_minus_beta2 = dipp_one_minus(beta2);
+    c.eps = (float)eps;
+    c.weight_decay = (float)weight_decay;
+    c.step_size = (float)(lr / bc1);
+    c.bc2_sqrt = (float)sqrt(bc2);
+    c.decay_factor = (float)(1.0 - lr * weight_decay);
+    c.decoupled = decoupled;
+    return c;
+}
+
+/* One Adam/AdamW element step in torch.optim.Adam's order of operations. */
+DIPP_HD float dipp_adam(float param, float grad, float *exp_avg, float *exp_avg_sq, const dipp_adam_consts *c) {
+    if (c->weight_decay != 0.0f) {
+        if (c->decoupled) param = param * c->decay_factor;
+        else grad = grad + c->weight_decay * param;
     }
     /* lerp as torch does it, so beta1 = 0 gives m = grad exactly */
-    float w = 1.0f - beta1;
+    float w = c->one_minus_beta1;
     float m = (w < 0.5f) ? *exp_avg + w * (grad - *exp_avg) : grad - (grad - *exp_avg) * (1.0f - w);
-    float v = beta2 * *exp_avg_sq + (1.0f - beta2) * grad * grad;
+    float v = c->beta2 * *exp_avg_sq + c->one_minus_beta2 * grad * grad;
     *exp_avg = m;
     *exp_avg_sq = v;
-    float denom = sqrtf(v) / bc2_sqrt + eps;
-    return param - step_size * (m / denom);
+    float denom = sqrtf(v) / c->bc2_sqrt + c->eps;
+    return param - c->step_size * (m / denom);
 }
 
 #endif /* DIPP_MATH_H */

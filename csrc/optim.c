@@ -1,11 +1,11 @@
 /* Multi-tensor EMA and Adam/AdamW updates, in place. */
-#include <math.h>
-
 #include "multi_tensor.h"
 
-DIPP_ALWAYS_INLINE void ema_range(const dipp_tensor_pair *t, int64_t e0, int64_t e1, float decay, int dt, int st) {
+DIPP_ALWAYS_INLINE void ema_range(const dipp_tensor_pair *t, int64_t e0, int64_t e1, double decay_d, int dt,
+                                  int st) {
+    const float decay = (float)decay_d, keep = dipp_one_minus(decay_d);
     for (int64_t e = e0; e < e1; ++e)
-        dipp_store(t->data, e, dt, dipp_ema(dipp_load(t->data, e, dt), dipp_load(t->src, e, st), decay));
+        dipp_store(t->data, e, dt, dipp_ema(dipp_load(t->data, e, dt), dipp_load(t->src, e, st), decay, keep));
 }
 
 dipp_status dipp_cpu_ema_update(const dipp_ema_args *a) {
@@ -24,27 +24,17 @@ dipp_status dipp_cpu_ema_update(const dipp_ema_args *a) {
     return DIPP_OK;
 }
 
-typedef struct {
-    float lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt;
-    int decoupled;
-} adam_consts;
-
-DIPP_ALWAYS_INLINE void adam_range(const dipp_tensor_pair *t, int64_t e0, int64_t e1, const adam_consts *h, int dt,
-                                   int gt) {
+DIPP_ALWAYS_INLINE void adam_range(const dipp_tensor_pair *t, int64_t e0, int64_t e1, const dipp_adam_consts *h,
+                                   int dt, int gt) {
     for (int64_t e = e0; e < e1; ++e) {
-        float p = dipp_adam(dipp_load(t->data, e, dt), dipp_load(t->src, e, gt), &t->exp_avg[e], &t->exp_avg_sq[e],
-                            h->lr, h->beta1, h->beta2, h->eps, h->weight_decay, h->decoupled, h->step_size,
-                            h->bc2_sqrt);
+        float p = dipp_adam(dipp_load(t->data, e, dt), dipp_load(t->src, e, gt), &t->exp_avg[e], &t->exp_avg_sq[e], h);
         dipp_store(t->data, e, dt, p);
     }
 }
 
 dipp_status dipp_cpu_adam_step(const dipp_adam_args *a) {
-    /* bias corrections in double, as torch.optim.Adam computes them in Python */
-    double bc1 = 1.0 - pow((double)a->beta1, (double)a->step);
-    double bc2 = 1.0 - pow((double)a->beta2, (double)a->step);
-    adam_consts h = {a->lr, a->beta1, a->beta2, a->eps, a->weight_decay, (float)((double)a->lr / bc1),
-                     (float)sqrt(bc2), a->decoupled};
+    const dipp_adam_consts h = dipp_adam_prepare(a->lr, a->beta1, a->beta2, a->eps, a->weight_decay, a->decoupled,
+                                                 a->step);
     int64_t *first = dipp_task_prefix(a->tensors, a->count);
     if (!first) return DIPP_ERR_NOMEM;
     const int64_t total = first[a->count];

@@ -3,13 +3,15 @@
 
 #include <stdio.h>
 
-/* A list or tuple of tensors as a new reference to a fast sequence; NULL on error. */
+/* A list or tuple of tensors as a new reference to a tuple snapshot; NULL on error.
+ * A snapshot, not the list itself: a __dlpack__ method may mutate the caller's list
+ * while the items are acquired, and the items must stay alive and in bounds. */
 static PyObject *tensor_list(PyObject *obj, const char *name) {
     if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a list or tuple of tensors, got %s", name, Py_TYPE(obj)->tp_name);
         return NULL;
     }
-    return PySequence_Fast(obj, name);
+    return PySequence_Tuple(obj);
 }
 
 static int check_lengths(PyObject *a, const char *an, PyObject *b, const char *bn) {
@@ -58,7 +60,7 @@ OP_DECLARE(ema_update) {
         pairs[i] = (dipp_tensor_pair){e->data, p->data, NULL, NULL, e->dtype, p->dtype, e->numel};
     }
     if (call_check_devices_and_overlap(&call) < 0) goto done;
-    dipp_ema_args a = {pairs, n, (float)decay};
+    dipp_ema_args a = {pairs, n, decay};
     RUN_KERNEL(module, call.views[0]->device_type == kDLCUDA, ema_update, a, stream, status, done);
     if (raise_status(status) == 0) result = Py_NewRef(Py_None);
 done:
@@ -77,7 +79,7 @@ OP_DECLARE(adam_step) {
     long long step;
     int decoupled = 0;
     unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO$dddddL|pK", kwlist, &objs[0], &objs[1], &objs[2], &objs[3],
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOdddddL|p$K", kwlist, &objs[0], &objs[1], &objs[2], &objs[3],
                                      &lr, &beta1, &beta2, &eps, &weight_decay, &step, &decoupled, &stream))
         return NULL;
     if (arg_in_range("lr", lr, 0.0, 1e6, 0, 0) < 0 || arg_in_range("beta1", beta1, 0.0, 1.0, 0, 1) < 0 ||
@@ -118,8 +120,7 @@ OP_DECLARE(adam_step) {
         pairs[i] = (dipp_tensor_pair){p->data, g->data, m->data, v->data, p->dtype, g->dtype, p->numel};
     }
     if (call_check_devices_and_overlap(&call) < 0) goto done;
-    dipp_adam_args a = {pairs, n, (float)lr, (float)beta1, (float)beta2, (float)eps, (float)weight_decay, decoupled,
-                        (int64_t)step};
+    dipp_adam_args a = {pairs, n, lr, beta1, beta2, eps, weight_decay, decoupled, (int64_t)step};
     RUN_KERNEL(module, call.views[0]->device_type == kDLCUDA, adam_step, a, stream, status, done);
     if (raise_status(status) == 0) result = Py_NewRef(Py_None);
 done:

@@ -117,14 +117,26 @@ OP_DECLARE(sigma_table) {
     static const char *const kinds[] = {"iddpm_linear", "scaled_linear", NULL};
     const char *kind;
     Py_ssize_t steps = 1000;
-    double beta_start = -1.0, beta_end = -1.0, clip = 1e-3;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "s|nddd", kwlist, &kind, &steps, &beta_start, &beta_end, &clip))
+    PyObject *start_obj = Py_None, *end_obj = Py_None;
+    double clip = 1e-3;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "s|nOOd", kwlist, &kind, &steps, &start_obj, &end_obj, &clip))
         return NULL;
     (void)module;
     int which = arg_choice("kind", kind, kinds);
     if (which < 0) return NULL;
-    if (beta_start < 0.0) beta_start = which == 0 ? 1e-4 : 0.00085;
-    if (beta_end < 0.0) beta_end = which == 0 ? 0.02 : 0.012;
+    /* None (or not given) picks the schedule's default; anything else is range-checked
+     * below, so a negative beta is an error instead of silently becoming the default */
+    double beta_start = which == 0 ? 1e-4 : 0.00085, beta_end = which == 0 ? 0.02 : 0.012;
+    if (start_obj != Py_None && (beta_start = PyFloat_AsDouble(start_obj)) == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "beta_start must be a real number, got %s", Py_TYPE(start_obj)->tp_name);
+        return NULL;
+    }
+    if (end_obj != Py_None && (beta_end = PyFloat_AsDouble(end_obj)) == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "beta_end must be a real number, got %s", Py_TYPE(end_obj)->tp_name);
+        return NULL;
+    }
     if (steps < 2 || steps > 100000000) {
         PyErr_Format(PyExc_ValueError, "steps must be in [2, 1e8], got %zd", steps);
         return NULL;

@@ -11,6 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* DLPack 1.x: the producer copied the data (DLPACK_FLAG_BITMASK_IS_COPIED). */
+#define DIPP_DLPACK_FLAG_IS_COPIED (1UL << 1UL)
+
 static const char *const dtype_names[VIEW_NTYPES] = {"float32", "float16", "bfloat16", "float64", "int64"};
 static const int64_t dtype_sizes[VIEW_NTYPES] = {4, 2, 2, 8, 8};
 
@@ -140,6 +143,38 @@ static int dlpack_dtype(DLDataType t) {
     return -1;
 }
 
+/* Re-raises an exception that a producer's __dlpack__ / __dlpack_device__ raised as
+ * BufferError naming the argument, chained to the original (its __cause__).
+ * Non-Exception errors (KeyboardInterrupt, SystemExit) pass through unchanged. */
+static void wrap_producer_error(const char *name, const char *what) {
+    if (!PyErr_Occurred() || !PyErr_ExceptionMatches(PyExc_Exception)) return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb && value) PyException_SetTraceback(value, tb);
+    PyObject *text = value ? PyObject_Str(value) : NULL;
+    const char *message = text ? PyUnicode_AsUTF8(text) : NULL;
+    if (!message) {
+        PyErr_Clear();
+        message = "";
+    }
+    PyErr_Format(PyExc_BufferError, "%s: %s failed (%s: %s)", name, what, ((PyTypeObject *)type)->tp_name, message);
+    Py_XDECREF(text);
+    PyObject *new_type, *new_value, *new_tb;
+    PyErr_Fetch(&new_type, &new_value, &new_tb);
+    PyErr_NormalizeException(&new_type, &new_value, &new_tb);
+    if (new_value && value) {
+        Py_INCREF(value);
+        PyException_SetContext(new_value, value); /* steals one reference */
+        PyException_SetCause(new_value, value);   /* steals the other */
+    } else {
+        Py_XDECREF(value);
+    }
+    Py_DECREF(type);
+    Py_XDECREF(tb);
+    PyErr_Restore(new_type, new_value, new_tb);
+}
+
 /* Asks the producer for a capsule: versioned first, then the 0.x protocol. */
 static PyObject *request_capsule(PyObject *obj, const char *name, int is_cuda) {
     PyObject *method = PyObject_GetAttrString(obj, "__dlpack__");
@@ -174,13 +209,26 @@ static PyObject *request_capsule(PyObject *obj, const char *name, int is_cuda) {
     Py_XDECREF(empty);
     Py_XDECREF(kwargs);
     Py_DECREF(method);
+    if (!capsule) wrap_producer_error(name, "__dlpack__()");
     return capsule;
 }
 
 static int query_device(PyObject *obj, const char *name, int *device_type, int *device_id) {
-    PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
-    if (!dev) return -1;
-    int ok = PyArg_ParseTuple(dev, "ii", device_type, device_id);
+    PyObject *method = PyObject_GetAttrString(obj, "__dlpack_device__");
+    if (!method) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: %s has __dlpack__ but no __dlpack_device__ (not a DLPack producer)", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *dev = PyObject_CallNoArgs(method);
+    Py_DECREF(method);
+    if (!dev) {
+        wrap_producer_error(name, "__dlpack_device__()");
+        return -1;
+    }
+    int ok = PyTuple_Check(dev) && PyArg_ParseTuple(dev, "ii", device_type, device_id);
     Py_DECREF(dev);
     if (!ok) {
         PyErr_Format(PyExc_BufferError, "%s: __dlpack_device__ did not return (device_type, device_id)", name);
@@ -220,10 +268,11 @@ static int from_dlpack(PyObject *obj, tensor_view *v, unsigned dtypes) {
         DLManagedTensorVersioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
         if (!m || PyCapsule_SetName(capsule, "used_dltensor_versioned") < 0) goto fail;
         v->versioned = m;
+        v->owner = capsule; /* from here on call_release runs the deleter, also on a version mismatch */
         if (m->version.major != 1) {
             PyErr_Format(PyExc_BufferError, "%s: DLPack major version %u is not supported (need 1)", v->name,
                          (unsigned)m->version.major);
-            goto fail;
+            return -1;
         }
         t = &m->dl_tensor;
         flags = m->flags;
@@ -247,6 +296,20 @@ static int from_dlpack(PyObject *obj, tensor_view *v, unsigned dtypes) {
         PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions supported", v->name, VIEW_MAX_DIMS);
         return -1;
     }
+    if (t->device.device_type != device_type || t->device.device_id != device_id) {
+        PyErr_Format(PyExc_BufferError,
+                     "%s: __dlpack__ returned a tensor on device (%d, %d) but __dlpack_device__ said (%d, %d)",
+                     v->name, (int)t->device.device_type, (int)t->device.device_id, device_type, device_id);
+        return -1;
+    }
+    if (t->ndim > 0 && !t->shape) {
+        PyErr_Format(PyExc_BufferError, "%s: DLPack tensor has %d dimensions but no shape", v->name, (int)t->ndim);
+        return -1;
+    }
+    if (!t->data) {
+        PyErr_Format(PyExc_BufferError, "%s: DLPack tensor has a NULL data pointer", v->name);
+        return -1;
+    }
     if (!contiguous_strides(t)) {
         PyErr_Format(PyExc_ValueError,
                      "%s: expected a C-contiguous tensor with positive strides (use tensor.contiguous())", v->name);
@@ -254,6 +317,11 @@ static int from_dlpack(PyObject *obj, tensor_view *v, unsigned dtypes) {
     }
     if (v->role != ROLE_INPUT && (flags & DLPACK_FLAG_BITMASK_READ_ONLY)) {
         PyErr_Format(PyExc_ValueError, "%s: output tensor is read-only", v->name);
+        return -1;
+    }
+    if (v->role != ROLE_INPUT && (flags & DIPP_DLPACK_FLAG_IS_COPIED)) {
+        PyErr_Format(PyExc_BufferError, "%s: __dlpack__ exported a copy; results written to it would be lost",
+                     v->name);
         return -1;
     }
     v->ndim = t->ndim;
@@ -291,6 +359,10 @@ tensor_view *call_tensor(call_views *call, PyObject *obj, const char *name, view
     for (int d = 0; d < v->ndim; ++d) {
         if (v->shape[d] < 0) {
             PyErr_Format(PyExc_ValueError, "%s: negative dimension", name);
+            return NULL;
+        }
+        if (v->shape[d] > 0 && v->numel > INT64_MAX / 16 / v->shape[d]) {
+            PyErr_Format(PyExc_ValueError, "%s: too many elements", name);
             return NULL;
         }
         v->numel *= v->shape[d];

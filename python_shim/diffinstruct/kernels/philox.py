@@ -45,7 +45,7 @@ def blocks(seed: int, first_block: int, count: int, device: torch.device | str =
 
 
 def uniform_open(bits: torch.Tensor) -> torch.Tensor:
-    return ((bits >> 8).to(torch.float32) + 0.5) * 5.9604644775390625e-08
+    return ((bits >> 9).to(torch.float32) + 0.5) * 1.1920928955078125e-07
 
 
 def normal4(bits: torch.Tensor) -> torch.Tensor:
