@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import numpy
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -73,6 +73,7 @@ class BuildWithCuda(build_ext):
 
     def build_cuda(self) -> None:
         mode = os.environ.get("DIPP_CUDA", "auto").strip().lower()
+        self.cuda_library_path().unlink(missing_ok=True)  # a stale copy from an earlier build must not ship
         if mode in ("0", "off", "no", "false"):
             print("diffinstruct: DIPP_CUDA=0, skipping the CUDA kernels", file=sys.stderr)
             return
@@ -120,5 +121,5 @@ setup(
     ext_modules=[core],
     cmdclass={"build_ext": BuildWithCuda},
     package_dir={"": "python_shim"},
-    packages=["diffinstruct"],
+    packages=find_packages(where="python_shim"),
 )

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, TOLERANCES, as64
 
 import reference_np as ref
+from conftest import FLOAT_DTYPES, TOLERANCES, as64
 from diffinstruct import kernels
 from diffinstruct.kernels import reference as torch_ref
 

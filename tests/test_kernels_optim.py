@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, TOLERANCES, as64
 
 import reference_np as ref
+from conftest import FLOAT_DTYPES, TOLERANCES, as64
 from diffinstruct import kernels
 
 SHAPES = [(3,), (17, 5), (4, 33, 9), (2100,)]

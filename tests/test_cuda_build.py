@@ -1,0 +1,119 @@
+"""The CUDA kernels are compiled by the build (when nvcc exists), export every kernel,
+load lazily without a GPU, and the wheel builds with and without them."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import diffinstruct
+from diffinstruct import _core
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = Path(diffinstruct.__file__).parent
+HAVE_NVCC = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvcc").exists()
+needs_nvcc = pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not installed: the CUDA library is not built here")
+
+
+def kernel_names() -> list[str]:
+    header = (ROOT / "csrc" / "dipp.h").read_text()
+    block = header[header.index("#define DIPP_KERNELS(X)"):header.index("#define DIPP_DECLARE_CPU")]
+    return re.findall(r"X\((\w+),", block)
+
+
+def test_kernel_list_is_complete():
+    assert kernel_names() == ["fill_uniform", "fill_normal", "sample_sigma", "add_noise", "cfg_combine", "ta_loss",
+                              "generator_grad", "huber_terms", "ema_update", "adam_step"]
+
+
+@needs_nvcc
+def test_cuda_library_was_built_from_current_sources():
+    lib = PACKAGE / "libdipp_cuda.so"
+    assert lib.exists(), "the build should have compiled cuda/*.cu into libdipp_cuda.so"
+    newest = max(p.stat().st_mtime for p in [*ROOT.glob("cuda/*.cu"), *ROOT.glob("cuda/*.cuh"), *ROOT.glob("csrc/*.h")])
+    assert lib.stat().st_mtime >= newest
+
+
+@needs_nvcc
+def test_cuda_library_exports_every_kernel_and_nothing_else():
+    out = subprocess.run(["nm", "-D", "--defined-only", str(PACKAGE / "libdipp_cuda.so")], capture_output=True,
+                         text=True, check=True).stdout
+    exported = sorted(set(re.findall(r"\bdipp_cuda_\w+", out)))
+    assert exported == sorted(f"dipp_cuda_{name}" for name in kernel_names())
+
+
+@needs_nvcc
+def test_cuda_library_targets_sm80_and_sm90():
+    # the embedded cubins name their targets (cuobjdump is not installed here)
+    data = (PACKAGE / "libdipp_cuda.so").read_bytes()
+    assert b"sm_80" in data and b"sm_90" in data and b"compute_90" in data  # + PTX for newer GPUs
+
+
+@needs_nvcc
+def test_cuda_library_loads_lazily_without_a_gpu():
+    code = ("from diffinstruct import _core; import sys; "
+            "before = _core.cuda_status(); after = _core.cuda_status(load=True); "
+            "print(before[0], after[0], after[2])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["False", "True"], out  # not loaded at import; loads on demand (dlopen needs no device)
+
+
+def test_missing_cuda_library_gives_a_reason(tmp_path):
+    env = dict(os.environ, DIPP_CUDA_LIBRARY=str(tmp_path / "absent.so"))
+    code = "from diffinstruct import _core; print(_core.cuda_status(load=True))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert "False" in out and "absent.so" in out and "nvcc" in out
+
+
+def test_importing_needs_no_cuda():
+    code = "import diffinstruct.kernels, sys; print('torch.cuda' in sys.modules and 'ok')"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    assert _core.OPENMP in (0, 1)
+
+
+def build_wheel(tmp_path: Path, cuda: str) -> Path:
+    out = tmp_path / f"wheel-cuda{cuda}"
+    env = dict(os.environ, DIPP_CUDA=cuda)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(out),
+                    str(ROOT)], check=True, env=env, cwd=ROOT)
+    (wheel,) = out.glob("diffinstruct-*.whl")
+    return wheel
+
+
+def check_wheel_runs(wheel: Path, tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True)
+    code = ("import numpy as np, diffinstruct; from diffinstruct import kernels; "
+            "assert diffinstruct.__file__.startswith(%r), diffinstruct.__file__; "
+            "x = np.zeros(8, np.float32); kernels.fill_normal(x, 1); assert np.abs(x).sum() > 0; print('ok')")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", code % str(target)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.slow
+def test_wheel_without_cuda(tmp_path):
+    wheel = build_wheel(tmp_path, "0")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("diffinstruct/_core") and n.endswith(".so") for n in names)
+    assert "diffinstruct/libdipp_cuda.so" not in names
+    check_wheel_runs(wheel, tmp_path)
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_wheel_with_cuda(tmp_path):
+    wheel = build_wheel(tmp_path, "1")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "diffinstruct/libdipp_cuda.so" in names
+    check_wheel_runs(wheel, tmp_path)
