@@ -1,0 +1,107 @@
+"""LoRA adapters on one shared frozen base, switched by role.
+
+Reference = base (no adapter active), TA = base + LoRA_TA, generator = base +
+LoRA_G: three networks for the price of one set of weights. `RoleSwitch.use`
+selects the active role for a forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class RoleSwitch:
+    """Which adapter set is active; None means the bare base."""
+
+    def __init__(self) -> None:
+        self.active: str | None = None
+
+    @contextlib.contextmanager
+    def use(self, role: str | None) -> Iterator[None]:
+        previous, self.active = self.active, role
+        try:
+            yield
+        finally:
+            self.active = previous
+
+
+class LoRALayer(nn.Module):
+    """A frozen Linear or Conv2d plus one low-rank update per role: W + (alpha / r) up @ down."""
+
+    def __init__(self, base: nn.Module, roles: Sequence[str], rank: int, alpha: float, switch: RoleSwitch) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.switch = switch
+        self.scale = alpha / rank
+        self.adapters = nn.ModuleDict()
+        for role in roles:
+            if isinstance(base, nn.Linear):
+                down = nn.Linear(base.in_features, rank, bias=False)
+                up = nn.Linear(rank, base.out_features, bias=False)
+            elif isinstance(base, nn.Conv2d):
+                down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                                 bias=False)
+                up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+            else:
+                raise TypeError(f"LoRA supports Linear and Conv2d, got {type(base).__name__}")
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            nn.init.zeros_(up.weight)  # starts exactly at the base
+            down.to(base.weight.dtype)
+            up.to(base.weight.dtype)
+            self.adapters[role] = nn.Sequential(down, up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        role = self.switch.active
+        if role is not None and role in self.adapters:
+            out = out + self.scale * self.adapters[role](x)
+        return out
+
+
+def default_target(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | nn.Conv2d) and getattr(module, "groups", 1) == 1
+
+
+def attach_lora(
+    model: nn.Module,
+    roles: Sequence[str] = ("ta", "generator"),
+    rank: int = 8,
+    alpha: float | None = None,
+    target: Callable[[str, nn.Module], bool] = default_target,
+) -> tuple[RoleSwitch, dict[str, list[nn.Parameter]]]:
+    """Freezes model, wraps every targeted layer; returns the switch and the trainable parameters per role."""
+    switch = RoleSwitch()
+    model.requires_grad_(False)
+    params: dict[str, list[nn.Parameter]] = {role: [] for role in roles}
+    targets = [(name, m) for name, m in model.named_modules() if name and target(name, m)]
+    if not targets:
+        raise ValueError("no Linear/Conv2d layer matched the LoRA target")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = LoRALayer(module, roles, rank, float(alpha if alpha is not None else rank), switch)
+        setattr(parent, child, layer)
+        for role in roles:
+            for p in layer.adapters[role].parameters():
+                p.requires_grad_(True)
+                params[role].append(p)
+    return switch, params
+
+
+def lora_state_dict(model: nn.Module, role: str) -> dict[str, torch.Tensor]:
+    """The adapter weights of one role, keyed by layer name."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer) and role in module.adapters:
+            down, up = module.adapters[role]
+            out[f"{name}.lora_down.weight"] = down.weight.detach()
+            out[f"{name}.lora_up.weight"] = up.weight.detach()
+            out[f"{name}.alpha"] = torch.tensor(module.scale * down.weight.shape[0])
+    return out

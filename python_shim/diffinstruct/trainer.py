@@ -1,0 +1,310 @@
+"""The DI / DI++ / DI* engine: alternating TA and generator updates on the fused kernels.
+
+Everything runs in VE coordinates (x_t = x0 + sigma eps); flow models are seen
+through `VEView` (x_flow = x_ve / (1 + s), s_flow = s / (1 + s)), an exact
+reparameterisation, so one set of formulas serves every model family.
+Networks only run forward in the generator step, except the generator itself
+(x0.backward(G)), the reward's autograd path, and DI*'s VJPs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import kernels
+from .config import DIConfig
+from .denoisers import Denoiser
+from .generator import OneStepGenerator
+from .optim import EMA, FusedAdam
+from .prompts import PromptList as PromptSource
+from .rewards import Reward
+from .rng import stream_seed
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row produced non-finite values."""
+
+
+class VEView(nn.Module):
+    """A denoiser in VE coordinates; flow models are reparameterised, VE ones pass through."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        super().__init__()
+        self.inner = denoiser
+        self.flow = denoiser.process == "flow"
+        if self.flow:
+            self.sigma_min = denoiser.sigma_min / (1.0 - denoiser.sigma_min)
+            self.sigma_max = denoiser.sigma_max / (1.0 - denoiser.sigma_max)
+        else:
+            self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        if not self.flow:
+            return self.inner(x, sigma, cond)
+        scale = 1.0 / (1.0 + sigma)
+        return self.inner(x * scale.reshape((-1,) + (1,) * (x.dim() - 1)).to(x.dtype), sigma * scale, cond)
+
+
+@dataclass
+class KernelClock:
+    """Seconds spent in our fused kernels, to split step time into networks vs kernels."""
+
+    seconds: float = 0.0
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+@dataclass
+class Models:
+    """What the engine trains. generator_params / ta_params are the trainable tensors (full or LoRA)."""
+
+    generator: OneStepGenerator
+    ta: Denoiser
+    reference: Denoiser
+    generator_params: list[nn.Parameter]
+    ta_params: list[nn.Parameter]
+    latent_shape: tuple[int, ...]
+    modules: list[nn.Module] = field(default_factory=list)  # for train()/eval() switching and DDP
+
+
+def _finite_grads(params: Sequence[nn.Parameter]) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def _zero(params: Sequence[nn.Parameter]) -> None:
+    for p in params:
+        p.grad = None
+
+
+class DITrainer:
+    """One DI-family run: call `train_step(step)` for step = 0, 1, ...; state lives in the models and optimisers."""
+
+    def __init__(self, config: DIConfig, models: Models, prompts: PromptSource, reward: Reward | None = None,
+                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> None:
+        self.cfg = config.validate()
+        if self.cfg.alpha != 0.0 and reward is None:
+            raise ValueError("alpha > 0 needs a reward")
+        self.models = models
+        self.prompts = prompts
+        self.reward = reward
+        self.device = torch.device(device)
+        self.rank = rank
+        self.world_size = world_size
+        self.reference = VEView(models.reference)
+        self.ta = VEView(models.ta)
+        self.sigma_min = self.cfg.sigma_min if self.cfg.sigma_min is not None else self.reference.sigma_min
+        self.sigma_max = self.cfg.sigma_max if self.cfg.sigma_max is not None else self.reference.sigma_max
+        if not self.generator_params or not self.ta_params:
+            raise ValueError("the generator and the TA need trainable parameters")
+        self.opt_generator = FusedAdam(self.generator_params, lr=self.cfg.lr_generator,
+                                       betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps,
+                                       weight_decay=self.cfg.weight_decay)
+        self.opt_ta = FusedAdam(self.ta_params, lr=self.cfg.lr_ta, betas=(self.cfg.beta1, self.cfg.beta2),
+                                eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
+        self.ema = EMA(self.generator_params, self.cfg.ema_decay)
+        self.bad_in_a_row = 0
+        self.skipped_steps = 0
+        self.clock = KernelClock()
+
+    @property
+    def generator_params(self) -> list[nn.Parameter]:
+        return self.models.generator_params
+
+    @property
+    def ta_params(self) -> list[nn.Parameter]:
+        return self.models.ta_params
+
+    # ------------------------------------------------------------------ helpers
+    def _autocast(self) -> Any:
+        if not self.cfg.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _seed(self, step: int, purpose: str, micro: int) -> int:
+        return stream_seed(self.cfg.seed, step, purpose, self.rank, micro)
+
+    def _latents(self, step: int, purpose: str, micro: int) -> torch.Tensor:
+        z = torch.empty((self.cfg.batch_size, *self.models.latent_shape), dtype=torch.float32, device=self.device)
+        with self.clock.measure():
+            kernels.fill_normal(z, self._seed(step, purpose, micro))
+        return z
+
+    def _sigma(self, step: int, purpose: str, micro: int) -> torch.Tensor:
+        with self.clock.measure():
+            sigma, _ = kernels.sample_sigma(self.cfg.batch_size, self._seed(step, purpose, micro),
+                                            p_mean=self.cfg.p_mean, p_std=self.cfg.p_std, sigma_min=self.sigma_min,
+                                            sigma_max=self.sigma_max, device=self.device)
+        return sigma
+
+    def _generate(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
+        with self._autocast():
+            return self.models.generator(z, cond)
+
+    # ------------------------------------------------------------------ TA update
+    def ta_step(self, step: int, inner: int = 0) -> dict[str, float]:
+        """Regress the TA onto the generator's current samples (denoising score matching)."""
+        losses, bad = [], 0
+        for micro in range(self.cfg.grad_accum):
+            key = micro + inner * self.cfg.grad_accum
+            batch = self.prompts.batch(self.cfg.batch_size, self._seed(step, "ta_prompts", key))
+            with torch.no_grad():
+                x0 = self._generate(self._latents(step, "ta_z", key), batch.cond).float().contiguous()
+            sigma = self._sigma(step, "ta_sigma", key)
+            with self.clock.measure():
+                xt = kernels.add_noise(x0, sigma, self._seed(step, "ta_eps", key))
+            with self._autocast():
+                d_ta = self.ta(xt, sigma, batch.cond)
+            with self.clock.measure():
+                res = kernels.ta_loss(d_ta.detach().float().contiguous(), x0, sigma,
+                                      weighting=self.cfg.ta_weighting, sigma_data=self.cfg.sigma_data,
+                                      reduction=self.cfg.ta_reduction)
+            d_ta.backward((res.grad / self.cfg.grad_accum).to(d_ta.dtype))
+            losses.append(float(res.loss.mean()))
+            bad += int(res.nonfinite.sum())
+        ok = bad == 0 and _finite_grads(self.ta_params)
+        if ok:
+            with self.clock.measure():
+                self.opt_ta.step()
+        _zero(self.ta_params)
+        return {"ta_loss": sum(losses) / len(losses), "ta_nonfinite": float(bad), "ta_ok": float(ok)}
+
+    # ------------------------------------------------------------------ generator update
+    def _reward_grad(self, x0: torch.Tensor, batch: Any) -> tuple[torch.Tensor | None, float]:
+        if self.reward is None:
+            return None, math.nan
+        with torch.enable_grad():
+            x0r = x0.detach().float().requires_grad_(True)
+            r = self.reward(x0r, batch.prompts, batch.cond)
+            (dr,) = torch.autograd.grad(r.sum(), x0r)
+        return dr.contiguous(), float(r.detach().mean())
+
+    def _dipp_micro(self, step: int, key: int, metrics: dict[str, list[float]]) -> int:
+        cfg = self.cfg
+        batch = self.prompts.batch(cfg.batch_size, self._seed(step, "prompts", key))
+        x0 = self._generate(self._latents(step, "z", key), batch.cond)
+        x0d = x0.detach().float().contiguous()
+        sigma = self._sigma(step, "sigma", key)
+        with self.clock.measure():
+            xt = kernels.add_noise(x0d, sigma, self._seed(step, "eps", key))
+        with torch.no_grad(), self._autocast():
+            d_ta = self.ta(xt, sigma, batch.cond).float().contiguous()
+            d_cond = self.reference(xt, sigma, batch.cond).float().contiguous()
+            d_uncond = None
+            if cfg.omega != 1.0:
+                d_uncond = self.reference(xt, sigma, batch.uncond).float().contiguous()
+        dr, reward_mean = self._reward_grad(x0d, batch) if cfg.alpha != 0.0 or self.reward else (None, math.nan)
+        with self.clock.measure():
+            res = kernels.generator_grad(x0d, d_ta, d_cond, d_uncond=d_uncond, omega=cfg.omega,
+                                         dr=dr if cfg.alpha != 0.0 else None, alpha=cfg.alpha,
+                                         weighting=cfg.generator_weighting)
+        x0.backward((res.grad / cfg.grad_accum).to(x0.dtype))
+        metrics["weight"].append(float(res.weight.mean()))
+        metrics["ref_dist"].append(float(res.ref_dist.mean()))
+        metrics["gap"].append(float(res.gap.mean()))
+        metrics["surrogate"].append(float(res.surrogate.mean()))
+        metrics["reward"].append(reward_mean)
+        metrics["sigma"].append(float(sigma.mean()))
+        return int(res.nonfinite.sum())
+
+    def _distar_micro(self, step: int, key: int, metrics: dict[str, list[float]]) -> int:
+        cfg = self.cfg
+        batch = self.prompts.batch(cfg.batch_size, self._seed(step, "prompts", key))
+        x0 = self._generate(self._latents(step, "z", key), batch.cond)
+        sigma = self._sigma(step, "sigma", key)
+        eps = torch.empty_like(x0, dtype=torch.float32)
+        with self.clock.measure():
+            kernels.fill_normal(eps, self._seed(step, "eps", key))
+        s = sigma.reshape((-1,) + (1,) * (x0.dim() - 1))
+        xt = x0.float() + s * eps  # live: gradients flow through x_t into the generator
+        with self._autocast():
+            d_p = self.reference(xt, sigma, batch.cond)
+            if cfg.omega != 1.0:
+                d_u = self.reference(xt, sigma, batch.uncond)
+                d_p = d_u + cfg.omega * (d_p - d_u)
+            d_q = self.ta(xt, sigma, batch.cond)
+        d_p, d_q = d_p.float(), d_q.float()
+        n = x0[0].numel()
+        with self.clock.measure():
+            res = kernels.huber_terms(x0.detach().float().contiguous(), d_p.detach().contiguous(),
+                                      d_q.detach().contiguous(), sigma, cfg.huber_c * math.sqrt(n),
+                                      weighting=cfg.distar_weighting)
+        surrogate = (res.a * d_p).sum() - (res.b * d_q).sum() - (res.dprime * x0.float()).sum()
+        reward_mean = math.nan
+        if self.reward is not None:
+            r = self.reward(x0.float(), batch.prompts, batch.cond)
+            reward_mean = float(r.detach().mean())
+            if cfg.alpha != 0.0:
+                surrogate = surrogate - cfg.alpha * r.sum() / cfg.batch_size
+        (surrogate / cfg.grad_accum).backward()
+        metrics["divergence"].append(float(res.value.mean()))
+        metrics["h"].append(float(res.h.mean()))
+        metrics["reward"].append(reward_mean)
+        metrics["sigma"].append(float(sigma.mean()))
+        return int(res.nonfinite.sum())
+
+    def generator_step(self, step: int) -> dict[str, float]:
+        metrics: dict[str, list[float]] = {k: [] for k in ("weight", "ref_dist", "gap", "surrogate", "reward",
+                                                           "sigma", "divergence", "h")}
+        bad = 0
+        frozen = [p for p in self.ta_params if p.requires_grad]
+        for p in frozen:  # DI*'s VJPs pass through the TA; its weights must not collect gradients
+            p.requires_grad_(False)
+        try:
+            for micro in range(self.cfg.grad_accum):
+                if self.cfg.method == "distar":
+                    bad += self._distar_micro(step, micro, metrics)
+                else:
+                    bad += self._dipp_micro(step, micro, metrics)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        ok = bad == 0 and _finite_grads(self.generator_params)
+        grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in self.generator_params
+                                  if p.grad is not None)) if ok else math.nan
+        if ok:
+            with self.clock.measure():
+                self.opt_generator.step()
+                self.ema.update()
+        _zero(self.generator_params)
+        out = {k: (sum(v) / len(v) if v else math.nan) for k, v in metrics.items()}
+        out.update({"generator_nonfinite": float(bad), "generator_ok": float(ok), "generator_grad_norm": grad_norm})
+        return out
+
+    # ------------------------------------------------------------------ one iteration
+    def train_step(self, step: int) -> dict[str, float]:
+        start = time.perf_counter()
+        kernel_before = self.clock.seconds
+        for module in self.models.modules:
+            module.train()
+        ta_metrics: dict[str, float] = {}
+        for inner in range(self.cfg.ta_steps):
+            ta_metrics = self.ta_step(step, inner)
+        gen_metrics = self.generator_step(step)
+        ok = bool(ta_metrics["ta_ok"]) and bool(gen_metrics["generator_ok"])
+        if ok:
+            self.bad_in_a_row = 0
+        else:
+            self.bad_in_a_row += 1
+            self.skipped_steps += 1
+            if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.bad_in_a_row} steps in a row produced NaN/Inf (last at step {step}); "
+                    "lower the learning rates, disable bf16, or check the reward")
+        total = time.perf_counter() - start
+        kernel = self.clock.seconds - kernel_before
+        return {"step": float(step), **ta_metrics, **gen_metrics, "skipped_steps": float(self.skipped_steps),
+                "time_total": total, "time_kernels": kernel, "time_networks": total - kernel}
