@@ -20,6 +20,38 @@ class Reward(Protocol):
     def __call__(self, x0: torch.Tensor, prompts: Sequence[str], cond: Any) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class NoisyReward(Protocol):
+    """A reward living on the noisy sample x_t at each level (e.g. CFG's implicit reward).
+
+    `grad_xt` returns grad_{x_t} r per sample in score units; the engine weighs it like the
+    IKL term (w(t) = sigma^2), i.e. feeds sigma^2 * grad_xt to the generator-gradient kernel.
+    """
+
+    name: str
+    noisy: bool
+
+    def grad_xt(self, xt: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond: Any) -> torch.Tensor: ...
+
+
+class ImplicitCFGReward:
+    """r = log p_ref(c | x_t): grad = s_ref(x_t | c) - s_ref(x_t) = (D_cond - D_uncond) / sigma^2 (Theorem 3.4).
+
+    DI++ with this reward at scale alpha = omega - 1 equals DI with an omega-CFG teacher.
+    """
+
+    name = "implicit_cfg"
+    noisy = True
+
+    def __init__(self, reference: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]) -> None:
+        self.reference = reference
+
+    @torch.no_grad()
+    def grad_xt(self, xt: torch.Tensor, sigma: torch.Tensor, cond: Any, uncond: Any) -> torch.Tensor:
+        s2 = (sigma.float() ** 2).reshape((-1,) + (1,) * (xt.dim() - 1))
+        return (self.reference(xt, sigma, cond).float() - self.reference(xt, sigma, uncond).float()) / s2
+
+
 class TargetReward(nn.Module):
     """r(x) = -||x - a||^2 per sample: pulls samples toward a (ground-truth tests)."""
 

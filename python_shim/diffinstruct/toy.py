@@ -26,7 +26,8 @@ class GaussianMixture(nn.Module):
 
     process = "ve"
 
-    def __init__(self, means: torch.Tensor, s2: float = 0.05, sigma_min: float = 0.002, sigma_max: float = 80.0):
+    def __init__(self, means: torch.Tensor, s2: float = 0.05, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0) -> None:
         super().__init__()
         self.register_buffer("means", means.float())
         self.s2 = s2

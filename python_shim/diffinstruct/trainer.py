@@ -90,6 +90,23 @@ def _zero(params: Sequence[nn.Parameter]) -> None:
         p.grad = None
 
 
+def distar_surrogate(x0: torch.Tensor, d_p: torch.Tensor, d_q: torch.Tensor, sigma: torch.Tensor, c: float,
+                     weighting: str = "sigma2",
+                     sample_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, kernels.HuberTerms]:
+    """DI*'s tractable pseudo-loss: (w/sigma^2)(<sg a, D_p> - <sg b, D_q> - <sg d', x0>) / B.
+
+    x0, D_p (the CFG teacher) and D_q (the TA) carry the autograd graph through x_t;
+    its gradient equals the gradient of the pseudo-Huber score divergence (ALGORITHM.md section 6).
+    sample_weight (per sample, default 1) weighs samples, e.g. quadrature weights.
+    """
+    res = kernels.huber_terms(x0.detach().contiguous(), d_p.detach().contiguous(), d_q.detach().contiguous(), sigma,
+                              c, weighting=weighting)
+    per_sample = ((res.a * d_p) - (res.b * d_q) - (res.dprime * x0)).reshape(x0.shape[0], -1).sum(dim=1)
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight
+    return per_sample.sum(), res
+
+
 class DITrainer:
     """One DI-family run: call `train_step(step)` for step = 0, 1, ...; state lives in the models and optimisers."""
 
@@ -183,14 +200,22 @@ class DITrainer:
         return {"ta_loss": sum(losses) / len(losses), "ta_nonfinite": float(bad), "ta_ok": float(ok)}
 
     # ------------------------------------------------------------------ generator update
-    def _reward_grad(self, x0: torch.Tensor, batch: Any) -> tuple[torch.Tensor | None, float]:
+    def _reward_grad(self, x0: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor,
+                     batch: Any) -> tuple[torch.Tensor | None, float]:
+        """dr/dx0 per sample (None without a reward or with alpha = 0) and the batch's mean reward."""
         if self.reward is None:
             return None, math.nan
+        if getattr(self.reward, "noisy", False):
+            # d x_t / d x0 = 1; weighted like the IKL term: sigma^2 * grad_{x_t} r
+            grad = self.reward.grad_xt(xt, sigma, batch.cond, batch.uncond)
+            s2 = (sigma.float() ** 2).reshape((-1,) + (1,) * (xt.dim() - 1))
+            return (s2 * grad).contiguous(), math.nan
+        want_grad = self.cfg.alpha != 0.0
         with torch.enable_grad():
-            x0r = x0.detach().float().requires_grad_(True)
+            x0r = x0.detach().float().requires_grad_(want_grad)
             r = self.reward(x0r, batch.prompts, batch.cond)
-            (dr,) = torch.autograd.grad(r.sum(), x0r)
-        return dr.contiguous(), float(r.detach().mean())
+            dr = torch.autograd.grad(r.sum(), x0r)[0].contiguous() if want_grad else None
+        return dr, float(r.detach().mean())
 
     def _dipp_micro(self, step: int, key: int, metrics: dict[str, list[float]]) -> int:
         cfg = self.cfg
@@ -206,7 +231,7 @@ class DITrainer:
             d_uncond = None
             if cfg.omega != 1.0:
                 d_uncond = self.reference(xt, sigma, batch.uncond).float().contiguous()
-        dr, reward_mean = self._reward_grad(x0d, batch) if cfg.alpha != 0.0 or self.reward else (None, math.nan)
+        dr, reward_mean = self._reward_grad(x0d, xt, sigma, batch)
         with self.clock.measure():
             res = kernels.generator_grad(x0d, d_ta, d_cond, d_uncond=d_uncond, omega=cfg.omega,
                                          dr=dr if cfg.alpha != 0.0 else None, alpha=cfg.alpha,
@@ -237,12 +262,9 @@ class DITrainer:
                 d_p = d_u + cfg.omega * (d_p - d_u)
             d_q = self.ta(xt, sigma, batch.cond)
         d_p, d_q = d_p.float(), d_q.float()
-        n = x0[0].numel()
         with self.clock.measure():
-            res = kernels.huber_terms(x0.detach().float().contiguous(), d_p.detach().contiguous(),
-                                      d_q.detach().contiguous(), sigma, cfg.huber_c * math.sqrt(n),
-                                      weighting=cfg.distar_weighting)
-        surrogate = (res.a * d_p).sum() - (res.b * d_q).sum() - (res.dprime * x0.float()).sum()
+            surrogate, res = distar_surrogate(x0.float(), d_p, d_q, sigma, cfg.huber_c * math.sqrt(x0[0].numel()),
+                                              cfg.distar_weighting)
         reward_mean = math.nan
         if self.reward is not None:
             r = self.reward(x0.float(), batch.prompts, batch.cond)
@@ -256,7 +278,8 @@ class DITrainer:
         metrics["sigma"].append(float(sigma.mean()))
         return int(res.nonfinite.sum())
 
-    def generator_step(self, step: int) -> dict[str, float]:
+    def accumulate_generator_grads(self, step: int) -> tuple[dict[str, list[float]], int]:
+        """Fills the generator parameters' .grad for this step (no optimiser step); returns metrics, bad count."""
         metrics: dict[str, list[float]] = {k: [] for k in ("weight", "ref_dist", "gap", "surrogate", "reward",
                                                            "sigma", "divergence", "h")}
         bad = 0
@@ -272,6 +295,10 @@ class DITrainer:
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+        return metrics, bad
+
+    def generator_step(self, step: int) -> dict[str, float]:
+        metrics, bad = self.accumulate_generator_grads(step)
         ok = bad == 0 and _finite_grads(self.generator_params)
         grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in self.generator_params
                                   if p.grad is not None)) if ok else math.nan
