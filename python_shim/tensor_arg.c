@@ -36,6 +36,36 @@ void call_init(call_views *call) {
     call->capacity = 0;
 }
 
+/* The pending exception as one normalized object (NULL if none), cleared; and
+ * putting one back (steals the reference; NULL clears). PyErr_Fetch/Restore are
+ * deprecated from Python 3.12 on, PyErr_GetRaisedException is 3.12+. */
+static PyObject *take_exception(void) {
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (!type) return NULL;
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback && value) PyException_SetTraceback(value, traceback);
+    Py_DECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+#endif
+}
+
+static void restore_exception(PyObject *exc) {
+    if (!exc) {
+        PyErr_Clear();
+        return;
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
 static void view_release(tensor_view *v) {
     if (v->versioned && v->versioned->deleter) v->versioned->deleter(v->versioned);
     if (v->legacy && v->legacy->deleter) v->legacy->deleter(v->legacy);
@@ -45,12 +75,18 @@ static void view_release(tensor_view *v) {
 }
 
 void call_release(call_views *call) {
+    /* Deleters and capsule destructors may run Python code (a Python producer's
+     * deleter, NumPy's Py_DECREF of the exported array): never with an exception
+     * set. The pending exception, if any, is put back afterwards; anything a
+     * deleter raises is dropped, as deleters cannot report errors. */
+    PyObject *pending = take_exception();
     for (Py_ssize_t i = 0; i < call->count; ++i) {
         view_release(call->views[i]);
         PyMem_Free(call->views[i]);
     }
     PyMem_Free(call->views);
     call_init(call);
+    restore_exception(pending);
 }
 
 static tensor_view *call_new_view(call_views *call) {
@@ -148,31 +184,24 @@ static int dlpack_dtype(DLDataType t) {
  * Non-Exception errors (KeyboardInterrupt, SystemExit) pass through unchanged. */
 static void wrap_producer_error(const char *name, const char *what) {
     if (!PyErr_Occurred() || !PyErr_ExceptionMatches(PyExc_Exception)) return;
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb && value) PyException_SetTraceback(value, tb);
-    PyObject *text = value ? PyObject_Str(value) : NULL;
+    PyObject *cause = take_exception();
+    if (!cause) return;
+    PyObject *text = PyObject_Str(cause);
     const char *message = text ? PyUnicode_AsUTF8(text) : NULL;
     if (!message) {
         PyErr_Clear();
         message = "";
     }
-    PyErr_Format(PyExc_BufferError, "%s: %s failed (%s: %s)", name, what, ((PyTypeObject *)type)->tp_name, message);
+    PyErr_Format(PyExc_BufferError, "%s: %s failed (%s: %s)", name, what, Py_TYPE(cause)->tp_name, message);
     Py_XDECREF(text);
-    PyObject *new_type, *new_value, *new_tb;
-    PyErr_Fetch(&new_type, &new_value, &new_tb);
-    PyErr_NormalizeException(&new_type, &new_value, &new_tb);
-    if (new_value && value) {
-        Py_INCREF(value);
-        PyException_SetContext(new_value, value); /* steals one reference */
-        PyException_SetCause(new_value, value);   /* steals the other */
+    PyObject *exc = take_exception();
+    if (exc) {
+        PyException_SetContext(exc, Py_NewRef(cause)); /* steals one reference */
+        PyException_SetCause(exc, cause);              /* steals the other */
     } else {
-        Py_XDECREF(value);
+        Py_DECREF(cause);
     }
-    Py_DECREF(type);
-    Py_XDECREF(tb);
-    PyErr_Restore(new_type, new_value, new_tb);
+    restore_exception(exc);
 }
 
 /* Asks the producer for a capsule: versioned first, then the 0.x protocol. */
@@ -239,6 +268,8 @@ static int query_device(PyObject *obj, const char *name, int *device_type, int *
 
 static int contiguous_strides(const DLTensor *t) {
     if (!t->strides) return 1;
+    for (int d = 0; d < t->ndim; ++d)
+        if (t->shape[d] == 0) return 1; /* empty: any strides (rejected as empty later, with that message) */
     int64_t expected = 1;
     for (int d = t->ndim - 1; d >= 0; --d) {
         if (t->shape[d] != 1 && t->strides[d] != expected) return 0;
@@ -306,10 +337,6 @@ static int from_dlpack(PyObject *obj, tensor_view *v, unsigned dtypes) {
         PyErr_Format(PyExc_BufferError, "%s: DLPack tensor has %d dimensions but no shape", v->name, (int)t->ndim);
         return -1;
     }
-    if (!t->data) {
-        PyErr_Format(PyExc_BufferError, "%s: DLPack tensor has a NULL data pointer", v->name);
-        return -1;
-    }
     if (!contiguous_strides(t)) {
         PyErr_Format(PyExc_ValueError,
                      "%s: expected a C-contiguous tensor with positive strides (use tensor.contiguous())", v->name);
@@ -369,6 +396,10 @@ tensor_view *call_tensor(call_views *call, PyObject *obj, const char *name, view
     }
     if (v->numel == 0) {
         PyErr_Format(PyExc_ValueError, "%s: is empty (zero elements)", name);
+        return NULL;
+    }
+    if (!v->data) {
+        PyErr_Format(PyExc_BufferError, "%s: DLPack tensor has a NULL data pointer", name);
         return NULL;
     }
     return v;
@@ -499,16 +530,21 @@ int arg_in_range(const char *name, double value, double lo, double hi, int lo_op
 }
 
 int arg_u64(PyObject *obj, const char *name, uint64_t *out) {
-    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+    /* any integer type (NumPy's included, via __index__), but not bool */
+    PyObject *index = PyBool_Check(obj) ? NULL : PyNumber_Index(obj);
+    if (!index) {
+        PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "%s must be an int, got %s", name, Py_TYPE(obj)->tp_name);
         return -1;
     }
-    unsigned long long value = PyLong_AsUnsignedLongLong(obj);
+    unsigned long long value = PyLong_AsUnsignedLongLong(index);
     if (value == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%s must be in [0, 2**64), got %S", name, obj);
+        PyErr_Format(PyExc_ValueError, "%s must be in [0, 2**64), got %S", name, index);
+        Py_DECREF(index);
         return -1;
     }
+    Py_DECREF(index);
     *out = (uint64_t)value;
     return 0;
 }

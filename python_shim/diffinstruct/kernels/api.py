@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import reference
-from .backend import check_cuda_sigma, core, is_torch, plain, stream_of, torch, use_reference
+from .backend import check_cuda_sigma, core, is_torch, plain, plain_out, stream_of, torch, use_reference
 from .types import GeneratorGrad, HuberTerms, TALoss
 
 Array = Any  # torch.Tensor or numpy.ndarray
@@ -39,7 +39,7 @@ def fill_uniform(out: Array, seed: int, offset: int = 0) -> Array:
     """Fill `out` with Philox uniforms in (0, 1); element i is lane i%4 of block offset + i//4."""
     if use_reference(out):
         return reference.fill(out, seed, offset, normal=False)
-    core.fill_uniform(plain(out), seed, offset, stream=stream_of(out))
+    core.fill_uniform(plain_out(out), seed, offset, stream=stream_of(out))
     return out
 
 
@@ -47,7 +47,7 @@ def fill_normal(out: Array, seed: int, offset: int = 0) -> Array:
     """Fill `out` with Philox standard normals (Box-Muller on lane pairs)."""
     if use_reference(out):
         return reference.fill(out, seed, offset, normal=True)
-    core.fill_normal(plain(out), seed, offset, stream=stream_of(out))
+    core.fill_normal(plain_out(out), seed, offset, stream=stream_of(out))
     return out
 
 
@@ -123,7 +123,7 @@ def add_noise(
         return (xt, eps) if return_eps else xt
     xt = _empty_like(x0) if out is None else out
     eps = _empty_like(x0) if return_eps else None
-    core.add_noise(plain(x0), plain(sigma), plain(xt), seed, offset, plain(eps), flow, stream=stream_of(x0))
+    core.add_noise(plain(x0), plain(sigma), plain_out(xt), seed, offset, plain(eps), flow, stream=stream_of(x0))
     return (xt, eps) if return_eps else xt
 
 
@@ -133,7 +133,7 @@ def cfg_combine(uncond: Array, cond: Array, omega: float, *, out: Array | None =
         result = reference.cfg_combine(uncond, cond, omega)
         return result if out is None else out.copy_(result)
     result = _empty_like(uncond) if out is None else out
-    core.cfg_combine(plain(uncond), plain(cond), plain(result), omega, stream=stream_of(uncond))
+    core.cfg_combine(plain(uncond), plain(cond), plain_out(result), omega, stream=stream_of(uncond))
     return result
 
 
@@ -186,7 +186,7 @@ def generator_grad(
     grad = _empty_like(x0) if out is None else out
     diag = [_per_sample(x0, batch) for _ in range(4)]
     bad = _per_sample(x0, batch, integer=True)
-    core.generator_grad(plain(x0), plain(d_ta), plain(d_cond), plain(grad), *diag, bad, plain(d_uncond), omega,
+    core.generator_grad(plain(x0), plain(d_ta), plain(d_cond), plain_out(grad), *diag, bad, plain(d_uncond), omega,
                         plain(dr), alpha, weighting, min_norm, stream=stream_of(x0))
     return GeneratorGrad(grad, *diag, bad)
 
@@ -212,7 +212,7 @@ def ema_update(ema: Sequence[Array], params: Sequence[Array], decay: float) -> N
     if use_reference(*ema, *params):
         reference.ema_update(list(ema), list(params), decay)
         return
-    core.ema_update([plain(e) for e in ema], [plain(p) for p in params], decay, stream=stream_of(*ema))
+    core.ema_update([plain_out(e, "ema") for e in ema], [plain(p) for p in params], decay, stream=stream_of(*ema))
 
 
 def adam_step(
@@ -234,6 +234,6 @@ def adam_step(
         reference.adam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), lr, beta1, beta2, eps,
                             weight_decay, step, decoupled)
         return
-    core.adam_step([plain(p) for p in params], [plain(g) for g in grads], [plain(m) for m in exp_avgs],
-                   [plain(v) for v in exp_avg_sqs], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+    core.adam_step([plain_out(p, "params") for p in params], [plain(g) for g in grads],
+                   [plain_out(m, "exp_avgs") for m in exp_avgs], [plain_out(v, "exp_avg_sqs") for v in exp_avg_sqs], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                    weight_decay=weight_decay, step=step, decoupled=decoupled, stream=stream_of(*params))

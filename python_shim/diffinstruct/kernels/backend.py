@@ -71,10 +71,22 @@ def stream_of(*tensors: Any) -> int:
 
 
 def plain(x: Any) -> Any:
-    """What the binding may read or write: tensors leave autograd (same storage)."""
-    if is_torch(x) and x.requires_grad:
-        return x.detach()
+    """What the binding may read: tensors leave autograd (same storage); lazy negation/conjugation
+    views, which DLPack cannot express, are materialised."""
+    if not is_torch(x):
+        return x
+    if x.requires_grad:
+        x = x.detach()
+    if x.is_neg() or x.is_conj():
+        x = x.resolve_neg().resolve_conj()
     return x
+
+
+def plain_out(x: Any, name: str = "out") -> Any:
+    """What the binding may write: the caller's own storage, never a copy."""
+    if is_torch(x) and (x.is_neg() or x.is_conj()):
+        raise ValueError(f"{name}: a lazily negated/conjugated view cannot be written in place; pass a plain tensor")
+    return plain(x)
 
 
 def check_cuda_sigma(sigma: Any, name: str = "sigma") -> None:
