@@ -4,11 +4,18 @@
 
 #include "dipp.h"
 
+/* Below this many elements a kernel stays on the calling thread: waking the team costs
+ * more than it saves there (toy problems, small batches). Every parallel loop declares
+ * `const int dipp_parallel = dipp_worth_threads(elements);` right before DIPP_OMP_FOR. */
+#define DIPP_PARALLEL_MIN_ELEMENTS 32768
+
+static inline int dipp_worth_threads(int64_t elements) { return elements >= DIPP_PARALLEL_MIN_ELEMENTS; }
+
 #ifdef _OPENMP
 #include <omp.h>
-#define DIPP_OMP_FOR _Pragma("omp parallel for schedule(static)")
+#define DIPP_OMP_FOR _Pragma("omp parallel for schedule(static) if(dipp_parallel)")
 #else
-#define DIPP_OMP_FOR
+#define DIPP_OMP_FOR (void)dipp_parallel;
 #endif
 
 /* Forces dtype specialisation: callers pass a literal dtype, inlining folds the loads. */
@@ -23,6 +30,56 @@
         default: return DIPP_ERR_ARGUMENT;    \
         }                                     \
     } while (0)
+
+/* Instantiates DEF(suffix, dtype) once per kernel dtype. A parallel loop must sit in
+ * such an instance, not in an inlined helper: OpenMP outlines the loop body before
+ * inlining, which would otherwise leave a runtime dtype switch in every element. */
+#define DIPP_FOR_EACH_DTYPE(DEF) DEF(f32, DIPP_DT_F32) DEF(f16, DIPP_DT_F16) DEF(bf16, DIPP_DT_BF16)
+
+/* Hot loops get an AVX2 clone on x86-64, chosen once at load time (ifunc). Results are
+ * bitwise identical to the baseline build: no FMA contraction, fixed lane order. The
+ * clone must be a real function called from inside the parallel region, since OpenMP
+ * outlines loop bodies before target cloning happens. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DIPP_NO_CLONES)
+#define DIPP_HOT __attribute__((noinline, target_clones("avx2", "default")))
+#else
+#define DIPP_HOT __attribute__((noinline))
+#endif
+
+/* The share [begin, end) of `total` tasks that thread `index` of `count` runs (static schedule). */
+static inline void dipp_thread_share(int64_t total, int index, int count, int64_t *begin, int64_t *end) {
+    int64_t base = total / count, extra = total % count;
+    *begin = index * base + (index < extra ? index : extra);
+    *end = *begin + base + (index < extra ? 1 : 0);
+}
+
+#ifdef _OPENMP
+#define DIPP_THREAD_INDEX omp_get_thread_num()
+#define DIPP_THREAD_COUNT omp_get_num_threads()
+#else
+#define DIPP_THREAD_INDEX 0
+#define DIPP_THREAD_COUNT 1
+#endif
+
+/* Runs RANGE_FN(args..., begin, end) over `total` tasks, split across the team. */
+#ifdef _OPENMP
+#define DIPP_PARALLEL_TASKS(ELEMENTS, TOTAL, CALL)                                      \
+    do {                                                                                \
+        const int dipp_parallel = dipp_worth_threads(ELEMENTS);                         \
+        _Pragma("omp parallel if(dipp_parallel)")                                       \
+        {                                                                               \
+            int64_t begin, end;                                                         \
+            dipp_thread_share((TOTAL), DIPP_THREAD_INDEX, DIPP_THREAD_COUNT, &begin, &end); \
+            CALL;                                                                       \
+        }                                                                               \
+    } while (0)
+#else
+#define DIPP_PARALLEL_TASKS(ELEMENTS, TOTAL, CALL) \
+    do {                                           \
+        int64_t begin = 0, end = (TOTAL);          \
+        CALL;                                      \
+    } while (0)
+#endif
 
 static inline int64_t dipp_chunk_count(int64_t per_sample) {
     return (per_sample + DIPP_RED_CHUNK - 1) / DIPP_RED_CHUNK;

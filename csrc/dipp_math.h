@@ -37,12 +37,13 @@ DIPP_HD float dipp_bits_f32(uint32_t u) {
 
 DIPP_HD float dipp_bf16_to_f32(uint16_t h) { return dipp_bits_f32((uint32_t)h << 16); }
 
-/* Round to nearest even; NaN stays a (quiet) NaN instead of rounding to Inf. */
+/* Round to nearest even; NaN stays a (quiet) NaN instead of rounding to Inf.
+ * Written as a select, not a branch, so CPU loops vectorise. */
 DIPP_HD uint16_t dipp_f32_to_bf16(float f) {
     uint32_t u = dipp_f32_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (u >> 16) | 0x0040u;
+    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded);
 }
 
 DIPP_HD float dipp_f16_to_f32(uint16_t h) {

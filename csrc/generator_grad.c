@@ -1,7 +1,8 @@
 /*
  * DI++ generator gradient G = (W_b (D_TA - D_ref^w) - alpha dr/dx0) / B.
  * Pass 1 reduces per sample (normaliser, gap, surrogate, non-finite count);
- * pass 2 writes G. Two reads of the inputs, one write.
+ * pass 2 writes G. Two reads of the inputs, one write. Each (dtype, CFG?, reward?)
+ * combination is its own instance so the element loops carry no branches.
  */
 #include <stdlib.h>
 
@@ -9,46 +10,99 @@
 
 enum { GEN_REF_DIST, GEN_GAP, GEN_SURROGATE, GEN_BAD, GEN_NQ };
 
-DIPP_ALWAYS_INLINE float gen_ref(const dipp_gen_args *a, int64_t e, int dt) {
+DIPP_ALWAYS_INLINE float gen_ref(const dipp_gen_args *a, int64_t e, int dt, int cfg) {
     float cond = dipp_load(a->d_cond, e, dt);
-    return a->d_uncond ? dipp_cfg(dipp_load(a->d_uncond, e, dt), cond, a->omega) : cond;
+    return cfg ? dipp_cfg(dipp_load(a->d_uncond, e, dt), cond, a->omega) : cond;
 }
 
-DIPP_ALWAYS_INLINE void gen_chunk_sums(const dipp_gen_args *a, int64_t base, int64_t len, int dt, float *out) {
+DIPP_ALWAYS_INLINE void gen_accumulate(const dipp_gen_args *a, int64_t e, int dt, int cfg, int reward, float *dist,
+                                       float *gap, float *sur, float *bad) {
+    float x0 = dipp_load(a->x0, e, dt);
+    float diff = dipp_load(a->d_ta, e, dt) - gen_ref(a, e, dt, cfg);
+    float dr = reward ? dipp_load(a->dr, e, dt) : 0.0f;
+    *dist += fabsf(x0 - gen_ref(a, e, dt, cfg));
+    *gap += fabsf(diff);
+    *sur += diff * x0;
+    *bad += (dipp_is_finite(x0) && dipp_is_finite(diff) && dipp_is_finite(dr)) ? 0.0f : 1.0f;
+}
+
+DIPP_ALWAYS_INLINE void gen_chunk_sums(const dipp_gen_args *a, int64_t base, int64_t len, int dt, int cfg,
+                                       int reward, float *out) {
     float dist[DIPP_RED_LANES] = {0}, gap[DIPP_RED_LANES] = {0}, sur[DIPP_RED_LANES] = {0},
           bad[DIPP_RED_LANES] = {0};
-    int64_t rows = len / DIPP_RED_LANES, rem = len % DIPP_RED_LANES;
-    for (int64_t r = 0; r <= rows; ++r) {
-        int width = r < rows ? DIPP_RED_LANES : (int)rem;
-        int64_t e = base + r * DIPP_RED_LANES;
-        for (int l = 0; l < width; ++l) {
-            float x0 = dipp_load(a->x0, e + l, dt);
-            float ta = dipp_load(a->d_ta, e + l, dt);
-            float ref = gen_ref(a, e + l, dt);
-            float diff = ta - ref;
-            float dr = a->dr ? dipp_load(a->dr, e + l, dt) : 0.0f;
-            dist[l] += fabsf(x0 - ref);
-            gap[l] += fabsf(diff);
-            sur[l] += diff * x0;
-            bad[l] += (dipp_is_finite(x0) && dipp_is_finite(diff) && dipp_is_finite(dr)) ? 0.0f : 1.0f;
-        }
+    const int64_t rows = len / DIPP_RED_LANES;
+    const int rem = (int)(len % DIPP_RED_LANES);
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t e = base + r * DIPP_RED_LANES;
+        for (int l = 0; l < DIPP_RED_LANES; ++l)
+            gen_accumulate(a, e + l, dt, cfg, reward, &dist[l], &gap[l], &sur[l], &bad[l]);
     }
+    const int64_t e = base + rows * DIPP_RED_LANES;
+    for (int l = 0; l < rem; ++l) gen_accumulate(a, e + l, dt, cfg, reward, &dist[l], &gap[l], &sur[l], &bad[l]);
     out[GEN_REF_DIST] = dipp_fold_lanes32(dist);
     out[GEN_GAP] = dipp_fold_lanes32(gap);
     out[GEN_SURROGATE] = dipp_fold_lanes32(sur);
     out[GEN_BAD] = dipp_fold_lanes32(bad);
 }
 
-DIPP_ALWAYS_INLINE dipp_status gen_all(const dipp_gen_args *a, int dt) {
-    const int64_t chunks = dipp_chunk_count(a->per_sample), total = a->batch * chunks;
-    float *partial = malloc((size_t)total * GEN_NQ * sizeof(float));
-    if (!partial) return DIPP_ERR_NOMEM;
-    DIPP_OMP_FOR
-    for (int64_t task = 0; task < total; ++task) {
-        int64_t b = task / chunks, c = task % chunks;
-        int64_t len = dipp_min64(DIPP_RED_CHUNK, a->per_sample - c * DIPP_RED_CHUNK);
-        gen_chunk_sums(a, b * a->per_sample + c * DIPP_RED_CHUNK, len, dt, partial + task * GEN_NQ);
+typedef void (*gen_pass_fn)(const dipp_gen_args *a, float *partial, int64_t chunks);
+
+#define DEFINE_GEN(NAME, DT, CFG, REWARD)                                                                 \
+    DIPP_HOT static void gen_sums_range_##NAME(const dipp_gen_args *a, float *partial, int64_t chunks,        \
+                                               int64_t begin, int64_t end) {                                  \
+        const int64_t n = a->per_sample;                                                                  \
+        for (int64_t task = begin; task < end; ++task) {                                                  \
+            const int64_t b = task / chunks, c = task % chunks;                                           \
+            gen_chunk_sums(a, b * n + c * DIPP_RED_CHUNK, dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK), \
+                           DT, CFG, REWARD, partial + task * GEN_NQ);                                      \
+        }                                                                                                 \
+    }                                                                                                     \
+    DIPP_HOT static void gen_write_range_##NAME(const dipp_gen_args *a, int64_t chunks, int64_t begin,        \
+                                                int64_t end) {                                            \
+        const int64_t n = a->per_sample;                                                                  \
+        const float a_over_b = a->alpha / (float)a->batch;                                                \
+        for (int64_t task = begin; task < end; ++task) {                                                  \
+            const int64_t b = task / chunks, c = task % chunks;                                           \
+            const int64_t e0 = b * n + c * DIPP_RED_CHUNK;                                                \
+            const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
+            const float w_over_b = a->weight_out[b] / (float)a->batch;                                    \
+            for (int64_t e = e0; e < e1; ++e) {                                                           \
+                float dr = REWARD ? dipp_load(a->dr, e, DT) : 0.0f;                                       \
+                float g = dipp_generator_grad(dipp_load(a->d_ta, e, DT), gen_ref(a, e, DT, CFG), dr, w_over_b, \
+                                              a_over_b);                                                  \
+                dipp_store(a->grad_out, e, DT, g);                                                        \
+            }                                                                                             \
+        }                                                                                                 \
+    }                                                                                                     \
+    static void gen_sums_##NAME(const dipp_gen_args *a, float *partial, int64_t chunks) {                 \
+        DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
+                            gen_sums_range_##NAME(a, partial, chunks, begin, end));                       \
+    }                                                                                                     \
+    static void gen_write_##NAME(const dipp_gen_args *a, float *partial, int64_t chunks) {                \
+        (void)partial;                                                                                    \
+        DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
+                            gen_write_range_##NAME(a, chunks, begin, end));                               \
     }
+
+#define DEFINE_GEN_FLAGS(SUFFIX, DT)         \
+    DEFINE_GEN(SUFFIX##_00, DT, 0, 0)        \
+    DEFINE_GEN(SUFFIX##_01, DT, 0, 1)        \
+    DEFINE_GEN(SUFFIX##_10, DT, 1, 0)        \
+    DEFINE_GEN(SUFFIX##_11, DT, 1, 1)
+DIPP_FOR_EACH_DTYPE(DEFINE_GEN_FLAGS)
+
+#define GEN_ROW(PASS, SUFFIX) {{PASS##_##SUFFIX##_00, PASS##_##SUFFIX##_01}, {PASS##_##SUFFIX##_10, PASS##_##SUFFIX##_11}}
+static const gen_pass_fn gen_sums[3][2][2] = {GEN_ROW(gen_sums, f32), GEN_ROW(gen_sums, f16), GEN_ROW(gen_sums, bf16)};
+static const gen_pass_fn gen_write[3][2][2] = {GEN_ROW(gen_write, f32), GEN_ROW(gen_write, f16),
+                                               GEN_ROW(gen_write, bf16)};
+
+dipp_status dipp_cpu_generator_grad(const dipp_gen_args *a) {
+    if (a->dtype < DIPP_DT_F32 || a->dtype > DIPP_DT_BF16) return DIPP_ERR_ARGUMENT;
+    const int cfg = a->d_uncond != NULL, reward = a->dr != NULL;
+    const int64_t chunks = dipp_chunk_count(a->per_sample);
+    float *partial = malloc((size_t)(a->batch * chunks) * GEN_NQ * sizeof(float));
+    if (!partial) return DIPP_ERR_NOMEM;
+    gen_sums[a->dtype][cfg][reward](a, partial, chunks);
     for (int64_t b = 0; b < a->batch; ++b) {
         double sums[GEN_NQ];
         dipp_combine_chunks(partial + b * chunks * GEN_NQ, chunks, GEN_NQ, sums);
@@ -60,27 +114,7 @@ DIPP_ALWAYS_INLINE dipp_status gen_all(const dipp_gen_args *a, int dt) {
         a->surrogate_out[b] = (float)((double)weight * sums[GEN_SURROGATE]);
         a->nonfinite_out[b] = (int64_t)sums[GEN_BAD];
     }
-    const float a_over_b = a->alpha / (float)a->batch;
-    DIPP_OMP_FOR
-    for (int64_t task = 0; task < total; ++task) {
-        int64_t b = task / chunks, c = task % chunks;
-        int64_t e0 = b * a->per_sample + c * DIPP_RED_CHUNK;
-        int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, a->per_sample - c * DIPP_RED_CHUNK);
-        float w_over_b = a->weight_out[b] / (float)a->batch;
-        for (int64_t e = e0; e < e1; ++e) {
-            float dr = a->dr ? dipp_load(a->dr, e, dt) : 0.0f;
-            float g = dipp_generator_grad(dipp_load(a->d_ta, e, dt), gen_ref(a, e, dt), dr, w_over_b, a_over_b);
-            dipp_store(a->grad_out, e, dt, g);
-        }
-    }
+    gen_write[a->dtype][cfg][reward](a, partial, chunks);
     free(partial);
     return DIPP_OK;
-}
-
-dipp_status dipp_cpu_generator_grad(const dipp_gen_args *args) {
-    dipp_status status = DIPP_OK;
-#define CALL(DT) status = gen_all(args, DT)
-    DIPP_DISPATCH_DTYPE(args->dtype, CALL);
-#undef CALL
-    return status;
 }

@@ -8,43 +8,82 @@
 
 enum { HUB_YSQ, HUB_YR, HUB_BAD, HUB_NQ };
 
+DIPP_ALWAYS_INLINE void huber_accumulate(const dipp_huber_args *a, int64_t e, float inv_s2, int dt, float *ysq,
+                                         float *yr, float *bad) {
+    float y, r;
+    dipp_huber_y_r(dipp_load(a->d_p, e, dt), dipp_load(a->d_q, e, dt), dipp_load(a->x0, e, dt), inv_s2, &y, &r);
+    *ysq += y * y;
+    *yr += y * r;
+    *bad += (dipp_is_finite(y) && dipp_is_finite(r)) ? 0.0f : 1.0f;
+}
+
 DIPP_ALWAYS_INLINE void huber_chunk_sums(const dipp_huber_args *a, int64_t base, int64_t len, float inv_s2, int dt,
                                          float *out) {
     float ysq[DIPP_RED_LANES] = {0}, yr[DIPP_RED_LANES] = {0}, bad[DIPP_RED_LANES] = {0};
-    int64_t rows = len / DIPP_RED_LANES, rem = len % DIPP_RED_LANES;
-    for (int64_t r = 0; r <= rows; ++r) {
-        int width = r < rows ? DIPP_RED_LANES : (int)rem;
-        int64_t e = base + r * DIPP_RED_LANES;
-        for (int l = 0; l < width; ++l) {
-            float y, res;
-            dipp_huber_y_r(dipp_load(a->d_p, e + l, dt), dipp_load(a->d_q, e + l, dt), dipp_load(a->x0, e + l, dt),
-                           inv_s2, &y, &res);
-            ysq[l] += y * y;
-            yr[l] += y * res;
-            bad[l] += (dipp_is_finite(y) && dipp_is_finite(res)) ? 0.0f : 1.0f;
-        }
+    const int64_t rows = len / DIPP_RED_LANES;
+    const int rem = (int)(len % DIPP_RED_LANES);
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t e = base + r * DIPP_RED_LANES;
+        for (int l = 0; l < DIPP_RED_LANES; ++l) huber_accumulate(a, e + l, inv_s2, dt, &ysq[l], &yr[l], &bad[l]);
     }
+    const int64_t e = base + rows * DIPP_RED_LANES;
+    for (int l = 0; l < rem; ++l) huber_accumulate(a, e + l, inv_s2, dt, &ysq[l], &yr[l], &bad[l]);
     out[HUB_YSQ] = dipp_fold_lanes32(ysq);
     out[HUB_YR] = dipp_fold_lanes32(yr);
     out[HUB_BAD] = dipp_fold_lanes32(bad);
 }
 
-DIPP_ALWAYS_INLINE dipp_status huber_all(const dipp_huber_args *a, int dt) {
-    const int64_t chunks = dipp_chunk_count(a->per_sample), total = a->batch * chunks;
-    float *partial = malloc((size_t)total * HUB_NQ * sizeof(float));
+#define DEFINE_HUBER(SUFFIX, DT)                                                                          \
+    static void huber_sums_##SUFFIX(const dipp_huber_args *a, float *partial, int64_t chunks) {           \
+        const int64_t total = a->batch * chunks, n = a->per_sample;                                       \
+        const int dipp_parallel = dipp_worth_threads(a->batch * n);                                 \
+        DIPP_OMP_FOR                                                                                      \
+        for (int64_t task = 0; task < total; ++task) {                                                    \
+            const int64_t b = task / chunks, c = task % chunks;                                           \
+            const float inv_s2 = 1.0f / (a->sigma[b] * a->sigma[b]);                                      \
+            huber_chunk_sums(a, b * n + c * DIPP_RED_CHUNK, dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK), \
+                             inv_s2, DT, partial + task * HUB_NQ);                                        \
+        }                                                                                                 \
+    }                                                                                                     \
+    static void huber_write_##SUFFIX(const dipp_huber_args *a, const dipp_huber_sample_t *per, int64_t chunks) { \
+        const int64_t total = a->batch * chunks, n = a->per_sample;                                       \
+        const int dipp_parallel = dipp_worth_threads(a->batch * n);                                 \
+        DIPP_OMP_FOR                                                                                      \
+        for (int64_t task = 0; task < total; ++task) {                                                    \
+            const int64_t b = task / chunks, c = task % chunks;                                           \
+            const int64_t e0 = b * n + c * DIPP_RED_CHUNK;                                                \
+            const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
+            const dipp_huber_sample_t s = per[b];                                                         \
+            const float inv_s2 = 1.0f / (a->sigma[b] * a->sigma[b]);                                      \
+            for (int64_t e = e0; e < e1; ++e) {                                                           \
+                float y, r, va, vb, vd;                                                                   \
+                dipp_huber_y_r(dipp_load(a->d_p, e, DT), dipp_load(a->d_q, e, DT), dipp_load(a->x0, e, DT), \
+                               inv_s2, &y, &r);                                                           \
+                dipp_huber_vectors(y, r, s.inv_h, s.yr_over_h2, &va, &vb, &vd);                          \
+                dipp_store(a->a_out, e, DT, s.scale * va);                                                \
+                dipp_store(a->b_out, e, DT, s.scale * vb);                                                \
+                dipp_store(a->dprime_out, e, DT, s.scale * vd);                                           \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+DIPP_FOR_EACH_DTYPE(DEFINE_HUBER)
+
+typedef void (*huber_sums_fn)(const dipp_huber_args *, float *, int64_t);
+typedef void (*huber_write_fn)(const dipp_huber_args *, const dipp_huber_sample_t *, int64_t);
+static const huber_sums_fn huber_sums[3] = {huber_sums_f32, huber_sums_f16, huber_sums_bf16};
+static const huber_write_fn huber_write[3] = {huber_write_f32, huber_write_f16, huber_write_bf16};
+
+dipp_status dipp_cpu_huber_terms(const dipp_huber_args *a) {
+    if (a->dtype < DIPP_DT_F32 || a->dtype > DIPP_DT_BF16) return DIPP_ERR_ARGUMENT;
+    const int64_t chunks = dipp_chunk_count(a->per_sample);
+    float *partial = malloc((size_t)(a->batch * chunks) * HUB_NQ * sizeof(float));
     dipp_huber_sample_t *per = malloc((size_t)a->batch * sizeof(dipp_huber_sample_t));
     if (!partial || !per) {
         free(partial);
         free(per);
         return DIPP_ERR_NOMEM;
     }
-    DIPP_OMP_FOR
-    for (int64_t task = 0; task < total; ++task) {
-        int64_t b = task / chunks, c = task % chunks;
-        int64_t len = dipp_min64(DIPP_RED_CHUNK, a->per_sample - c * DIPP_RED_CHUNK);
-        float inv_s2 = 1.0f / (a->sigma[b] * a->sigma[b]);
-        huber_chunk_sums(a, b * a->per_sample + c * DIPP_RED_CHUNK, len, inv_s2, dt, partial + task * HUB_NQ);
-    }
+    huber_sums[a->dtype](a, partial, chunks);
     for (int64_t b = 0; b < a->batch; ++b) {
         double sums[HUB_NQ];
         dipp_combine_chunks(partial + b * chunks * HUB_NQ, chunks, HUB_NQ, sums);
@@ -56,32 +95,8 @@ DIPP_ALWAYS_INLINE dipp_status huber_all(const dipp_huber_args *a, int dt) {
         a->value_out[b] = per[b].value;
         a->nonfinite_out[b] = (int64_t)sums[HUB_BAD];
     }
-    DIPP_OMP_FOR
-    for (int64_t task = 0; task < total; ++task) {
-        int64_t b = task / chunks, c = task % chunks;
-        int64_t e0 = b * a->per_sample + c * DIPP_RED_CHUNK;
-        int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, a->per_sample - c * DIPP_RED_CHUNK);
-        const dipp_huber_sample_t s = per[b];
-        float inv_s2 = 1.0f / (a->sigma[b] * a->sigma[b]);
-        for (int64_t e = e0; e < e1; ++e) {
-            float y, res, va, vb, vd;
-            dipp_huber_y_r(dipp_load(a->d_p, e, dt), dipp_load(a->d_q, e, dt), dipp_load(a->x0, e, dt), inv_s2, &y,
-                           &res);
-            dipp_huber_vectors(y, res, s.inv_h, s.yr_over_h2, &va, &vb, &vd);
-            dipp_store(a->a_out, e, dt, s.scale * va);
-            dipp_store(a->b_out, e, dt, s.scale * vb);
-            dipp_store(a->dprime_out, e, dt, s.scale * vd);
-        }
-    }
+    huber_write[a->dtype](a, per, chunks);
     free(partial);
     free(per);
     return DIPP_OK;
-}
-
-dipp_status dipp_cpu_huber_terms(const dipp_huber_args *args) {
-    dipp_status status = DIPP_OK;
-#define CALL(DT) status = huber_all(args, DT)
-    DIPP_DISPATCH_DTYPE(args->dtype, CALL);
-#undef CALL
-    return status;
 }

@@ -12,6 +12,7 @@ dipp_status dipp_cpu_ema_update(const dipp_ema_args *a) {
     int64_t *first = dipp_task_prefix(a->tensors, a->count);
     if (!first) return DIPP_ERR_NOMEM;
     const int64_t total = first[a->count];
+    const int dipp_parallel = dipp_worth_threads(total * DIPP_RED_CHUNK);
     DIPP_OMP_FOR
     for (int64_t task = 0; task < total; ++task) {
         int64_t k = dipp_task_owner(first, a->count, task);
@@ -38,6 +39,7 @@ dipp_status dipp_cpu_adam_step(const dipp_adam_args *a) {
     int64_t *first = dipp_task_prefix(a->tensors, a->count);
     if (!first) return DIPP_ERR_NOMEM;
     const int64_t total = first[a->count];
+    const int dipp_parallel = dipp_worth_threads(total * DIPP_RED_CHUNK);
     DIPP_OMP_FOR
     for (int64_t task = 0; task < total; ++task) {
         int64_t k = dipp_task_owner(first, a->count, task);

@@ -3,37 +3,68 @@
 
 #include "cpu_common.h"
 
+DIPP_ALWAYS_INLINE void ta_accumulate(const dipp_ta_args *a, int64_t e, int dt, float *sq, float *bad) {
+    float d = dipp_load(a->d_ta, e, dt) - dipp_load(a->x0, e, dt);
+    *sq += d * d;
+    *bad += dipp_is_finite(d) ? 0.0f : 1.0f;
+}
+
 DIPP_ALWAYS_INLINE void ta_chunk_sums(const dipp_ta_args *a, int64_t base, int64_t len, int dt, float *out) {
     float sq[DIPP_RED_LANES] = {0}, bad[DIPP_RED_LANES] = {0};
-    int64_t rows = len / DIPP_RED_LANES, rem = len % DIPP_RED_LANES;
-    for (int64_t r = 0; r <= rows; ++r) {
-        int width = r < rows ? DIPP_RED_LANES : (int)rem;
-        int64_t e = base + r * DIPP_RED_LANES;
-        for (int l = 0; l < width; ++l) {
-            float d = dipp_load(a->d_ta, e + l, dt) - dipp_load(a->x0, e + l, dt);
-            sq[l] += d * d;
-            bad[l] += dipp_is_finite(d) ? 0.0f : 1.0f;
-        }
+    const int64_t rows = len / DIPP_RED_LANES;
+    const int rem = (int)(len % DIPP_RED_LANES);
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t e = base + r * DIPP_RED_LANES;
+        for (int l = 0; l < DIPP_RED_LANES; ++l) ta_accumulate(a, e + l, dt, &sq[l], &bad[l]);
     }
+    const int64_t e = base + rows * DIPP_RED_LANES;
+    for (int l = 0; l < rem; ++l) ta_accumulate(a, e + l, dt, &sq[l], &bad[l]);
     out[0] = dipp_fold_lanes32(sq);
     out[1] = dipp_fold_lanes32(bad);
 }
 
-DIPP_ALWAYS_INLINE dipp_status ta_all(const dipp_ta_args *a, int dt) {
-    const int64_t chunks = dipp_chunk_count(a->per_sample), total = a->batch * chunks;
-    float *partial = malloc((size_t)total * 2 * sizeof(float));
+#define DEFINE_TA(SUFFIX, DT)                                                                             \
+    static void ta_sums_##SUFFIX(const dipp_ta_args *a, float *partial, int64_t chunks) {                 \
+        const int64_t total = a->batch * chunks, n = a->per_sample;                                       \
+        const int dipp_parallel = dipp_worth_threads(a->batch * n);                                 \
+        DIPP_OMP_FOR                                                                                      \
+        for (int64_t task = 0; task < total; ++task) {                                                    \
+            const int64_t b = task / chunks, c = task % chunks;                                           \
+            ta_chunk_sums(a, b * n + c * DIPP_RED_CHUNK, dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK), DT, \
+                          partial + task * 2);                                                            \
+        }                                                                                                 \
+    }                                                                                                     \
+    static void ta_write_##SUFFIX(const dipp_ta_args *a, const float *factor, int64_t chunks) {           \
+        const int64_t total = a->batch * chunks, n = a->per_sample;                                       \
+        const int dipp_parallel = dipp_worth_threads(a->batch * n);                                 \
+        DIPP_OMP_FOR                                                                                      \
+        for (int64_t task = 0; task < total; ++task) {                                                    \
+            const int64_t b = task / chunks, c = task % chunks;                                           \
+            const int64_t e0 = b * n + c * DIPP_RED_CHUNK;                                                \
+            const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
+            const float f = factor[b];                                                                    \
+            for (int64_t e = e0; e < e1; ++e)                                                             \
+                dipp_store(a->grad_out, e, DT, dipp_ta_grad(dipp_load(a->d_ta, e, DT), dipp_load(a->x0, e, DT), f)); \
+        }                                                                                                 \
+    }
+DIPP_FOR_EACH_DTYPE(DEFINE_TA)
+
+typedef void (*ta_sums_fn)(const dipp_ta_args *, float *, int64_t);
+typedef void (*ta_write_fn)(const dipp_ta_args *, const float *, int64_t);
+static const ta_sums_fn ta_sums[3] = {ta_sums_f32, ta_sums_f16, ta_sums_bf16};
+static const ta_write_fn ta_write[3] = {ta_write_f32, ta_write_f16, ta_write_bf16};
+
+dipp_status dipp_cpu_ta_loss(const dipp_ta_args *a) {
+    if (a->dtype < DIPP_DT_F32 || a->dtype > DIPP_DT_BF16) return DIPP_ERR_ARGUMENT;
+    const int64_t chunks = dipp_chunk_count(a->per_sample);
+    float *partial = malloc((size_t)(a->batch * chunks) * 2 * sizeof(float));
     float *factor = malloc((size_t)a->batch * sizeof(float));
     if (!partial || !factor) {
         free(partial);
         free(factor);
         return DIPP_ERR_NOMEM;
     }
-    DIPP_OMP_FOR
-    for (int64_t task = 0; task < total; ++task) {
-        int64_t b = task / chunks, c = task % chunks;
-        int64_t len = dipp_min64(DIPP_RED_CHUNK, a->per_sample - c * DIPP_RED_CHUNK);
-        ta_chunk_sums(a, b * a->per_sample + c * DIPP_RED_CHUNK, len, dt, partial + task * 2);
-    }
+    ta_sums[a->dtype](a, partial, chunks);
     for (int64_t b = 0; b < a->batch; ++b) {
         double sums[2];
         dipp_combine_chunks(partial + b * chunks * 2, chunks, 2, sums);
@@ -42,26 +73,8 @@ DIPP_ALWAYS_INLINE dipp_status ta_all(const dipp_ta_args *a, int dt) {
         if (a->nonfinite_out) a->nonfinite_out[b] = (int64_t)sums[1];
         factor[b] = dipp_ta_grad_factor(weight, a->per_sample, a->batch, a->mean_over_elements);
     }
-    if (a->grad_out) {
-        DIPP_OMP_FOR
-        for (int64_t task = 0; task < total; ++task) {
-            int64_t b = task / chunks, c = task % chunks;
-            int64_t e0 = b * a->per_sample + c * DIPP_RED_CHUNK;
-            int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, a->per_sample - c * DIPP_RED_CHUNK);
-            float f = factor[b];
-            for (int64_t e = e0; e < e1; ++e)
-                dipp_store(a->grad_out, e, dt, dipp_ta_grad(dipp_load(a->d_ta, e, dt), dipp_load(a->x0, e, dt), f));
-        }
-    }
+    if (a->grad_out) ta_write[a->dtype](a, factor, chunks);
     free(partial);
     free(factor);
     return DIPP_OK;
-}
-
-dipp_status dipp_cpu_ta_loss(const dipp_ta_args *args) {
-    dipp_status status = DIPP_OK;
-#define CALL(DT) status = ta_all(args, DT)
-    DIPP_DISPATCH_DTYPE(args->dtype, CALL);
-#undef CALL
-    return status;
 }

@@ -280,19 +280,28 @@ static int contiguous_strides(const DLTensor *t) {
 
 static int from_dlpack(PyObject *obj, tensor_view *v, unsigned dtypes) {
     int device_type = 0, device_id = 0;
-    if (!PyObject_HasAttrString(obj, "__dlpack__")) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a NumPy array or an object with __dlpack__ (a torch.Tensor), got %s",
-                     v->name, Py_TYPE(obj)->tp_name);
-        return -1;
+    /* A capsule passed directly (the Python layer's cheap path for CPU tensors) is consumed as is. */
+    const int direct = PyCapsule_CheckExact(obj);
+    PyObject *capsule;
+    if (direct) {
+        capsule = Py_NewRef(obj);
+    } else {
+        if (!PyObject_HasAttrString(obj, "__dlpack__")) {
+            PyErr_Format(PyExc_TypeError,
+                         "%s: expected a NumPy array, a DLPack capsule or an object with __dlpack__ (a torch.Tensor), "
+                         "got %s",
+                         v->name, Py_TYPE(obj)->tp_name);
+            return -1;
+        }
+        if (query_device(obj, v->name, &device_type, &device_id) < 0) return -1;
+        if (device_type != kDLCPU && device_type != kDLCUDA) {
+            PyErr_Format(PyExc_ValueError, "%s: unsupported device type %d (only CPU and CUDA tensors)", v->name,
+                         device_type);
+            return -1;
+        }
+        capsule = request_capsule(obj, v->name, device_type == kDLCUDA);
+        if (!capsule) return -1;
     }
-    if (query_device(obj, v->name, &device_type, &device_id) < 0) return -1;
-    if (device_type != kDLCPU && device_type != kDLCUDA) {
-        PyErr_Format(PyExc_ValueError, "%s: unsupported device type %d (only CPU and CUDA tensors)", v->name,
-                     device_type);
-        return -1;
-    }
-    PyObject *capsule = request_capsule(obj, v->name, device_type == kDLCUDA);
-    if (!capsule) return -1;
     DLTensor *t = NULL;
     uint64_t flags = 0;
     if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
@@ -313,7 +322,8 @@ static int from_dlpack(PyObject *obj, tensor_view *v, unsigned dtypes) {
         v->legacy = m;
         t = &m->dl_tensor;
     } else {
-        PyErr_Format(PyExc_BufferError, "%s: __dlpack__ returned an unused or unknown capsule", v->name);
+        PyErr_Format(PyExc_BufferError, "%s: %s an already used or unknown capsule", v->name,
+                     direct ? "got" : "__dlpack__ returned");
         goto fail;
     }
     v->owner = capsule;
@@ -326,6 +336,15 @@ static int from_dlpack(PyObject *obj, tensor_view *v, unsigned dtypes) {
     if (t->ndim > VIEW_MAX_DIMS || t->ndim < 0) {
         PyErr_Format(PyExc_ValueError, "%s: at most %d dimensions supported", v->name, VIEW_MAX_DIMS);
         return -1;
+    }
+    if (direct) {
+        device_type = t->device.device_type;
+        device_id = t->device.device_id;
+        if (device_type != kDLCPU && device_type != kDLCUDA) {
+            PyErr_Format(PyExc_ValueError, "%s: unsupported device type %d (only CPU and CUDA tensors)", v->name,
+                         device_type);
+            return -1;
+        }
     }
     if (t->device.device_type != device_type || t->device.device_id != device_id) {
         PyErr_Format(PyExc_BufferError,

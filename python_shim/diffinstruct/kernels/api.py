@@ -23,10 +23,12 @@ def _empty_like(x: Array) -> Array:
     return torch.empty_like(x, memory_format=torch.contiguous_format) if is_torch(x) else np.empty_like(x)
 
 
-def _per_sample(x: Array, batch: int, integer: bool = False) -> Array:
+def _per_sample(x: Array, batch: int, integer: bool = False, rows: int = 0) -> Array:
+    """One per-sample vector, or with rows > 0 a [rows, batch] block whose rows are the vectors (one allocation)."""
+    shape = (rows, batch) if rows else (batch,)
     if is_torch(x):
-        return torch.empty(batch, dtype=torch.int64 if integer else torch.float32, device=x.device)
-    return np.empty(batch, dtype=np.int64 if integer else np.float32)
+        return torch.empty(shape, dtype=torch.int64 if integer else torch.float32, device=x.device)
+    return np.empty(shape, dtype=np.int64 if integer else np.float32)
 
 
 def _batch(x: Array, name: str) -> int:
@@ -87,7 +89,7 @@ def sample_sigma(
             raise ValueError("table must be strictly ascending")
     if use_reference(sigma):
         return reference.sample_sigma(batch, seed, offset, p_mean, p_std, sigma_min, sigma_max, tab, snap, device)
-    core.sample_sigma(sigma, seed, offset, p_mean, p_std, sigma_min, sigma_max, tab, index, snap,
+    core.sample_sigma(plain(sigma), seed, offset, p_mean, p_std, sigma_min, sigma_max, plain(tab), plain(index), snap,
                       stream=stream_of(sigma))
     return sigma, index
 
@@ -158,8 +160,8 @@ def ta_loss(
     loss = _per_sample(d_ta, batch)
     bad = _per_sample(d_ta, batch, integer=True)
     grad = _empty_like(d_ta) if need_grad else None
-    core.ta_loss(plain(d_ta), plain(x0), loss, plain(sigma), grad, bad, weighting, sigma_data, reduction,
-                 stream=stream_of(d_ta))
+    core.ta_loss(plain(d_ta), plain(x0), plain(loss), plain(sigma), plain(grad), plain(bad), weighting, sigma_data,
+                 reduction, stream=stream_of(d_ta))
     return TALoss(loss, grad, bad)
 
 
@@ -184,10 +186,10 @@ def generator_grad(
         result = reference.generator_grad(x0, d_ta, d_cond, d_uncond, omega, dr, alpha, weighting, min_norm)
         return result if out is None else result._replace(grad=out.copy_(result.grad))
     grad = _empty_like(x0) if out is None else out
-    diag = [_per_sample(x0, batch) for _ in range(4)]
+    diag = list(_per_sample(x0, batch, rows=4))
     bad = _per_sample(x0, batch, integer=True)
-    core.generator_grad(plain(x0), plain(d_ta), plain(d_cond), plain_out(grad), *diag, bad, plain(d_uncond), omega,
-                        plain(dr), alpha, weighting, min_norm, stream=stream_of(x0))
+    core.generator_grad(plain(x0), plain(d_ta), plain(d_cond), plain_out(grad), *map(plain, diag), plain(bad),
+                        plain(d_uncond), omega, plain(dr), alpha, weighting, min_norm, stream=stream_of(x0))
     return GeneratorGrad(grad, *diag, bad)
 
 
@@ -200,10 +202,10 @@ def huber_terms(
     if use_reference(x0, d_p, d_q, sigma):
         return reference.huber_terms(x0, d_p, d_q, sigma, c, weighting)
     vecs = [_empty_like(x0) for _ in range(3)]
-    sums = [_per_sample(x0, batch) for _ in range(4)]
+    sums = list(_per_sample(x0, batch, rows=4))
     bad = _per_sample(x0, batch, integer=True)
-    core.huber_terms(plain(x0), plain(d_p), plain(d_q), plain(sigma), *vecs, *sums, bad, c, weighting,
-                     stream=stream_of(x0))
+    core.huber_terms(plain(x0), plain(d_p), plain(d_q), plain(sigma), *map(plain, vecs), *map(plain, sums),
+                     plain(bad), c, weighting, stream=stream_of(x0))
     return HuberTerms(*vecs, *sums, bad)
 
 
@@ -235,5 +237,6 @@ def adam_step(
                             weight_decay, step, decoupled)
         return
     core.adam_step([plain_out(p, "params") for p in params], [plain(g) for g in grads],
-                   [plain_out(m, "exp_avgs") for m in exp_avgs], [plain_out(v, "exp_avg_sqs") for v in exp_avg_sqs], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                   weight_decay=weight_decay, step=step, decoupled=decoupled, stream=stream_of(*params))
+                   [plain_out(m, "exp_avgs") for m in exp_avgs], [plain_out(v, "exp_avg_sqs") for v in exp_avg_sqs],
+                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                   decoupled=decoupled, stream=stream_of(*params))

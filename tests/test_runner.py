@@ -1,0 +1,210 @@
+"""The training loop: interrupted-and-resumed runs end bitwise identical to uninterrupted ones (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffinstruct import checkpoint as ckpt
+from diffinstruct import cli, runner
+from diffinstruct.config import ConfigError, DIConfig
+from diffinstruct.metrics import read_jsonl, truncate_from, without_timing
+from diffinstruct.rewards import TargetReward
+from diffinstruct.toy import GaussianMixture, build_models, class_prompts, default_means
+from diffinstruct.trainer import DITrainer
+
+STEPS = 40
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_trainer(method: str = "dipp") -> DITrainer:
+    cfg = DIConfig(method=method, batch_size=64, lr_generator=1e-3, lr_ta=1e-3, alpha=0.1, seed=5)
+    models = build_models(GaussianMixture(default_means(4), 0.05), hidden=32, seed=0)
+    return DITrainer(cfg, models, class_prompts(4), reward=TargetReward(torch.tensor([1.0, 1.0])))
+
+
+def full_state(trainer: DITrainer) -> dict[str, torch.Tensor]:
+    out = {}
+    for role, tensors in (("g", trainer.generator_params), ("t", trainer.ta_params), ("e", trainer.ema.shadow)):
+        out.update({f"{role}{i}": t.detach() for i, t in enumerate(tensors)})
+    for role, opt, params in (("og", trainer.opt_generator, trainer.generator_params),
+                              ("ot", trainer.opt_ta, trainer.ta_params)):
+        for i, p in enumerate(params):
+            out.update({f"{role}{i}.{k}": v for k, v in opt.state[p].items()})
+    out["counters"] = torch.tensor([trainer.bad_in_a_row, trainer.skipped_steps])
+    return out
+
+
+def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+def eval_fn(trainer: DITrainer, completed: int) -> dict[str, float]:
+    with runner.ema_weights(trainer):  # must leave the training weights untouched
+        return {"ema_sum": float(sum(p.detach().double().sum() for p in trainer.generator_params))}
+
+
+@pytest.fixture(scope="module", params=["dipp", "distar"])
+def uninterrupted(request, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp(f"full-{request.param}")
+    trainer = make_trainer(request.param)
+    summary = runner.run(trainer, STEPS, out, checkpoint_every=10, resume=False, progress=False, eval_fn=eval_fn,
+                         eval_every=10, curves=False)
+    assert summary["completed"] == STEPS and summary["start_step"] == 0
+    return request.param, out, full_state(trainer)
+
+
+def test_half_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+    method, full_dir, reference = uninterrupted
+    first = make_trainer(method)
+    runner.run(first, STEPS // 2, tmp_path, checkpoint_every=10, resume=False, progress=False, eval_fn=eval_fn,
+               eval_every=10, curves=False)
+    second = make_trainer(method)
+    summary = runner.run(second, STEPS, tmp_path, checkpoint_every=10, resume=True, progress=False,
+                         eval_fn=eval_fn, eval_every=10)
+    assert summary["start_step"] == STEPS // 2 and summary["resumed_from"].endswith("step-000020")
+    assert_bitwise(full_state(second), reference)
+    assert not torch.equal(reference["g0"], full_state(make_trainer(method))["g0"])  # it trained
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        assert without_timing(read_jsonl(tmp_path / name)) == without_timing(read_jsonl(full_dir / name)), name
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(STEPS))
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_ctrl_c_checkpoints_the_last_whole_step(uninterrupted, tmp_path, monkeypatch):
+    method, full_dir, reference = uninterrupted
+    trainer = make_trainer(method)
+    original = trainer.train_step
+
+    def step_with_ctrl_c(step):
+        if step == 13:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step; honoured once step 13 has completed
+        return original(step)
+
+    monkeypatch.setattr(trainer, "train_step", step_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(trainer, STEPS, tmp_path, checkpoint_every=10, resume=False, progress=False, curves=False)
+    assert ckpt.find_checkpoint(tmp_path).name == "step-000014"
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 14
+    resumed = make_trainer(method)
+    runner.run(resumed, STEPS, tmp_path, checkpoint_every=10, resume=True, progress=False, curves=False)
+    assert_bitwise(full_state(resumed), reference)
+    assert without_timing(read_jsonl(tmp_path / "metrics.jsonl")) == without_timing(
+        read_jsonl(full_dir / "metrics.jsonl"))
+
+
+def test_run_directory_rules(tmp_path):
+    trainer = make_trainer()
+    runner.run(trainer, 4, tmp_path, checkpoint_every=2, resume=False, progress=False, curves=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        runner.run(make_trainer(), 4, tmp_path, checkpoint_every=2, resume=False, progress=False)
+    with pytest.raises(ConfigError, match="beyond steps = 3"):
+        runner.run(make_trainer(), 3, tmp_path, checkpoint_every=2, resume=True, progress=False)
+    done = runner.run(make_trainer(), 4, tmp_path, checkpoint_every=2, resume=True, progress=False, curves=False)
+    assert done["start_step"] == done["completed"] == 4 and done["seconds_per_step"] is None
+    fresh = runner.run(make_trainer(), 2, tmp_path / "new", checkpoint_every=5, resume=True, progress=False,
+                       curves=False)  # --resume with nothing to resume starts at 0
+    assert fresh["resumed_from"] is None and fresh["checkpoint"].endswith("step-000002")
+    for bad, match in (({"steps": 0}, "steps"), ({"checkpoint_every": 0}, "checkpoint_every"),
+                       ({"keep": -1}, "keep"), ({"eval_every": 3}, "eval_fn")):
+        kwargs = {"steps": 4, "checkpoint_every": 2, **bad}
+        with pytest.raises(ConfigError, match=match):
+            runner.run(make_trainer(), out_dir=tmp_path / "x", resume=False, progress=False, **kwargs)
+
+
+def test_metrics_truncation_drops_later_and_partial_lines(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in range(6)) + '{"step": 6, "x"')
+    assert len(read_jsonl(path)) == 6  # the cut line is skipped
+    assert truncate_from(path, 4) == 4
+    assert [r["step"] for r in read_jsonl(path)] == [0, 1, 2, 3]
+    assert path.read_text().endswith("\n")
+
+
+CONFIG = """
+[run]
+problem = "toy2d"
+steps = {steps}
+out_dir = "{out}"
+checkpoint_every = 10
+keep = 2
+seed = 0
+
+[train]
+batch_size = 64
+lr_generator = 1e-3
+lr_ta = 1e-3
+alpha = 0.1
+seed = 5
+
+[toy2d]
+hidden = 32
+
+[reward]
+name = "target"
+target = [1.0, 1.0]
+"""
+
+# Runs the CLI but SIGKILLs itself at the start of step 25, after the checkpoint of step 20 and 5 metric lines.
+KILL_AT_25 = textwrap.dedent("""
+    import os, signal, sys
+    from diffinstruct import cli, trainer
+    original = trainer.DITrainer.train_step
+    def train_step(self, step):
+        if step == 25:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, step)
+    trainer.DITrainer.train_step = train_step
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_sigkill_mid_run_then_cli_resume(tmp_path, capsys):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed_cfg = tmp_path / "killed.toml"
+    killed_cfg.write_text(CONFIG.format(steps=STEPS, out=tmp_path / "killed"))
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_25, "train", "--config", str(killed_cfg), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert ckpt.find_checkpoint(tmp_path / "killed").name == "step-000020"
+    assert len(read_jsonl(tmp_path / "killed" / "metrics.jsonl")) == 25
+
+    # resume through the CLI in this process: nothing but the files on disk carries over from the killed one
+    assert cli.main(["train", "--config", str(killed_cfg), "--resume", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["start_step"] == 20 and summary["completed"] == STEPS
+
+    # the uninterrupted reference, through the same CLI (also on one thread)
+    full_cfg = tmp_path / "full.toml"
+    full_cfg.write_text(CONFIG.format(steps=STEPS, out=tmp_path / "full"))
+    assert cli.main(["train", "--config", str(full_cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    a, b = tmp_path / "killed" / "step-000040", tmp_path / "full" / "step-000040"
+    for name in ckpt.TENSOR_FILES.values():
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys() and ta, name
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), name
+    ma, mb = (json.loads((d / "meta.json").read_text()) for d in (a, b))
+    assert ma["counters"] == mb["counters"] and ma["optimizers"] == mb["optimizers"]
+    assert without_timing(read_jsonl(tmp_path / "killed" / "metrics.jsonl")) == without_timing(
+        read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "killed")] == [30, 40]  # keep = 2
