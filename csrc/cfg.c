@@ -2,15 +2,15 @@
 #include "cpu_common.h"
 
 #define DEFINE_CFG(SUFFIX, DT)                                                                      \
-    static void cfg_##SUFFIX(const dipp_cfg_args *a) {                                              \
+    DIPP_HOT static void cfg_range_##SUFFIX(const dipp_cfg_args *a, int64_t begin, int64_t end) {   \
         const void *uncond = a->uncond, *cond = a->cond;                                            \
         void *out = a->out;                                                                         \
-        const int64_t n = a->n;                                                                     \
         const float omega = a->omega;                                                               \
-        const int dipp_parallel = dipp_worth_threads(n);                                            \
-        DIPP_OMP_FOR                                                                                \
-        for (int64_t i = 0; i < n; ++i)                                                             \
+        for (int64_t i = begin; i < end; ++i)                                                       \
             dipp_store(out, i, DT, dipp_cfg(dipp_load(uncond, i, DT), dipp_load(cond, i, DT), omega)); \
+    }                                                                                               \
+    static void cfg_##SUFFIX(const dipp_cfg_args *a) {                                              \
+        DIPP_PARALLEL_TASKS(a->n, a->n, cfg_range_##SUFFIX(a, begin, end));                         \
     }
 DIPP_FOR_EACH_DTYPE(DEFINE_CFG)
 

@@ -34,22 +34,20 @@ DIPP_ALWAYS_INLINE void huber_chunk_sums(const dipp_huber_args *a, int64_t base,
 }
 
 #define DEFINE_HUBER(SUFFIX, DT)                                                                          \
-    static void huber_sums_##SUFFIX(const dipp_huber_args *a, float *partial, int64_t chunks) {           \
-        const int64_t total = a->batch * chunks, n = a->per_sample;                                       \
-        const int dipp_parallel = dipp_worth_threads(a->batch * n);                                 \
-        DIPP_OMP_FOR                                                                                      \
-        for (int64_t task = 0; task < total; ++task) {                                                    \
+    DIPP_HOT static void huber_sums_range_##SUFFIX(const dipp_huber_args *a, float *partial, int64_t chunks,  \
+                                                   int64_t begin, int64_t end) {                          \
+        const int64_t n = a->per_sample;                                                                  \
+        for (int64_t task = begin; task < end; ++task) {                                                  \
             const int64_t b = task / chunks, c = task % chunks;                                           \
             const float inv_s2 = 1.0f / (a->sigma[b] * a->sigma[b]);                                      \
             huber_chunk_sums(a, b * n + c * DIPP_RED_CHUNK, dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK), \
                              inv_s2, DT, partial + task * HUB_NQ);                                        \
         }                                                                                                 \
     }                                                                                                     \
-    static void huber_write_##SUFFIX(const dipp_huber_args *a, const dipp_huber_sample_t *per, int64_t chunks) { \
-        const int64_t total = a->batch * chunks, n = a->per_sample;                                       \
-        const int dipp_parallel = dipp_worth_threads(a->batch * n);                                 \
-        DIPP_OMP_FOR                                                                                      \
-        for (int64_t task = 0; task < total; ++task) {                                                    \
+    DIPP_HOT static void huber_write_range_##SUFFIX(const dipp_huber_args *a, const dipp_huber_sample_t *per, \
+                                                    int64_t chunks, int64_t begin, int64_t end) {         \
+        const int64_t n = a->per_sample;                                                                  \
+        for (int64_t task = begin; task < end; ++task) {                                                  \
             const int64_t b = task / chunks, c = task % chunks;                                           \
             const int64_t e0 = b * n + c * DIPP_RED_CHUNK;                                                \
             const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
@@ -65,6 +63,14 @@ DIPP_ALWAYS_INLINE void huber_chunk_sums(const dipp_huber_args *a, int64_t base,
                 dipp_store(a->dprime_out, e, DT, s.scale * vd);                                           \
             }                                                                                             \
         }                                                                                                 \
+    }                                                                                                     \
+    static void huber_sums_##SUFFIX(const dipp_huber_args *a, float *partial, int64_t chunks) {           \
+        DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
+                            huber_sums_range_##SUFFIX(a, partial, chunks, begin, end));                   \
+    }                                                                                                     \
+    static void huber_write_##SUFFIX(const dipp_huber_args *a, const dipp_huber_sample_t *per, int64_t chunks) { \
+        DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
+                            huber_write_range_##SUFFIX(a, per, chunks, begin, end));                      \
     }
 DIPP_FOR_EACH_DTYPE(DEFINE_HUBER)
 

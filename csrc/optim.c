@@ -1,26 +1,31 @@
 /* Multi-tensor EMA and Adam/AdamW updates, in place. */
 #include "multi_tensor.h"
 
-DIPP_ALWAYS_INLINE void ema_range(const dipp_tensor_pair *t, int64_t e0, int64_t e1, double decay_d, int dt,
+DIPP_ALWAYS_INLINE void ema_range(const dipp_tensor_pair *t, int64_t e0, int64_t e1, float decay, float keep, int dt,
                                   int st) {
-    const float decay = (float)decay_d, keep = dipp_one_minus(decay_d);
     for (int64_t e = e0; e < e1; ++e)
         dipp_store(t->data, e, dt, dipp_ema(dipp_load(t->data, e, dt), dipp_load(t->src, e, st), decay, keep));
+}
+
+/* Tasks [begin, end) of all tensors; float32 pairs take a branch-free instance. */
+DIPP_HOT static void ema_tasks(const dipp_ema_args *a, const int64_t *first, int64_t begin, int64_t end) {
+    const float decay = (float)a->decay, keep = dipp_one_minus(a->decay);
+    for (int64_t task = begin; task < end; ++task) {
+        const int64_t k = dipp_task_owner(first, a->count, task);
+        const dipp_tensor_pair *t = &a->tensors[k];
+        const int64_t e0 = (task - first[k]) * DIPP_RED_CHUNK, e1 = dipp_min64(e0 + DIPP_RED_CHUNK, t->n);
+        if (t->dtype == DIPP_DT_F32 && t->src_dtype == DIPP_DT_F32)
+            ema_range(t, e0, e1, decay, keep, DIPP_DT_F32, DIPP_DT_F32);
+        else
+            ema_range(t, e0, e1, decay, keep, t->dtype, t->src_dtype);
+    }
 }
 
 dipp_status dipp_cpu_ema_update(const dipp_ema_args *a) {
     int64_t *first = dipp_task_prefix(a->tensors, a->count);
     if (!first) return DIPP_ERR_NOMEM;
     const int64_t total = first[a->count];
-    const int dipp_parallel = dipp_worth_threads(total * DIPP_RED_CHUNK);
-    DIPP_OMP_FOR
-    for (int64_t task = 0; task < total; ++task) {
-        int64_t k = dipp_task_owner(first, a->count, task);
-        const dipp_tensor_pair *t = &a->tensors[k];
-        int64_t e0 = (task - first[k]) * DIPP_RED_CHUNK, e1 = dipp_min64(e0 + DIPP_RED_CHUNK, t->n);
-        if (t->dtype == DIPP_DT_F32 && t->src_dtype == DIPP_DT_F32) ema_range(t, e0, e1, a->decay, DIPP_DT_F32, DIPP_DT_F32);
-        else ema_range(t, e0, e1, a->decay, t->dtype, t->src_dtype);
-    }
+    DIPP_PARALLEL_TASKS(total * DIPP_RED_CHUNK, total, ema_tasks(a, first, begin, end));
     free(first);
     return DIPP_OK;
 }
@@ -33,21 +38,26 @@ DIPP_ALWAYS_INLINE void adam_range(const dipp_tensor_pair *t, int64_t e0, int64_
     }
 }
 
+DIPP_HOT static void adam_tasks(const dipp_adam_args *a, const dipp_adam_consts *h, const int64_t *first,
+                                int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+        const int64_t k = dipp_task_owner(first, a->count, task);
+        const dipp_tensor_pair *t = &a->tensors[k];
+        const int64_t e0 = (task - first[k]) * DIPP_RED_CHUNK, e1 = dipp_min64(e0 + DIPP_RED_CHUNK, t->n);
+        if (t->dtype == DIPP_DT_F32 && t->src_dtype == DIPP_DT_F32)
+            adam_range(t, e0, e1, h, DIPP_DT_F32, DIPP_DT_F32);
+        else
+            adam_range(t, e0, e1, h, t->dtype, t->src_dtype);
+    }
+}
+
 dipp_status dipp_cpu_adam_step(const dipp_adam_args *a) {
     const dipp_adam_consts h = dipp_adam_prepare(a->lr, a->beta1, a->beta2, a->eps, a->weight_decay, a->decoupled,
                                                  a->step);
     int64_t *first = dipp_task_prefix(a->tensors, a->count);
     if (!first) return DIPP_ERR_NOMEM;
     const int64_t total = first[a->count];
-    const int dipp_parallel = dipp_worth_threads(total * DIPP_RED_CHUNK);
-    DIPP_OMP_FOR
-    for (int64_t task = 0; task < total; ++task) {
-        int64_t k = dipp_task_owner(first, a->count, task);
-        const dipp_tensor_pair *t = &a->tensors[k];
-        int64_t e0 = (task - first[k]) * DIPP_RED_CHUNK, e1 = dipp_min64(e0 + DIPP_RED_CHUNK, t->n);
-        if (t->dtype == DIPP_DT_F32 && t->src_dtype == DIPP_DT_F32) adam_range(t, e0, e1, &h, DIPP_DT_F32, DIPP_DT_F32);
-        else adam_range(t, e0, e1, &h, t->dtype, t->src_dtype);
-    }
+    DIPP_PARALLEL_TASKS(total * DIPP_RED_CHUNK, total, adam_tasks(a, &h, first, begin, end));
     free(first);
     return DIPP_OK;
 }

@@ -24,21 +24,19 @@ DIPP_ALWAYS_INLINE void ta_chunk_sums(const dipp_ta_args *a, int64_t base, int64
 }
 
 #define DEFINE_TA(SUFFIX, DT)                                                                             \
-    static void ta_sums_##SUFFIX(const dipp_ta_args *a, float *partial, int64_t chunks) {                 \
-        const int64_t total = a->batch * chunks, n = a->per_sample;                                       \
-        const int dipp_parallel = dipp_worth_threads(a->batch * n);                                 \
-        DIPP_OMP_FOR                                                                                      \
-        for (int64_t task = 0; task < total; ++task) {                                                    \
+    DIPP_HOT static void ta_sums_range_##SUFFIX(const dipp_ta_args *a, float *partial, int64_t chunks,        \
+                                                int64_t begin, int64_t end) {                             \
+        const int64_t n = a->per_sample;                                                                  \
+        for (int64_t task = begin; task < end; ++task) {                                                  \
             const int64_t b = task / chunks, c = task % chunks;                                           \
             ta_chunk_sums(a, b * n + c * DIPP_RED_CHUNK, dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK), DT, \
                           partial + task * 2);                                                            \
         }                                                                                                 \
     }                                                                                                     \
-    static void ta_write_##SUFFIX(const dipp_ta_args *a, const float *factor, int64_t chunks) {           \
-        const int64_t total = a->batch * chunks, n = a->per_sample;                                       \
-        const int dipp_parallel = dipp_worth_threads(a->batch * n);                                 \
-        DIPP_OMP_FOR                                                                                      \
-        for (int64_t task = 0; task < total; ++task) {                                                    \
+    DIPP_HOT static void ta_write_range_##SUFFIX(const dipp_ta_args *a, const float *factor, int64_t chunks,  \
+                                                 int64_t begin, int64_t end) {                            \
+        const int64_t n = a->per_sample;                                                                  \
+        for (int64_t task = begin; task < end; ++task) {                                                  \
             const int64_t b = task / chunks, c = task % chunks;                                           \
             const int64_t e0 = b * n + c * DIPP_RED_CHUNK;                                                \
             const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
@@ -46,6 +44,14 @@ DIPP_ALWAYS_INLINE void ta_chunk_sums(const dipp_ta_args *a, int64_t base, int64
             for (int64_t e = e0; e < e1; ++e)                                                             \
                 dipp_store(a->grad_out, e, DT, dipp_ta_grad(dipp_load(a->d_ta, e, DT), dipp_load(a->x0, e, DT), f)); \
         }                                                                                                 \
+    }                                                                                                     \
+    static void ta_sums_##SUFFIX(const dipp_ta_args *a, float *partial, int64_t chunks) {                 \
+        DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
+                            ta_sums_range_##SUFFIX(a, partial, chunks, begin, end));                      \
+    }                                                                                                     \
+    static void ta_write_##SUFFIX(const dipp_ta_args *a, const float *factor, int64_t chunks) {           \
+        DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
+                            ta_write_range_##SUFFIX(a, factor, chunks, begin, end));                      \
     }
 DIPP_FOR_EACH_DTYPE(DEFINE_TA)
 
