@@ -42,7 +42,10 @@ def compiler_accepts(compiler_cmd: list[str], flags: list[str]) -> bool:
 
 
 def find_nvcc() -> str | None:
-    for candidate in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+    """$NVCC when set (and then only it), else nvcc on PATH, else the default CUDA location."""
+    explicit = os.environ.get("NVCC")
+    candidates = (explicit,) if explicit else (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc")
+    for candidate in candidates:
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -62,6 +65,8 @@ class BuildWithCuda(build_ext):
     """build_ext that adds OpenMP when available and builds libdipp_cuda.so."""
 
     def build_extensions(self) -> None:
+        if os.environ.get("DIPP_CUDA", "").strip().lower() in ("1", "on", "yes", "true") and find_nvcc() is None:
+            raise RuntimeError("DIPP_CUDA=1 but nvcc was not found (set NVCC or add it to PATH)")  # fail before compiling
         compiler_cmd = list(self.compiler.compiler_so[:1])
         openmp = compiler_accepts(compiler_cmd, ["-fopenmp"])
         for ext in self.extensions:
