@@ -66,7 +66,8 @@ class BuildWithCuda(build_ext):
 
     def build_extensions(self) -> None:
         if os.environ.get("DIPP_CUDA", "").strip().lower() in ("1", "on", "yes", "true") and find_nvcc() is None:
-            raise RuntimeError("DIPP_CUDA=1 but nvcc was not found (set NVCC or add it to PATH)")  # fail before compiling
+            # fail before compiling anything
+            raise RuntimeError("DIPP_CUDA=1 but nvcc was not found (set NVCC or add it to PATH)")
         compiler_cmd = list(self.compiler.compiler_so[:1])
         openmp = compiler_accepts(compiler_cmd, ["-fopenmp"])
         for ext in self.extensions:
