@@ -30,11 +30,17 @@ dipp_status dipp_cpu_ema_update(const dipp_ema_args *a) {
     return DIPP_OK;
 }
 
-DIPP_ALWAYS_INLINE void adam_range(const dipp_tensor_pair *t, int64_t e0, int64_t e1, const dipp_adam_consts *h,
+DIPP_ALWAYS_INLINE void adam_range(const dipp_tensor_pair *t, int64_t e0, int64_t e1, const dipp_adam_consts *hp,
                                    int dt, int gt) {
+    /* local copies: stores through the float pointers cannot alias them, so the
+     * constant branches inside dipp_adam hoist out of the loop and it vectorises */
+    const dipp_adam_consts h = *hp;
+    void *data = t->data;
+    const void *grad = t->src;
+    float *exp_avg = t->exp_avg, *exp_avg_sq = t->exp_avg_sq;
     for (int64_t e = e0; e < e1; ++e) {
-        float p = dipp_adam(dipp_load(t->data, e, dt), dipp_load(t->src, e, gt), &t->exp_avg[e], &t->exp_avg_sq[e], h);
-        dipp_store(t->data, e, dt, p);
+        float p = dipp_adam(dipp_load(data, e, dt), dipp_load(grad, e, gt), &exp_avg[e], &exp_avg_sq[e], &h);
+        dipp_store(data, e, dt, p);
     }
 }
 
