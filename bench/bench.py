@@ -408,8 +408,9 @@ def report(rows: list[Row], info: dict[str, str], stream: dict[str, float], swee
         "### Binding overhead (float32)",
         "",
         "The same fused-kernel call with NumPy views of the same buffers instead of torch tensors. NumPy arrays "
-        "enter the binding directly; torch tensors go through `Tensor.__dlpack__`, a Python-level method of "
-        f"torch. A call on 4-element tensors (cfg_combine, 3 tensor arguments) costs {overhead['torch_us']:.1f} us "
+        "enter the binding directly; torch tensors go through the Python wrapper (autograd detach, "
+        "neg/conj checks) and a DLPack capsule from torch's C entry point. A call on 4-element tensors "
+        f"(cfg_combine, 3 tensor arguments) costs {overhead['torch_us']:.1f} us "
         f"with torch tensors and {overhead['numpy_us']:.1f} us with NumPy arrays: about {per_tensor_us:.1f} us per "
         "torch tensor argument.",
         "",
