@@ -365,11 +365,13 @@ def build_reward(spec: RunSpec) -> Any:
     return REWARDS[spec.reward["name"]].build({k: v for k, v in spec.reward.items() if k != "name"}, spec)
 
 
-def build_trainer(spec: RunSpec) -> tuple[Any, Built]:
+def build_trainer(spec: RunSpec, rank: int = 0, world_size: int = 1) -> tuple[Any, Built]:
+    """rank / world_size: this process's place in a torchrun job (its random streams are keyed by rank)."""
     from .trainer import DITrainer
 
     built = build(spec)
-    return DITrainer(spec.train, built.models, built.prompts, reward=built.reward), built
+    return DITrainer(spec.train, built.models, built.prompts, reward=built.reward, rank=rank,
+                     world_size=world_size), built
 
 
 # ============================================================================================== built-in rewards
@@ -511,7 +513,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = load_config(args.config)  # everything is validated before torch is even imported
     if args.steps is not None:
         spec.steps = args.steps
-    from . import checkpoint, runner
+    from . import checkpoint, distributed, runner
 
     out = spec.out_dir
     if out.exists() and not out.is_dir():
@@ -521,14 +523,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                           f"{checkpoint.list_checkpoints(out)[-1][1].name}); pass --resume to continue it, "
                           "or choose another out_dir")
     problem = PROBLEMS[spec.problem]
-    trainer, built = build_trainer(spec)
-    metadata = {"base_model": spec.base_model or problem.name, "problem": problem.name,
-                "run_config": spec.to_dict(), "config_file": spec.source}
-    summary = runner.run(trainer, spec.steps, out, spec.checkpoint_every, resume=args.resume, keep=spec.keep,
-                         progress=not args.no_progress,
-                         eval_fn=_eval_fn(problem, built, spec) if spec.eval_every else None,
-                         eval_every=spec.eval_every, metadata=metadata)
-    print(json.dumps(summary, indent=2, allow_nan=False))
+    env = distributed.init_from_env()  # under torchrun: this rank of the job (gloo on the CPU)
+    try:
+        trainer, built = build_trainer(spec, rank=env.rank, world_size=env.world_size)
+        distributed.wrap_trainer(trainer)  # DistributedDataParallel when world_size > 1; else nothing
+        metadata = {"base_model": spec.base_model or problem.name, "problem": problem.name,
+                    "run_config": spec.to_dict(), "config_file": spec.source}
+        if env.world_size > 1:
+            metadata["world_size"] = env.world_size  # effective batch = world_size * batch_size * grad_accum
+        summary = runner.run(trainer, spec.steps, out, spec.checkpoint_every, resume=args.resume, keep=spec.keep,
+                             progress=not args.no_progress,
+                             eval_fn=_eval_fn(problem, built, spec) if spec.eval_every else None,
+                             eval_every=spec.eval_every, metadata=metadata)
+    finally:
+        distributed.cleanup(env)
+    if env.is_main:
+        print(json.dumps(summary, indent=2, allow_nan=False))
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from . import metrics as mlog
 from .config import ConfigError
 
@@ -99,6 +100,16 @@ class _StepBoundaryInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class _NullLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -138,6 +149,9 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
     metadata: stored in every checkpoint (a "base_model" key is also recorded at the top level).
     curves: write curves.png at the end, and at checkpoints at most every `curves_interval_s` seconds.
     Ctrl-C: the step in flight completes, a checkpoint of it is written, then KeyboardInterrupt propagates.
+    Under torchrun (distributed.py) every rank calls this; only rank 0 writes files (checkpoints, metrics,
+    evaluations, curves) and shows progress, every rank resumes from the checkpoint rank 0 picks, and the
+    ranks meet at a barrier before and after each checkpoint.
     Returns a summary (steps run, last metrics and evaluation, paths, timing).
     """
     steps = _positive_int("steps", steps, 1)
@@ -147,6 +161,7 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
     if eval_every and eval_fn is None:
         raise ConfigError("eval_every > 0 needs an eval_fn")
     out = Path(out_dir)
+    main = distributed.is_main()
     metadata = dict(metadata or {})
     base_model = str(metadata.get("base_model", ""))
 
@@ -155,6 +170,7 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
         raise RunDirError(f"out_dir {out} exists and is not a directory")
     if resume:
         found = ckpt.latest_checkpoint(out) if out.is_dir() else None
+        found = distributed.broadcast_object(found)  # every rank loads the checkpoint rank 0 found
         if found is not None:
             info = ckpt.load_checkpoint(trainer, found)
             if info.step > steps:
@@ -167,15 +183,17 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
                           "resume it (--resume) or choose another out_dir")
     out.mkdir(parents=True, exist_ok=True)
 
-    log = mlog.open_log(out / METRICS_FILE, start)  # keeps records of steps < start
-    eval_log = mlog.open_log(out / EVAL_FILE, start, inclusive=False) if eval_fn is not None else None
+    log = mlog.open_log(out / METRICS_FILE, start) if main else _NullLog()  # keeps records of steps < start
+    eval_log = None
+    if eval_fn is not None:
+        eval_log = mlog.open_log(out / EVAL_FILE, start, inclusive=False) if main else _NullLog()
     curves_ok = curves
     curves_path: Path | None = None
     curves_at = -math.inf
 
     def write_curves(final: bool) -> None:
         nonlocal curves_ok, curves_path, curves_at
-        if not curves_ok or (not final and time.monotonic() - curves_at < curves_interval_s):
+        if not main or not curves_ok or (not final and time.monotonic() - curves_at < curves_interval_s):
             return
         curves_at = time.monotonic()
         try:
@@ -186,9 +204,14 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
             curves_ok = False
 
     def save(completed: int, final: bool = False) -> Path:
+        distributed.barrier()
+        if not main:
+            distributed.barrier()  # rank 0 is writing
+            return out / ckpt.step_dir_name(completed)
         path = ckpt.save_checkpoint(trainer, out, completed, keep=keep, metadata=metadata, base_model=base_model,
                                     total_steps=steps)
         write_curves(final=final or completed == steps)
+        distributed.barrier()
         return path
 
     completed = start
@@ -198,7 +221,7 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
     last_eval: dict[str, Any] | None = None
     in_step = False
     began = time.perf_counter()
-    bar = _progress(steps, start, progress)
+    bar = _progress(steps, start, progress and main)
     guard = _StepBoundaryInterrupt()
     try:
         with guard:
@@ -209,7 +232,7 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
                 completed = step + 1
                 log.write(record)
                 last = record
-                if eval_fn is not None and eval_log is not None and eval_every and (
+                if main and eval_fn is not None and eval_log is not None and eval_every and (
                         completed % eval_every == 0 or completed == steps):
                     last_eval = dict(eval_fn(trainer, completed))
                     eval_log.write({"step": completed, **last_eval})
@@ -221,7 +244,7 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
                 if bar is not None:
                     bar.set_postfix(_postfix(record, last_eval), refresh=False)
                     bar.update(1)
-                if guard.requested:
+                if distributed.any_rank(guard.requested):  # all ranks stop after the same step
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         if in_step or guard.forced:
@@ -230,8 +253,9 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
                   f"{Path(last_ckpt).name if last_ckpt else 'step 0'}", file=sys.stderr, flush=True)
         elif completed > 0 and saved_at != completed:
             last_ckpt = str(save(completed, final=True))
-            print(f"\ninterrupted: checkpoint {last_ckpt} written after {completed} steps", file=sys.stderr,
-                  flush=True)
+            if main:
+                print(f"\ninterrupted: checkpoint {last_ckpt} written after {completed} steps", file=sys.stderr,
+                      flush=True)
         raise
     finally:
         if bar is not None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from .optim import EMA, FusedAdam
 from .prompts import PromptList as PromptSource
 from .rewards import Reward
 from .rng import stream_seed
+
+if TYPE_CHECKING:
+    from .distributed import DDPState
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,6 +139,7 @@ class DITrainer:
         self.bad_in_a_row = 0
         self.skipped_steps = 0
         self.clock = KernelClock()
+        self.ddp: DDPState | None = None  # data-parallel wrappers, set by distributed.wrap_trainer (world_size > 1)
 
     @property
     def generator_params(self) -> list[nn.Parameter]:
@@ -167,31 +171,41 @@ class DITrainer:
                                             sigma_max=self.sigma_max, device=self.device)
         return sigma
 
-    def _generate(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
+    def _generate(self, z: torch.Tensor, cond: Any, train: bool = False) -> torch.Tensor:
+        """train: gradients will flow into the generator's weights (through its DDP wrapper when distributed)."""
+        generator = self.ddp.generator if train and self.ddp is not None else self.models.generator
         with self._autocast():
-            return self.models.generator(z, cond)
+            return generator(z, cond)
+
+    def _micro_scope(self, role: str, micro: int) -> Any:
+        """Around one micro-batch's forward and backward; distributed, only the last one all-reduces."""
+        return nullcontext() if self.ddp is None else self.ddp.micro(role, micro, self.cfg.grad_accum)
 
     # ------------------------------------------------------------------ TA update
     def ta_step(self, step: int, inner: int = 0) -> dict[str, float]:
         """Regress the TA onto the generator's current samples (denoising score matching)."""
         losses, bad = [], 0
+        ta = self.ta if self.ddp is None else self.ddp.ta  # the DDP wrapper all-reduces the TA's gradients
         for micro in range(self.cfg.grad_accum):
             key = micro + inner * self.cfg.grad_accum
-            batch = self.prompts.batch(self.cfg.batch_size, self._seed(step, "ta_prompts", key))
-            with torch.no_grad():
-                x0 = self._generate(self._latents(step, "ta_z", key), batch.cond).float().contiguous()
-            sigma = self._sigma(step, "ta_sigma", key)
-            with self.clock.measure():
-                xt = kernels.add_noise(x0, sigma, self._seed(step, "ta_eps", key))
-            with self._autocast():
-                d_ta = self.ta(xt, sigma, batch.cond)
-            with self.clock.measure():
-                res = kernels.ta_loss(d_ta.detach().float().contiguous(), x0, sigma,
-                                      weighting=self.cfg.ta_weighting, sigma_data=self.cfg.sigma_data,
-                                      reduction=self.cfg.ta_reduction)
-            d_ta.backward((res.grad / self.cfg.grad_accum).to(d_ta.dtype))
-            losses.append(float(res.loss.mean()))
-            bad += int(res.nonfinite.sum())
+            with self._micro_scope("ta", micro):
+                batch = self.prompts.batch(self.cfg.batch_size, self._seed(step, "ta_prompts", key))
+                with torch.no_grad():
+                    x0 = self._generate(self._latents(step, "ta_z", key), batch.cond).float().contiguous()
+                sigma = self._sigma(step, "ta_sigma", key)
+                with self.clock.measure():
+                    xt = kernels.add_noise(x0, sigma, self._seed(step, "ta_eps", key))
+                with self._autocast():
+                    d_ta = ta(xt, sigma, batch.cond)
+                with self.clock.measure():
+                    res = kernels.ta_loss(d_ta.detach().float().contiguous(), x0, sigma,
+                                          weighting=self.cfg.ta_weighting, sigma_data=self.cfg.sigma_data,
+                                          reduction=self.cfg.ta_reduction)
+                d_ta.backward((res.grad / self.cfg.grad_accum).to(d_ta.dtype))
+                losses.append(float(res.loss.mean()))
+                bad += int(res.nonfinite.sum())
+        if self.ddp is not None:
+            bad = self.ddp.finish("ta", bad)  # summed over ranks; hand-averaged grads in LoRA mode
         ok = bad == 0 and _finite_grads(self.ta_params)
         if ok:
             with self.clock.measure():
@@ -220,7 +234,7 @@ class DITrainer:
     def _dipp_micro(self, step: int, key: int, metrics: dict[str, list[float]]) -> int:
         cfg = self.cfg
         batch = self.prompts.batch(cfg.batch_size, self._seed(step, "prompts", key))
-        x0 = self._generate(self._latents(step, "z", key), batch.cond)
+        x0 = self._generate(self._latents(step, "z", key), batch.cond, train=True)
         x0d = x0.detach().float().contiguous()
         sigma = self._sigma(step, "sigma", key)
         with self.clock.measure():
@@ -248,7 +262,7 @@ class DITrainer:
     def _distar_micro(self, step: int, key: int, metrics: dict[str, list[float]]) -> int:
         cfg = self.cfg
         batch = self.prompts.batch(cfg.batch_size, self._seed(step, "prompts", key))
-        x0 = self._generate(self._latents(step, "z", key), batch.cond)
+        x0 = self._generate(self._latents(step, "z", key), batch.cond, train=True)
         sigma = self._sigma(step, "sigma", key)
         eps = torch.empty_like(x0, dtype=torch.float32)
         with self.clock.measure():
@@ -288,13 +302,16 @@ class DITrainer:
             p.requires_grad_(False)
         try:
             for micro in range(self.cfg.grad_accum):
-                if self.cfg.method == "distar":
-                    bad += self._distar_micro(step, micro, metrics)
-                else:
-                    bad += self._dipp_micro(step, micro, metrics)
+                with self._micro_scope("generator", micro):
+                    if self.cfg.method == "distar":
+                        bad += self._distar_micro(step, micro, metrics)
+                    else:
+                        bad += self._dipp_micro(step, micro, metrics)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+        if self.ddp is not None:
+            bad = self.ddp.finish("generator", bad)  # summed over ranks; hand-averaged grads in LoRA mode
         return metrics, bad
 
     def generator_step(self, step: int) -> dict[str, float]:
