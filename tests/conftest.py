@@ -32,6 +32,15 @@ requires_cuda = pytest.mark.skipif(
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread; the previous count comes back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def core():
     return _core
 

@@ -20,14 +20,9 @@ from diffinstruct.config import DIConfig
 from diffinstruct.rewards import TargetReward
 from diffinstruct.toy import GaussianMixture, build_models, class_prompts, default_means
 from diffinstruct.trainer import DITrainer
+from engine_helpers import full_state
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(hidden: int = 16, **overrides) -> DITrainer:
@@ -36,19 +31,8 @@ def make_trainer(hidden: int = 16, **overrides) -> DITrainer:
     return DITrainer(cfg, models, class_prompts(4), reward=TargetReward(torch.tensor([1.0, 1.0])))
 
 
-def state(trainer: DITrainer) -> dict[str, torch.Tensor]:
-    out = {}
-    for role, tensors in (("g", trainer.generator_params), ("t", trainer.ta_params), ("e", trainer.ema.shadow)):
-        out.update({f"{role}{i}": t.detach() for i, t in enumerate(tensors)})
-    for role, opt, params in (("og", trainer.opt_generator, trainer.generator_params),
-                              ("ot", trainer.opt_ta, trainer.ta_params)):
-        for i, p in enumerate(params):
-            out.update({f"{role}{i}.{k}": v for k, v in opt.state[p].items()})
-    return out
-
-
 def assert_same(a: DITrainer, b: DITrainer) -> None:
-    sa, sb = state(a), state(b)
+    sa, sb = full_state(a), full_state(b)
     assert sa.keys() == sb.keys()
     for k in sa:
         assert sa[k].dtype == sb[k].dtype, k

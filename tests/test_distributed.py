@@ -30,6 +30,7 @@ from diffinstruct.metrics import read_jsonl
 from diffinstruct.rewards import TargetReward
 from diffinstruct.toy import GaussianMixture, MLPNet, build_models, class_prompts, default_means
 from diffinstruct.trainer import DITrainer
+from engine_helpers import full_state
 
 STEPS = 10
 WORLD = 2
@@ -54,18 +55,6 @@ def make_trainer(name: str, rank: int = 0, world_size: int = 1) -> DITrainer:
         models = assembly.build_models(teacher, (2,), mode="shared", rank=2, sigma_init=2.5)
     reward = TargetReward(torch.tensor([1.0, 1.0])) if case["reward"] else None
     return DITrainer(cfg, models, class_prompts(4), reward=reward, rank=rank, world_size=world_size)
-
-
-def full_state(trainer: DITrainer) -> dict[str, torch.Tensor]:
-    out = {}
-    for role, tensors in (("g", trainer.generator_params), ("t", trainer.ta_params), ("e", trainer.ema.shadow)):
-        out.update({f"{role}{i}": t.detach().clone() for i, t in enumerate(tensors)})
-    for role, opt, params in (("og", trainer.opt_generator, trainer.generator_params),
-                              ("ot", trainer.opt_ta, trainer.ta_params)):
-        for i, p in enumerate(params):
-            out.update({f"{role}{i}.{k}": v.clone() for k, v in opt.state[p].items()})
-    out["counters"] = torch.tensor([trainer.bad_in_a_row, trainer.skipped_steps])
-    return out
 
 
 def capture_first_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], into: dict[str, Any],
@@ -143,12 +132,7 @@ def ddp_run(tmp_path_factory):
     return out, {name: [torch.load(out / f"{name}-rank{r}.pt") for r in range(WORLD)] for name in CASES}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ============================================================================================== tests

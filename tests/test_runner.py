@@ -20,34 +20,18 @@ from diffinstruct.metrics import read_jsonl, truncate_from, without_timing
 from diffinstruct.rewards import TargetReward
 from diffinstruct.toy import GaussianMixture, build_models, class_prompts, default_means
 from diffinstruct.trainer import DITrainer
+from engine_helpers import full_state
 
 STEPS = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(method: str = "dipp") -> DITrainer:
     cfg = DIConfig(method=method, batch_size=64, lr_generator=1e-3, lr_ta=1e-3, alpha=0.1, seed=5)
     models = build_models(GaussianMixture(default_means(4), 0.05), hidden=32, seed=0)
     return DITrainer(cfg, models, class_prompts(4), reward=TargetReward(torch.tensor([1.0, 1.0])))
-
-
-def full_state(trainer: DITrainer) -> dict[str, torch.Tensor]:
-    out = {}
-    for role, tensors in (("g", trainer.generator_params), ("t", trainer.ta_params), ("e", trainer.ema.shadow)):
-        out.update({f"{role}{i}": t.detach() for i, t in enumerate(tensors)})
-    for role, opt, params in (("og", trainer.opt_generator, trainer.generator_params),
-                              ("ot", trainer.opt_ta, trainer.ta_params)):
-        for i, p in enumerate(params):
-            out.update({f"{role}{i}.{k}": v for k, v in opt.state[p].items()})
-    out["counters"] = torch.tensor([trainer.bad_in_a_row, trainer.skipped_steps])
-    return out
 
 
 def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
