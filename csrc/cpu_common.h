@@ -81,6 +81,17 @@ static inline void dipp_thread_share(int64_t total, int index, int count, int64_
     } while (0)
 #endif
 
+/* Two-pass kernels run sample by sample (both passes back to back, the second from cache)
+ * when every thread gets a sample and one sample's operands fit a cache slice; otherwise
+ * each pass spreads over all threads. The reduction order, and so every bit, is the same. */
+#define DIPP_SAMPLE_CACHE_BYTES (4 << 20)
+
+int dipp_cpu_threads(void);
+
+static inline int dipp_sample_major(int64_t batch, int64_t sample_bytes) {
+    return batch >= dipp_cpu_threads() && sample_bytes <= DIPP_SAMPLE_CACHE_BYTES;
+}
+
 static inline int64_t dipp_chunk_count(int64_t per_sample) {
     return (per_sample + DIPP_RED_CHUNK - 1) / DIPP_RED_CHUNK;
 }

@@ -47,6 +47,19 @@ DIPP_ALWAYS_INLINE void gen_chunk_sums(const dipp_gen_args *a, int64_t base, int
 
 typedef void (*gen_pass_fn)(const dipp_gen_args *a, float *partial, int64_t chunks);
 
+/* Per-sample outputs from the chunk sums of sample b (identical whatever ran the chunks). */
+static void gen_finish_sample(const dipp_gen_args *a, const float *partial, int64_t chunks, int64_t b) {
+    double sums[GEN_NQ];
+    dipp_combine_chunks(partial + b * chunks * GEN_NQ, chunks, GEN_NQ, sums);
+    float ref_dist = dipp_mean_from_sum(sums[GEN_REF_DIST], a->per_sample);
+    float weight = dipp_generator_weight(ref_dist, a->weighting == DIPP_W_NORMALIZED, a->min_norm);
+    a->weight_out[b] = weight;
+    a->ref_dist_out[b] = ref_dist;
+    a->gap_out[b] = dipp_mean_from_sum(sums[GEN_GAP], a->per_sample);
+    a->surrogate_out[b] = (float)((double)weight * sums[GEN_SURROGATE]);
+    a->nonfinite_out[b] = (int64_t)sums[GEN_BAD];
+}
+
 #define DEFINE_GEN(NAME, DT, CFG, REWARD)                                                                 \
     DIPP_HOT static void gen_sums_range_##NAME(const dipp_gen_args *a, float *partial, int64_t chunks,        \
                                                int64_t begin, int64_t end) {                                  \
@@ -82,6 +95,15 @@ typedef void (*gen_pass_fn)(const dipp_gen_args *a, float *partial, int64_t chun
         (void)partial;                                                                                    \
         DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
                             gen_write_range_##NAME(a, chunks, begin, end));                               \
+    }                                                                                                     \
+    /* sample-major: both passes over one sample back to back, the second one from cache */              \
+    static void gen_by_sample_##NAME(const dipp_gen_args *a, float *partial, int64_t chunks) {            \
+        DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch,                                           \
+                            for (int64_t b = begin; b < end; ++b) {                                       \
+                                gen_sums_range_##NAME(a, partial, chunks, b * chunks, (b + 1) * chunks);  \
+                                gen_finish_sample(a, partial, chunks, b);                                 \
+                                gen_write_range_##NAME(a, chunks, b * chunks, (b + 1) * chunks);          \
+                            });                                                                           \
     }
 
 #define DEFINE_GEN_FLAGS(SUFFIX, DT)         \
@@ -95,6 +117,8 @@ DIPP_FOR_EACH_DTYPE(DEFINE_GEN_FLAGS)
 static const gen_pass_fn gen_sums[3][2][2] = {GEN_ROW(gen_sums, f32), GEN_ROW(gen_sums, f16), GEN_ROW(gen_sums, bf16)};
 static const gen_pass_fn gen_write[3][2][2] = {GEN_ROW(gen_write, f32), GEN_ROW(gen_write, f16),
                                                GEN_ROW(gen_write, bf16)};
+static const gen_pass_fn gen_by_sample[3][2][2] = {GEN_ROW(gen_by_sample, f32), GEN_ROW(gen_by_sample, f16),
+                                                   GEN_ROW(gen_by_sample, bf16)};
 
 dipp_status dipp_cpu_generator_grad(const dipp_gen_args *a) {
     if (a->dtype < DIPP_DT_F32 || a->dtype > DIPP_DT_BF16) return DIPP_ERR_ARGUMENT;
@@ -102,19 +126,13 @@ dipp_status dipp_cpu_generator_grad(const dipp_gen_args *a) {
     const int64_t chunks = dipp_chunk_count(a->per_sample);
     float *partial = malloc((size_t)(a->batch * chunks) * GEN_NQ * sizeof(float));
     if (!partial) return DIPP_ERR_NOMEM;
-    gen_sums[a->dtype][cfg][reward](a, partial, chunks);
-    for (int64_t b = 0; b < a->batch; ++b) {
-        double sums[GEN_NQ];
-        dipp_combine_chunks(partial + b * chunks * GEN_NQ, chunks, GEN_NQ, sums);
-        float ref_dist = dipp_mean_from_sum(sums[GEN_REF_DIST], a->per_sample);
-        float weight = dipp_generator_weight(ref_dist, a->weighting == DIPP_W_NORMALIZED, a->min_norm);
-        a->weight_out[b] = weight;
-        a->ref_dist_out[b] = ref_dist;
-        a->gap_out[b] = dipp_mean_from_sum(sums[GEN_GAP], a->per_sample);
-        a->surrogate_out[b] = (float)((double)weight * sums[GEN_SURROGATE]);
-        a->nonfinite_out[b] = (int64_t)sums[GEN_BAD];
+    if (dipp_sample_major(a->batch, a->per_sample * (4 + cfg + reward) * (a->dtype == DIPP_DT_F32 ? 4 : 2))) {
+        gen_by_sample[a->dtype][cfg][reward](a, partial, chunks);
+    } else { /* few large samples: spread each pass over all threads */
+        gen_sums[a->dtype][cfg][reward](a, partial, chunks);
+        for (int64_t b = 0; b < a->batch; ++b) gen_finish_sample(a, partial, chunks, b);
+        gen_write[a->dtype][cfg][reward](a, partial, chunks);
     }
-    gen_write[a->dtype][cfg][reward](a, partial, chunks);
     free(partial);
     return DIPP_OK;
 }

@@ -33,6 +33,20 @@ DIPP_ALWAYS_INLINE void huber_chunk_sums(const dipp_huber_args *a, int64_t base,
     out[HUB_BAD] = dipp_fold_lanes32(bad);
 }
 
+/* Per-sample factors and outputs from the chunk sums of sample b. */
+static void huber_finish_sample(const dipp_huber_args *a, const float *partial, int64_t chunks,
+                                dipp_huber_sample_t *per, int64_t b) {
+    double sums[HUB_NQ];
+    dipp_combine_chunks(partial + b * chunks * HUB_NQ, chunks, HUB_NQ, sums);
+    per[b] = dipp_huber_sample(sums[HUB_YSQ], sums[HUB_YR], a->c, a->sigma[b], a->weighting == DIPP_HUBER_W_SIGMA2,
+                               a->batch);
+    a->ysq_out[b] = (float)sums[HUB_YSQ];
+    a->yr_out[b] = (float)sums[HUB_YR];
+    a->h_out[b] = per[b].h;
+    a->value_out[b] = per[b].value;
+    a->nonfinite_out[b] = (int64_t)sums[HUB_BAD];
+}
+
 #define DEFINE_HUBER(SUFFIX, DT)                                                                          \
     DIPP_HOT static void huber_sums_range_##SUFFIX(const dipp_huber_args *a, float *partial, int64_t chunks,  \
                                                    int64_t begin, int64_t end) {                          \
@@ -71,6 +85,15 @@ DIPP_ALWAYS_INLINE void huber_chunk_sums(const dipp_huber_args *a, int64_t base,
     static void huber_write_##SUFFIX(const dipp_huber_args *a, const dipp_huber_sample_t *per, int64_t chunks) { \
         DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
                             huber_write_range_##SUFFIX(a, per, chunks, begin, end));                      \
+    }                                                                                                     \
+    static void huber_by_sample_##SUFFIX(const dipp_huber_args *a, float *partial, dipp_huber_sample_t *per, \
+                                         int64_t chunks) {                                                \
+        DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch,                                           \
+                            for (int64_t b = begin; b < end; ++b) {                                       \
+                                huber_sums_range_##SUFFIX(a, partial, chunks, b * chunks, (b + 1) * chunks); \
+                                huber_finish_sample(a, partial, chunks, per, b);                          \
+                                huber_write_range_##SUFFIX(a, per, chunks, b * chunks, (b + 1) * chunks); \
+                            });                                                                           \
     }
 DIPP_FOR_EACH_DTYPE(DEFINE_HUBER)
 
@@ -78,6 +101,8 @@ typedef void (*huber_sums_fn)(const dipp_huber_args *, float *, int64_t);
 typedef void (*huber_write_fn)(const dipp_huber_args *, const dipp_huber_sample_t *, int64_t);
 static const huber_sums_fn huber_sums[3] = {huber_sums_f32, huber_sums_f16, huber_sums_bf16};
 static const huber_write_fn huber_write[3] = {huber_write_f32, huber_write_f16, huber_write_bf16};
+typedef void (*huber_by_sample_fn)(const dipp_huber_args *, float *, dipp_huber_sample_t *, int64_t);
+static const huber_by_sample_fn huber_by_sample[3] = {huber_by_sample_f32, huber_by_sample_f16, huber_by_sample_bf16};
 
 dipp_status dipp_cpu_huber_terms(const dipp_huber_args *a) {
     if (a->dtype < DIPP_DT_F32 || a->dtype > DIPP_DT_BF16) return DIPP_ERR_ARGUMENT;
@@ -89,19 +114,13 @@ dipp_status dipp_cpu_huber_terms(const dipp_huber_args *a) {
         free(per);
         return DIPP_ERR_NOMEM;
     }
-    huber_sums[a->dtype](a, partial, chunks);
-    for (int64_t b = 0; b < a->batch; ++b) {
-        double sums[HUB_NQ];
-        dipp_combine_chunks(partial + b * chunks * HUB_NQ, chunks, HUB_NQ, sums);
-        per[b] = dipp_huber_sample(sums[HUB_YSQ], sums[HUB_YR], a->c, a->sigma[b],
-                                   a->weighting == DIPP_HUBER_W_SIGMA2, a->batch);
-        a->ysq_out[b] = (float)sums[HUB_YSQ];
-        a->yr_out[b] = (float)sums[HUB_YR];
-        a->h_out[b] = per[b].h;
-        a->value_out[b] = per[b].value;
-        a->nonfinite_out[b] = (int64_t)sums[HUB_BAD];
+    if (dipp_sample_major(a->batch, a->per_sample * 6 * (a->dtype == DIPP_DT_F32 ? 4 : 2))) {
+        huber_by_sample[a->dtype](a, partial, per, chunks);
+    } else {
+        huber_sums[a->dtype](a, partial, chunks);
+        for (int64_t b = 0; b < a->batch; ++b) huber_finish_sample(a, partial, chunks, per, b);
+        huber_write[a->dtype](a, per, chunks);
     }
-    huber_write[a->dtype](a, per, chunks);
     free(partial);
     free(per);
     return DIPP_OK;

@@ -23,6 +23,16 @@ DIPP_ALWAYS_INLINE void ta_chunk_sums(const dipp_ta_args *a, int64_t base, int64
     out[1] = dipp_fold_lanes32(bad);
 }
 
+/* Per-sample loss, count and gradient factor from the chunk sums of sample b. */
+static void ta_finish_sample(const dipp_ta_args *a, const float *partial, int64_t chunks, float *factor, int64_t b) {
+    double sums[2];
+    dipp_combine_chunks(partial + b * chunks * 2, chunks, 2, sums);
+    float weight = dipp_ta_weight(a->sigma ? a->sigma[b] : 1.0f, a->weighting == DIPP_TA_EDM, a->sigma_data);
+    a->loss_out[b] = dipp_ta_sample_loss(weight, sums[0], a->per_sample, a->mean_over_elements);
+    if (a->nonfinite_out) a->nonfinite_out[b] = (int64_t)sums[1];
+    factor[b] = dipp_ta_grad_factor(weight, a->per_sample, a->batch, a->mean_over_elements);
+}
+
 #define DEFINE_TA(SUFFIX, DT)                                                                             \
     DIPP_HOT static void ta_sums_range_##SUFFIX(const dipp_ta_args *a, float *partial, int64_t chunks,        \
                                                 int64_t begin, int64_t end) {                             \
@@ -52,6 +62,15 @@ DIPP_ALWAYS_INLINE void ta_chunk_sums(const dipp_ta_args *a, int64_t base, int64
     static void ta_write_##SUFFIX(const dipp_ta_args *a, const float *factor, int64_t chunks) {           \
         DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
                             ta_write_range_##SUFFIX(a, factor, chunks, begin, end));                      \
+    }                                                                                                     \
+    static void ta_by_sample_##SUFFIX(const dipp_ta_args *a, float *partial, float *factor, int64_t chunks) { \
+        DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch,                                           \
+                            for (int64_t b = begin; b < end; ++b) {                                       \
+                                ta_sums_range_##SUFFIX(a, partial, chunks, b * chunks, (b + 1) * chunks); \
+                                ta_finish_sample(a, partial, chunks, factor, b);                          \
+                                if (a->grad_out)                                                          \
+                                    ta_write_range_##SUFFIX(a, factor, chunks, b * chunks, (b + 1) * chunks); \
+                            });                                                                           \
     }
 DIPP_FOR_EACH_DTYPE(DEFINE_TA)
 
@@ -59,6 +78,8 @@ typedef void (*ta_sums_fn)(const dipp_ta_args *, float *, int64_t);
 typedef void (*ta_write_fn)(const dipp_ta_args *, const float *, int64_t);
 static const ta_sums_fn ta_sums[3] = {ta_sums_f32, ta_sums_f16, ta_sums_bf16};
 static const ta_write_fn ta_write[3] = {ta_write_f32, ta_write_f16, ta_write_bf16};
+typedef void (*ta_by_sample_fn)(const dipp_ta_args *, float *, float *, int64_t);
+static const ta_by_sample_fn ta_by_sample[3] = {ta_by_sample_f32, ta_by_sample_f16, ta_by_sample_bf16};
 
 dipp_status dipp_cpu_ta_loss(const dipp_ta_args *a) {
     if (a->dtype < DIPP_DT_F32 || a->dtype > DIPP_DT_BF16) return DIPP_ERR_ARGUMENT;
@@ -70,16 +91,13 @@ dipp_status dipp_cpu_ta_loss(const dipp_ta_args *a) {
         free(factor);
         return DIPP_ERR_NOMEM;
     }
-    ta_sums[a->dtype](a, partial, chunks);
-    for (int64_t b = 0; b < a->batch; ++b) {
-        double sums[2];
-        dipp_combine_chunks(partial + b * chunks * 2, chunks, 2, sums);
-        float weight = dipp_ta_weight(a->sigma ? a->sigma[b] : 1.0f, a->weighting == DIPP_TA_EDM, a->sigma_data);
-        a->loss_out[b] = dipp_ta_sample_loss(weight, sums[0], a->per_sample, a->mean_over_elements);
-        if (a->nonfinite_out) a->nonfinite_out[b] = (int64_t)sums[1];
-        factor[b] = dipp_ta_grad_factor(weight, a->per_sample, a->batch, a->mean_over_elements);
+    if (dipp_sample_major(a->batch, a->per_sample * 3 * (a->dtype == DIPP_DT_F32 ? 4 : 2))) {
+        ta_by_sample[a->dtype](a, partial, factor, chunks);
+    } else {
+        ta_sums[a->dtype](a, partial, chunks);
+        for (int64_t b = 0; b < a->batch; ++b) ta_finish_sample(a, partial, chunks, factor, b);
+        if (a->grad_out) ta_write[a->dtype](a, factor, chunks);
     }
-    if (a->grad_out) ta_write[a->dtype](a, factor, chunks);
     free(partial);
     free(factor);
     return DIPP_OK;

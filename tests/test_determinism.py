@@ -1,4 +1,5 @@
-"""Results do not depend on the thread count (fixed blocked reduction order)."""
+"""Results do not depend on the thread count (fixed blocked reduction order), nor on whether the
+two-pass kernels run sample-major or pass-major."""
 
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ res = kernels.huber_terms(x0, c, ta, sigma, 0.3)
 for k, v in res._asdict().items():
     out["hub_" + k] = v.numpy()
 out["xt"] = kernels.add_noise(x0, sigma, 3, 9).numpy()
+# batch 1: sample-major on one thread, pass-major on two -- the same bits either way
+one = [t[:1].contiguous() for t in (x0, ta, c, u, dr)]
+res = kernels.generator_grad(one[0], one[1], one[2], d_uncond=one[3], omega=4.5, dr=one[4], alpha=3.0)
+out["gen1_grad"], out["gen1_weight"] = res.grad.numpy(), res.weight.numpy()
+res = kernels.ta_loss(one[1], one[0], sigma[:1])
+out["ta1_loss"], out["ta1_grad"] = res.loss.numpy(), res.grad.numpy()
+out["hub1_a"] = kernels.huber_terms(one[0], one[2], one[1], sigma[:1], 0.3).a.numpy()
 params = [torch.randn(3000, generator=g) for _ in range(7)]
 grads = [torch.randn(3000, generator=g) for _ in range(7)]
 m = [torch.zeros(3000) for _ in range(7)]; v = [torch.zeros(3000) for _ in range(7)]
