@@ -1,7 +1,11 @@
 """The reward interface: r(x0 latents, prompts, cond) -> one differentiable score per sample.
 
-Built-in rewards need no weights (tests, demos). Image rewards compose a
-differentiable decoder with an image scorer through `LatentToImageReward`.
+Two levels:
+
+* `Reward`: what the trainer calls, `r(x0, prompts, cond) -> [B]` on the generator's output.
+* `ImageScorer`: an image-space model, `s(images, prompts) -> [B]` on images [B, 3, H, W] in [0, 1].
+  `LatentToImageReward` (latent models: decoder + scorer) and `PixelReward` (pixel-space
+  generators: range map + scorer) turn a scorer into a `Reward`.
 """
 
 from __future__ import annotations
@@ -79,8 +83,42 @@ class LatentToImageReward(nn.Module):
         return self.score(self.decode(x0), prompts)
 
 
+_NO_COND: Any = object()
+
+
+@runtime_checkable
+class ImageScorer(Protocol):
+    """s(images [B, 3, H, W] in [0, 1], prompts) -> [B], differentiable with respect to the images."""
+
+    name: str
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
+
+
+class PixelReward(nn.Module):
+    """A `Reward` for pixel-space generators: maps x0 from `value_range` to [0, 1] (affine, no clamp, so the
+    gradient is never cut), then scores the images."""
+
+    def __init__(self, score: nn.Module, value_range: tuple[float, float] = (-1.0, 1.0),
+                 name: str | None = None) -> None:
+        super().__init__()
+        lo, hi = float(value_range[0]), float(value_range[1])
+        if not hi > lo:
+            raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+        self.score = score
+        self.lo, self.hi = lo, hi
+        self.name = name or str(getattr(score, "name", "pixel"))
+
+    def forward(self, x0: torch.Tensor, prompts: Sequence[str], cond: Any = None) -> torch.Tensor:
+        return self.score((x0.float() - self.lo) / (self.hi - self.lo), prompts)
+
+
 class WeightedRewards(nn.Module):
-    """sum_k w_k r_k: several rewards combined with weights."""
+    """sum_k w_k r_k: several rewards combined with weights.
+
+    Works for `Reward`s (called with `(x0, prompts, cond)`) and for `ImageScorer`s (called with
+    `(images, prompts)` when no `cond` is passed).
+    """
 
     def __init__(self, rewards: Sequence[Reward], weights: Sequence[float]) -> None:
         super().__init__()
@@ -90,8 +128,13 @@ class WeightedRewards(nn.Module):
         self.weights = [float(w) for w in weights]
         self.name = "+".join(f"{w:g}*{r.name}" for r, w in zip(self.rewards, self.weights, strict=True))
 
-    def forward(self, x0: torch.Tensor, prompts: Sequence[str], cond: Any) -> torch.Tensor:
+        for i, reward in enumerate(self.rewards):  # registered, so .to() / .state_dict() reach them
+            if isinstance(reward, nn.Module):
+                self.add_module(f"reward{i}", reward)
+
+    def forward(self, x0: torch.Tensor, prompts: Sequence[str], cond: Any = _NO_COND) -> torch.Tensor:
         total = torch.zeros(x0.shape[0], device=x0.device)
         for reward, weight in zip(self.rewards, self.weights, strict=True):
-            total = total + weight * reward(x0, prompts, cond)
+            r = reward(x0, prompts) if cond is _NO_COND else reward(x0, prompts, cond)
+            total = total + weight * (r if r.dtype == torch.float64 else r.float())
         return total
