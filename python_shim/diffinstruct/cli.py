@@ -196,6 +196,16 @@ class Problem:
 PROBLEMS: dict[str, Problem] = {}
 REWARDS: dict[str, RewardKind] = {}
 
+# Problems defined outside this module, imported on first use (they import torch and a host library).
+PLUGINS: dict[str, str] = {"diffusers": f"{__package__}.hosts.diffusers"}
+
+
+def _load_plugin(name: str) -> None:
+    if name not in PROBLEMS and name in PLUGINS:
+        import importlib
+
+        importlib.import_module(PLUGINS[name])
+
 
 def register_problem(problem: Problem) -> Problem:
     PROBLEMS[problem.name] = problem
@@ -279,9 +289,10 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> RunSpec:
         if not isinstance(problem_name, str):
             raise ConfigError(f"[run] problem must be a string, got {_toml_repr(problem_name)} "
                               f"({_toml_type(problem_name)})")
+        _load_plugin(problem_name)
         if problem_name not in PROBLEMS:
             raise ConfigError(f"[run] problem = {_toml_repr(problem_name)} is not valid; choose one of "
-                              f"{', '.join(PROBLEMS)}")
+                              f"{', '.join([*PROBLEMS, *(p for p in PLUGINS if p not in PROBLEMS)])}")
     run = check_section("run", run_table, RUN_OPTIONS)
     problem = PROBLEMS[run["problem"]]
     sections = ("run", "train", problem.name, "reward")
