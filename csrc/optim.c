@@ -16,6 +16,10 @@ DIPP_HOT static void ema_tasks(const dipp_ema_args *a, const int64_t *first, int
         const int64_t e0 = (task - first[k]) * DIPP_RED_CHUNK, e1 = dipp_min64(e0 + DIPP_RED_CHUNK, t->n);
         if (t->dtype == DIPP_DT_F32 && t->src_dtype == DIPP_DT_F32)
             ema_range(t, e0, e1, decay, keep, DIPP_DT_F32, DIPP_DT_F32);
+        else if (t->dtype == DIPP_DT_BF16 && t->src_dtype == DIPP_DT_BF16)
+            ema_range(t, e0, e1, decay, keep, DIPP_DT_BF16, DIPP_DT_BF16);
+        else if (t->dtype == DIPP_DT_F32 && t->src_dtype == DIPP_DT_BF16)
+            ema_range(t, e0, e1, decay, keep, DIPP_DT_F32, DIPP_DT_BF16);
         else
             ema_range(t, e0, e1, decay, keep, t->dtype, t->src_dtype);
     }
@@ -50,8 +54,13 @@ DIPP_HOT static void adam_tasks(const dipp_adam_args *a, const dipp_adam_consts 
         const int64_t k = dipp_task_owner(first, a->count, task);
         const dipp_tensor_pair *t = &a->tensors[k];
         const int64_t e0 = (task - first[k]) * DIPP_RED_CHUNK, e1 = dipp_min64(e0 + DIPP_RED_CHUNK, t->n);
+        /* common pairs get constant dtypes (vectorised); the rest take the generic loop */
         if (t->dtype == DIPP_DT_F32 && t->src_dtype == DIPP_DT_F32)
             adam_range(t, e0, e1, h, DIPP_DT_F32, DIPP_DT_F32);
+        else if (t->dtype == DIPP_DT_BF16 && t->src_dtype == DIPP_DT_BF16)
+            adam_range(t, e0, e1, h, DIPP_DT_BF16, DIPP_DT_BF16);
+        else if (t->dtype == DIPP_DT_F32 && t->src_dtype == DIPP_DT_BF16)
+            adam_range(t, e0, e1, h, DIPP_DT_F32, DIPP_DT_BF16);
         else
             adam_range(t, e0, e1, h, t->dtype, t->src_dtype);
     }
