@@ -53,12 +53,7 @@ SD15_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linea
                   "clip_sample": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

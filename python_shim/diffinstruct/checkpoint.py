@@ -109,7 +109,8 @@ def _hook(stage: str, path: Path) -> None:
         _save_hook(stage, path)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` atomically: a fsynced temporary sibling, rename, fsync of the folder."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -285,7 +286,7 @@ def save_checkpoint(trainer: DITrainer, run_dir: str | os.PathLike[str], step: i
         raise
     _fsync_dir(run)
     _hook("renamed", final)
-    _write_text_atomic(run / LATEST, name + "\n")
+    write_text_atomic(run / LATEST, name + "\n")
     _hook("latest", run / LATEST)
     if keep:
         prune(run, keep)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from .checkpoint import write_text_atomic
 
 TIMING_PREFIX = "time_"
 
@@ -75,12 +76,7 @@ def truncate_from(path: str | os.PathLike[str], step: int, inclusive: bool = Tru
             continue
         if isinstance(s, int | float) and (s < step if inclusive else s <= step):
             keep.append(line)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    write_text_atomic(p, "".join(keep))
     return len(keep)
 
 
