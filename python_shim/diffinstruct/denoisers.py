@@ -107,22 +107,3 @@ class FlowDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Any) -> torch.Tensor:
         s = _sigma_vector(sigma, x)
         return x - _per_sample(s, x) * self.net(x, s, cond).to(x.dtype)
-
-
-class GuidedDenoiser:
-    """D_uncond + omega (D_cond - D_uncond) as a denoiser (omega = 1: no guidance, one pass)."""
-
-    def __init__(self, denoiser: Denoiser, omega: float, uncond: Any) -> None:
-        self.denoiser = denoiser
-        self.omega = omega
-        self.uncond = uncond
-        self.process = denoiser.process
-        self.sigma_min = denoiser.sigma_min
-        self.sigma_max = denoiser.sigma_max
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        d_cond = self.denoiser(x, sigma, cond)
-        if self.omega == 1.0:
-            return d_cond
-        d_uncond = self.denoiser(x, sigma, self.uncond)
-        return d_uncond + self.omega * (d_cond - d_uncond)

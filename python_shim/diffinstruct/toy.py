@@ -8,7 +8,6 @@ Conditioning is a class index; -1 is the null class (the unconditional mixture).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -115,7 +114,3 @@ def generate(models: Models, labels: torch.Tensor, seed: int) -> torch.Tensor:
     out = models.generator(z, labels)
     models.generator.train()
     return out
-
-
-def conditioning(labels: torch.Tensor) -> Any:
-    return labels

@@ -24,7 +24,7 @@ from .config import DIConfig
 from .denoisers import Denoiser
 from .generator import OneStepGenerator
 from .optim import EMA, FusedAdam
-from .prompts import PromptList as PromptSource
+from .prompts import PromptList
 from .rewards import Reward
 from .rng import stream_seed
 
@@ -84,8 +84,12 @@ class Models:
     modules: list[nn.Module] = field(default_factory=list)  # for train()/eval() switching and DDP
 
 
-def _finite_grads(params: Sequence[nn.Parameter]) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+def _grad_norm(params: Sequence[nn.Parameter]) -> float:
+    """L2 norm of all gradients with one host sync; NaN/Inf anywhere makes it non-finite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def _zero(params: Sequence[nn.Parameter]) -> None:
@@ -113,7 +117,7 @@ def distar_surrogate(x0: torch.Tensor, d_p: torch.Tensor, d_q: torch.Tensor, sig
 class DITrainer:
     """One DI-family run: call `train_step(step)` for step = 0, 1, ...; state lives in the models and optimisers."""
 
-    def __init__(self, config: DIConfig, models: Models, prompts: PromptSource, reward: Reward | None = None,
+    def __init__(self, config: DIConfig, models: Models, prompts: PromptList, reward: Reward | None = None,
                  device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> None:
         self.cfg = config.validate()
         if self.cfg.alpha != 0.0 and reward is None:
@@ -206,7 +210,7 @@ class DITrainer:
                 bad += int(res.nonfinite.sum())
         if self.ddp is not None:
             bad = self.ddp.finish("ta", bad)  # summed over ranks; hand-averaged grads in LoRA mode
-        ok = bad == 0 and _finite_grads(self.ta_params)
+        ok = bad == 0 and math.isfinite(_grad_norm(self.ta_params))
         if ok:
             with self.clock.measure():
                 self.opt_ta.step()
@@ -316,9 +320,9 @@ class DITrainer:
 
     def generator_step(self, step: int) -> dict[str, float]:
         metrics, bad = self.accumulate_generator_grads(step)
-        ok = bad == 0 and _finite_grads(self.generator_params)
-        grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in self.generator_params
-                                  if p.grad is not None)) if ok else math.nan
+        norm = _grad_norm(self.generator_params)
+        ok = bad == 0 and math.isfinite(norm)
+        grad_norm = norm if ok else math.nan
         if ok:
             with self.clock.measure():
                 self.opt_generator.step()
