@@ -352,20 +352,36 @@ DIPP_HD dipp_adam_consts dipp_adam_prepare(double lr, double beta1, double beta2
     return c;
 }
 
-/* One Adam/AdamW element step in torch.optim.Adam's order of operations. */
-DIPP_HD float dipp_adam(float param, float grad, float *exp_avg, float *exp_avg_sq, const dipp_adam_consts *c) {
-    if (c->weight_decay != 0.0f) {
-        if (c->decoupled) param = param * c->decay_factor;
-        else grad = grad + c->weight_decay * param;
-    }
+/* How weight decay enters an Adam step; chosen once per call, not per element. */
+enum { DIPP_WD_NONE = 0, DIPP_WD_L2 = 1, DIPP_WD_DECOUPLED = 2 };
+
+DIPP_HD int dipp_adam_wd_mode(const dipp_adam_consts *c) {
+    if (c->weight_decay == 0.0f) return DIPP_WD_NONE;
+    return c->decoupled ? DIPP_WD_DECOUPLED : DIPP_WD_L2;
+}
+
+/* torch's lerp takes the first form for weights below 0.5 */
+DIPP_HD int dipp_adam_small_lerp(const dipp_adam_consts *c) { return c->one_minus_beta1 < 0.5f; }
+
+/* One Adam/AdamW element step in torch.optim.Adam's order of operations, with the
+ * per-call choices passed in: CPU loops call it with constants so the compiler
+ * removes the branches and vectorises every dtype instance. */
+DIPP_HD float dipp_adam_with(float param, float grad, float *exp_avg, float *exp_avg_sq, const dipp_adam_consts *c,
+                             int wd_mode, int small_lerp) {
+    if (wd_mode == DIPP_WD_DECOUPLED) param = param * c->decay_factor;
+    else if (wd_mode == DIPP_WD_L2) grad = grad + c->weight_decay * param;
     /* lerp as torch does it, so beta1 = 0 gives m = grad exactly */
     float w = c->one_minus_beta1;
-    float m = (w < 0.5f) ? *exp_avg + w * (grad - *exp_avg) : grad - (grad - *exp_avg) * (1.0f - w);
+    float m = small_lerp ? *exp_avg + w * (grad - *exp_avg) : grad - (grad - *exp_avg) * (1.0f - w);
     float v = c->beta2 * *exp_avg_sq + c->one_minus_beta2 * grad * grad;
     *exp_avg = m;
     *exp_avg_sq = v;
     float denom = sqrtf(v) / c->bc2_sqrt + c->eps;
     return param - c->step_size * (m / denom);
+}
+
+DIPP_HD float dipp_adam(float param, float grad, float *exp_avg, float *exp_avg_sq, const dipp_adam_consts *c) {
+    return dipp_adam_with(param, grad, exp_avg, exp_avg_sq, c, dipp_adam_wd_mode(c), dipp_adam_small_lerp(c));
 }
 
 #endif /* DIPP_MATH_H */
