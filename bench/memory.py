@@ -118,12 +118,12 @@ def parameter_count(size: str) -> int:
 def projected_peak(mode: str, params: int, weight_bytes: int) -> int:
     """Bytes the first iteration needs at least: parameter-sized state (activations come on top).
 
-    full:   teacher + TA + generator weights, generator EMA, generator gradients, float32 Adam m and v for
-            TA and generator (the peak is at the generator's optimiser step).
+    full:   teacher + TA + generator weights, generator EMA, generator gradients, float32 Adam v for TA and
+            generator (DI++'s default beta1 = 0 keeps no first moment; the peak is at the generator's step).
     shared: one base plus gradients of the activations' worth; LoRA state is small (allowance 10 %).
     """
     if mode == "full":
-        return params * (5 * weight_bytes + 16)
+        return params * (5 * weight_bytes + 8)
     return int(params * weight_bytes * 1.1)
 
 
@@ -138,7 +138,7 @@ def choose_dtype(size: str, requested: str, available: int) -> tuple[str, str, i
                            f"{available / GIB:.1f} GiB"), params
     need16 = projected_peak("full", params, 2)
     return "bfloat16", (f"bfloat16 weights: float32 full mode needs at least {need32 / GIB:.1f} GiB "
-                        f"(3 x {params * 4 / GIB:.1f} GiB weights, EMA, gradients, and {params * 16 / GIB:.1f} GiB "
+                        f"(3 x {params * 4 / GIB:.1f} GiB weights, EMA, gradients, and {params * 8 / GIB:.1f} GiB "
                         f"of float32 Adam state for TA and generator) > MemAvailable {available / GIB:.1f} GiB; with "
                         f"bf16 weights it projects {need16 / GIB:.1f} GiB (Adam state stays float32)"), params
 

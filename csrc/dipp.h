@@ -139,7 +139,7 @@ typedef struct {
 typedef struct {
     void *data;
     const void *src;         /* EMA: the parameter; Adam: the gradient */
-    float *exp_avg, *exp_avg_sq; /* Adam only, float32 */
+    float *exp_avg, *exp_avg_sq; /* Adam only, float32; exp_avg NULL: no first moment (beta1 = 0) */
     int dtype, src_dtype;
     int64_t n;
 } dipp_tensor_pair;

@@ -360,28 +360,38 @@ DIPP_HD int dipp_adam_wd_mode(const dipp_adam_consts *c) {
     return c->decoupled ? DIPP_WD_DECOUPLED : DIPP_WD_L2;
 }
 
-/* torch's lerp takes the first form for weights below 0.5 */
-DIPP_HD int dipp_adam_small_lerp(const dipp_adam_consts *c) { return c->one_minus_beta1 < 0.5f; }
+/* The first moment: none (beta1 = 0 and no state kept: m = grad), or torch's lerp,
+ * which takes its first form for weights below 0.5. */
+enum { DIPP_M_NONE = 0, DIPP_M_LERP_SMALL = 1, DIPP_M_LERP_LARGE = 2 };
+
+DIPP_HD int dipp_adam_m_mode(const dipp_adam_consts *c, int has_exp_avg) {
+    if (!has_exp_avg) return DIPP_M_NONE;
+    return c->one_minus_beta1 < 0.5f ? DIPP_M_LERP_SMALL : DIPP_M_LERP_LARGE;
+}
 
 /* One Adam/AdamW element step in torch.optim.Adam's order of operations, with the
  * per-call choices passed in: CPU loops call it with constants so the compiler
- * removes the branches and vectorises every dtype instance. */
+ * removes the branches and vectorises every dtype instance. exp_avg is not
+ * touched (and may be NULL) for DIPP_M_NONE: with beta1 = 0 torch's m equals the
+ * gradient, so keeping it would only cost 8 bytes of traffic per element. */
 DIPP_HD float dipp_adam_with(float param, float grad, float *exp_avg, float *exp_avg_sq, const dipp_adam_consts *c,
-                             int wd_mode, int small_lerp) {
+                             int wd_mode, int m_mode) {
     if (wd_mode == DIPP_WD_DECOUPLED) param = param * c->decay_factor;
     else if (wd_mode == DIPP_WD_L2) grad = grad + c->weight_decay * param;
-    /* lerp as torch does it, so beta1 = 0 gives m = grad exactly */
-    float w = c->one_minus_beta1;
-    float m = small_lerp ? *exp_avg + w * (grad - *exp_avg) : grad - (grad - *exp_avg) * (1.0f - w);
+    float w = c->one_minus_beta1, m = grad;
+    if (m_mode == DIPP_M_LERP_SMALL) m = *exp_avg + w * (grad - *exp_avg);
+    else if (m_mode == DIPP_M_LERP_LARGE) m = grad - (grad - *exp_avg) * (1.0f - w);
     float v = c->beta2 * *exp_avg_sq + c->one_minus_beta2 * grad * grad;
-    *exp_avg = m;
+    if (m_mode != DIPP_M_NONE) *exp_avg = m;
     *exp_avg_sq = v;
     float denom = sqrtf(v) / c->bc2_sqrt + c->eps;
     return param - c->step_size * (m / denom);
 }
 
+/* exp_avg == NULL: no first-moment state (only valid with beta1 = 0). */
 DIPP_HD float dipp_adam(float param, float grad, float *exp_avg, float *exp_avg_sq, const dipp_adam_consts *c) {
-    return dipp_adam_with(param, grad, exp_avg, exp_avg_sq, c, dipp_adam_wd_mode(c), dipp_adam_small_lerp(c));
+    return dipp_adam_with(param, grad, exp_avg, exp_avg_sq, c, dipp_adam_wd_mode(c),
+                          dipp_adam_m_mode(c, exp_avg != 0));
 }
 
 #endif /* DIPP_MATH_H */

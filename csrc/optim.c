@@ -35,7 +35,7 @@ dipp_status dipp_cpu_ema_update(const dipp_ema_args *a) {
 }
 
 DIPP_ALWAYS_INLINE void adam_loop(const dipp_tensor_pair *t, int64_t e0, int64_t e1, const dipp_adam_consts *hp,
-                                  int dt, int gt, int wd_mode, int small_lerp) {
+                                  int dt, int gt, int wd_mode, int m_mode) {
     /* local copies: stores through the float pointers cannot alias them, so the
      * loop vectorises */
     const dipp_adam_consts h = *hp;
@@ -43,32 +43,33 @@ DIPP_ALWAYS_INLINE void adam_loop(const dipp_tensor_pair *t, int64_t e0, int64_t
     const void *grad = t->src;
     float *exp_avg = t->exp_avg, *exp_avg_sq = t->exp_avg_sq;
     for (int64_t e = e0; e < e1; ++e) {
-        float p = dipp_adam_with(dipp_load(data, e, dt), dipp_load(grad, e, gt), &exp_avg[e], &exp_avg_sq[e], &h,
-                                 wd_mode, small_lerp);
+        float *m = m_mode == DIPP_M_NONE ? exp_avg : &exp_avg[e];
+        float p = dipp_adam_with(dipp_load(data, e, dt), dipp_load(grad, e, gt), m, &exp_avg_sq[e], &h, wd_mode,
+                                 m_mode);
         dipp_store(data, e, dt, p);
     }
 }
+
+#define ADAM_WITH_M(WD)                                                                            \
+    do {                                                                                           \
+        if (m_mode == DIPP_M_NONE) adam_loop(t, e0, e1, h, dt, gt, WD, DIPP_M_NONE);               \
+        else if (m_mode == DIPP_M_LERP_SMALL) adam_loop(t, e0, e1, h, dt, gt, WD, DIPP_M_LERP_SMALL); \
+        else adam_loop(t, e0, e1, h, dt, gt, WD, DIPP_M_LERP_LARGE);                               \
+    } while (0)
 
 /* The per-call branches unswitched by hand: GCC does it for some dtype instances
  * only (bf16 stayed scalar, ~4x slower per byte). */
 DIPP_ALWAYS_INLINE void adam_range(const dipp_tensor_pair *t, int64_t e0, int64_t e1, const dipp_adam_consts *h,
                                    int dt, int gt) {
-    const int small = dipp_adam_small_lerp(h);
+    const int m_mode = dipp_adam_m_mode(h, t->exp_avg != NULL);
     switch (dipp_adam_wd_mode(h)) {
-    case DIPP_WD_NONE:
-        if (small) adam_loop(t, e0, e1, h, dt, gt, DIPP_WD_NONE, 1);
-        else adam_loop(t, e0, e1, h, dt, gt, DIPP_WD_NONE, 0);
-        break;
-    case DIPP_WD_L2:
-        if (small) adam_loop(t, e0, e1, h, dt, gt, DIPP_WD_L2, 1);
-        else adam_loop(t, e0, e1, h, dt, gt, DIPP_WD_L2, 0);
-        break;
-    default:
-        if (small) adam_loop(t, e0, e1, h, dt, gt, DIPP_WD_DECOUPLED, 1);
-        else adam_loop(t, e0, e1, h, dt, gt, DIPP_WD_DECOUPLED, 0);
-        break;
+    case DIPP_WD_NONE: ADAM_WITH_M(DIPP_WD_NONE); break;
+    case DIPP_WD_L2: ADAM_WITH_M(DIPP_WD_L2); break;
+    default: ADAM_WITH_M(DIPP_WD_DECOUPLED); break;
     }
 }
+
+#undef ADAM_WITH_M
 
 DIPP_HOT static void adam_tasks(const dipp_adam_args *a, const dipp_adam_consts *h, const int64_t *first,
                                 int64_t begin, int64_t end) {
@@ -89,6 +90,8 @@ DIPP_HOT static void adam_tasks(const dipp_adam_args *a, const dipp_adam_consts 
 }
 
 dipp_status dipp_cpu_adam_step(const dipp_adam_args *a) {
+    for (int64_t k = 0; k < a->count; ++k)
+        if (!a->tensors[k].exp_avg && a->beta1 != 0.0) return DIPP_ERR_ARGUMENT;
     const dipp_adam_consts h = dipp_adam_prepare(a->lr, a->beta1, a->beta2, a->eps, a->weight_decay, a->decoupled,
                                                  a->step);
     int64_t *first = dipp_task_prefix(a->tensors, a->count);

@@ -21,13 +21,15 @@ struct adam_op {
     template <int DT, int GT>
     __device__ __forceinline__ void run(const dipp_mt_list &list, int k, int64_t e) const {
         void *data = list.data[k];
-        float p = dipp_adam(dipp_load(data, e, DT), dipp_load(list.src[k], e, GT), &list.exp_avg[k][e],
-                            &list.exp_avg_sq[k][e], &c);
+        float *m = list.exp_avg[k] ? &list.exp_avg[k][e] : nullptr; /* no state: beta1 = 0 */
+        float p = dipp_adam(dipp_load(data, e, DT), dipp_load(list.src[k], e, GT), m, &list.exp_avg_sq[k][e], &c);
         dipp_store(data, e, DT, p);
     }
 };
 
 extern "C" dipp_status dipp_cuda_adam_step(const dipp_adam_args *args, void *stream) {
+    for (int64_t k = 0; k < args->count; ++k)
+        if (!args->tensors[k].exp_avg && args->beta1 != 0.0) return DIPP_ERR_ARGUMENT;
     /* constants on the host, by the same function optim.c uses */
     adam_op op = {dipp_adam_prepare(args->lr, args->beta1, args->beta2, args->eps, args->weight_decay,
                                     args->decoupled, args->step)};

@@ -97,7 +97,16 @@ OP_DECLARE(adam_step) {
     PyObject *result = NULL;
     dipp_tensor_pair *pairs = NULL;
     dipp_status status = DIPP_OK;
+    /* exp_avgs = None keeps no first moment; torch's m is the gradient when beta1 = 0 */
+    const int has_m = objs[2] != Py_None;
+    if (!has_m && beta1 != 0.0) {
+        char text[32];
+        snprintf(text, sizeof text, "%g", beta1); /* PyErr_Format has no float conversions */
+        PyErr_Format(PyExc_ValueError, "exp_avgs may be None only when beta1 == 0 (got beta1 = %s)", text);
+        return NULL;
+    }
     for (int k = 0; k < 4; ++k) {
+        if (k == 2 && !has_m) continue;
         seqs[k] = tensor_list(objs[k], names[k]);
         if (!seqs[k] || (k && check_lengths(seqs[0], names[0], seqs[k], names[k]) < 0)) goto done;
     }
@@ -114,10 +123,11 @@ OP_DECLARE(adam_step) {
     for (Py_ssize_t i = 0; i < n; ++i) {
         tensor_view *p = item(&call, seqs[0], "params", i, ROLE_INOUT, DTYPES_FLOAT);
         tensor_view *g = p ? item(&call, seqs[1], "grads", i, ROLE_INPUT, DTYPES_FLOAT) : NULL;
-        tensor_view *m = g ? item(&call, seqs[2], "exp_avgs", i, ROLE_INOUT, DTYPES_F32) : NULL;
-        tensor_view *v = m ? item(&call, seqs[3], "exp_avg_sqs", i, ROLE_INOUT, DTYPES_F32) : NULL;
-        if (!v || check_same_shape(p, g) < 0 || check_same_shape(p, m) < 0 || check_same_shape(p, v) < 0) goto done;
-        pairs[i] = (dipp_tensor_pair){p->data, g->data, m->data, v->data, p->dtype, g->dtype, p->numel};
+        tensor_view *m = g && has_m ? item(&call, seqs[2], "exp_avgs", i, ROLE_INOUT, DTYPES_F32) : NULL;
+        tensor_view *v = g && (m || !has_m) ? item(&call, seqs[3], "exp_avg_sqs", i, ROLE_INOUT, DTYPES_F32) : NULL;
+        if (!v || check_same_shape(p, g) < 0 || (m && check_same_shape(p, m) < 0) || check_same_shape(p, v) < 0)
+            goto done;
+        pairs[i] = (dipp_tensor_pair){p->data, g->data, m ? m->data : NULL, v->data, p->dtype, g->dtype, p->numel};
     }
     if (call_check_devices_and_overlap(&call) < 0) goto done;
     dipp_adam_args a = {pairs, n, lr, beta1, beta2, eps, weight_decay, decoupled, (int64_t)step};

@@ -1261,6 +1261,20 @@ CASES = [
         lambda kw: {"exp_avg_sqs": [kw["exp_avgs"][0], kw["exp_avg_sqs"][1]]},
     ),
     case(
+        "adam-exp_avgs-none-with-momentum",
+        "adam_step",
+        VE,
+        r"^exp_avgs may be None only when beta1 == 0 \(got beta1 = 0.9\)",
+        lambda kw: {"exp_avgs": None},
+    ),
+    case(
+        "adam-exp_avgs-none-bad-exp_avg_sqs-shape",
+        "adam_step",
+        VE,
+        r"^exp_avg_sqs\[1\] has shape \(4,\) but params\[1\] has shape \(5,\)",
+        lambda kw: {"exp_avgs": None, "beta1": 0.0, "exp_avg_sqs": [kw["exp_avg_sqs"][0], empty(4)]},
+    ),
+    case(
         "adam-grads-int32",
         "adam_step",
         TE,

@@ -9,6 +9,7 @@ import torch
 import reference_np as ref
 from conftest import FLOAT_DTYPES, TOLERANCES, as64
 from diffinstruct import kernels
+from diffinstruct.kernels import reference
 
 SHAPES = [(3,), (17, 5), (4, 33, 9), (2100,)]
 
@@ -52,6 +53,43 @@ def test_adam_step_matches_numpy_over_steps(dtype, beta1, weight_decay, decouple
         np.testing.assert_allclose(as64(p), wp, rtol=tol["rtol"], atol=max(tol["atol"], 1e-5))
         np.testing.assert_allclose(mm.numpy(), wm, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(vv.numpy(), wv, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("weight_decay,decoupled", [(0.0, False), (0.01, False), (0.1, True)])
+def test_adam_without_first_moment_equals_beta1_zero(dtype, weight_decay, decoupled):
+    """exp_avgs=None (beta1 = 0): the same parameters and second moments as keeping m, to the bit;
+    the pure-PyTorch reference's None path agrees within the dtype's tolerance."""
+    with_m, without_m, by_reference = tensors(dtype, 5), tensors(dtype, 5), tensors(dtype, 5)
+    m = [torch.zeros(p.shape) for p in with_m]
+    v1, v2, v3 = ([torch.zeros(p.shape) for p in with_m] for _ in range(3))
+    for step in range(1, 4):
+        grads = tensors(dtype, 20 + step)
+        opts = {"lr": 1e-2, "beta1": 0.0, "beta2": 0.999, "eps": 1e-8, "weight_decay": weight_decay,
+                "step": step, "decoupled": decoupled}
+        kernels.adam_step(with_m, grads, m, v1, **opts)
+        kernels.adam_step(without_m, grads, None, v2, **opts)
+        reference.adam_step(by_reference, grads, None, v3, **opts)
+    tol = TOLERANCES[dtype]
+    for a, b, c, va, vb, vc in zip(with_m, without_m, by_reference, v1, v2, v3, strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(va, vb)
+        np.testing.assert_allclose(as64(c), as64(b), rtol=tol["rtol"], atol=max(tol["atol"], 1e-5))
+        np.testing.assert_allclose(vc.numpy(), vb.numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_fused_adam_keeps_no_first_moment_at_beta1_zero():
+    from diffinstruct.optim import FusedAdam
+
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    opt = FusedAdam([p], lr=0.1, betas=(0.0, 0.999))
+    opt.step()
+    assert set(opt.state[p]) == {"step", "exp_avg_sq"}
+    opt.param_groups[0]["betas"] = (0.9, 0.999)  # a resume with momentum starts m at zero
+    opt.step()
+    assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.full((4,), 0.1))
 
 
 @pytest.mark.parametrize("decoupled", [False, True])

@@ -12,8 +12,10 @@ from . import kernels
 class FusedAdam(torch.optim.Optimizer):
     """torch.optim.Adam semantics (AdamW with decoupled=True), one kernel call per step.
 
-    State per parameter: float32 exp_avg and exp_avg_sq, and a step count; the
-    state dict is the standard torch one, so checkpoints resume exactly.
+    State per parameter: float32 exp_avg_sq, float32 exp_avg unless beta1 = 0 (DI++'s
+    default: torch's first moment is then the gradient itself, so keeping it would
+    only cost memory and 8 bytes of traffic per element), and a step count; the state
+    dict is the standard torch one, so checkpoints resume exactly.
     """
 
     def __init__(
@@ -39,6 +41,8 @@ class FusedAdam(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("FusedAdam does not take a closure")
         for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            momentum = beta1 != 0.0
             params, grads, avgs, sqs, steps = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -46,13 +50,15 @@ class FusedAdam(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
                                                            memory_format=torch.contiguous_format)
+                if momentum and "exp_avg" not in state:
+                    # also when a beta1 = 0 run resumes with beta1 > 0: m starts at zero as in a fresh run
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
                 state["step"] += 1
                 params.append(p)
                 grads.append(p.grad.contiguous())
-                avgs.append(state["exp_avg"])
+                avgs.append(state.get("exp_avg"))
                 sqs.append(state["exp_avg_sq"])
                 steps.append(int(state["step"].item()))
             if not params:
@@ -60,8 +66,8 @@ class FusedAdam(torch.optim.Optimizer):
             # one call per distinct step count (normally exactly one)
             for step in sorted(set(steps)):
                 pick = [i for i, s in enumerate(steps) if s == step]
-                beta1, beta2 = group["betas"]
-                kernels.adam_step([params[i] for i in pick], [grads[i] for i in pick], [avgs[i] for i in pick],
+                kernels.adam_step([params[i] for i in pick], [grads[i] for i in pick],
+                                  [avgs[i] for i in pick] if momentum else None,
                                   [sqs[i] for i in pick], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                   weight_decay=group["weight_decay"], step=step, decoupled=group["decoupled"])
 

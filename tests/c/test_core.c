@@ -797,6 +797,39 @@ static void test_adam(void) {
           "adam by hand: p %.7f (0.9), m %.7f (0.2), v %.7g (0.004)", p, m, v);
 }
 
+/* exp_avg NULL (no first moment, beta1 = 0): bitwise the same parameters and v as
+ * keeping m; with beta1 != 0 it is an argument error and nothing is written. */
+static void test_adam_without_first_moment(void) {
+    enum { N = 1030 };
+    float p1[N], p2[N], g[N], m[N], v1[N], v2[N];
+    for (int i = 0; i < N; ++i) {
+        p1[i] = p2[i] = 0.01f * (float)(i % 97) - 0.4f;
+        g[i] = 0.003f * (float)(i % 13) - 0.02f;
+        m[i] = v1[i] = v2[i] = 0.0f;
+    }
+    dipp_tensor_pair with_m = {.data = p1, .src = g, .exp_avg = m, .exp_avg_sq = v1, .dtype = DIPP_DT_F32,
+                               .src_dtype = DIPP_DT_F32, .n = N};
+    dipp_tensor_pair without_m = with_m;
+    without_m.data = p2;
+    without_m.exp_avg = NULL;
+    without_m.exp_avg_sq = v2;
+    int ok = 1;
+    for (int step = 1; step <= 3; ++step) {
+        dipp_adam_args a = {.tensors = &with_m, .count = 1, .lr = 1e-2, .beta1 = 0.0, .beta2 = 0.999, .eps = 1e-8,
+                            .weight_decay = 0.05, .decoupled = 1, .step = step};
+        ok &= dipp_cpu_adam_step(&a) == DIPP_OK;
+        a.tensors = &without_m;
+        ok &= dipp_cpu_adam_step(&a) == DIPP_OK;
+    }
+    ok &= memcmp(p1, p2, sizeof p1) == 0 && memcmp(v1, v2, sizeof v1) == 0;
+    CHECK(ok, "adam_step without exp_avg equals beta1 = 0 with it, bitwise");
+    float before = p2[0];
+    dipp_adam_args bad = {.tensors = &without_m, .count = 1, .lr = 1e-2, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8,
+                          .weight_decay = 0.0, .decoupled = 0, .step = 4};
+    CHECK(dipp_cpu_adam_step(&bad) == DIPP_ERR_ARGUMENT && p2[0] == before,
+          "adam_step without exp_avg and beta1 = 0.9 is DIPP_ERR_ARGUMENT, nothing written");
+}
+
 /* ---------------------------------------------------------------- STREAM probes, threads, status */
 
 static void test_misc(void) {
@@ -858,6 +891,7 @@ int main(void) {
     test_huber();
     test_ema();
     test_adam();
+    test_adam_without_first_moment();
     test_misc();
     printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed ? 1 : 0;

@@ -220,7 +220,7 @@ def ema_update(ema: Sequence[Array], params: Sequence[Array], decay: float) -> N
 def adam_step(
     params: Sequence[Array],
     grads: Sequence[Array],
-    exp_avgs: Sequence[Array],
+    exp_avgs: Sequence[Array] | None,
     exp_avg_sqs: Sequence[Array],
     *,
     lr: float,
@@ -231,12 +231,16 @@ def adam_step(
     step: int,
     decoupled: bool = False,
 ) -> None:
-    """One Adam (AdamW with decoupled=True) step over all tensors, in place; step counts from 1."""
+    """One Adam (AdamW with decoupled=True) step over all tensors, in place; step counts from 1.
+
+    exp_avgs=None (only with beta1 = 0) keeps no first moment: torch's is the gradient then.
+    """
     if use_reference(*params):
-        reference.adam_step(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), lr, beta1, beta2, eps,
-                            weight_decay, step, decoupled)
+        reference.adam_step(list(params), list(grads), None if exp_avgs is None else list(exp_avgs),
+                            list(exp_avg_sqs), lr, beta1, beta2, eps, weight_decay, step, decoupled)
         return
     core.adam_step([plain_out(p, "params") for p in params], [plain(g) for g in grads],
-                   [plain_out(m, "exp_avgs") for m in exp_avgs], [plain_out(v, "exp_avg_sqs") for v in exp_avg_sqs],
+                   None if exp_avgs is None else [plain_out(m, "exp_avgs") for m in exp_avgs],
+                   [plain_out(v, "exp_avg_sqs") for v in exp_avg_sqs],
                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
                    decoupled=decoupled, stream=stream_of(*params))

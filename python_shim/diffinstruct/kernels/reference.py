@@ -180,7 +180,7 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float
 def adam_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor] | None,
     exp_avg_sqs: list[torch.Tensor],
     lr: float,
     beta1: float,
@@ -190,16 +190,22 @@ def adam_step(
     step: int,
     decoupled: bool,
 ) -> None:
+    if exp_avgs is None and beta1 != 0.0:
+        raise ValueError(f"exp_avgs may be None only when beta1 == 0 (got beta1 = {beta1:g})")
     step_size = lr / (1.0 - beta1**step)
     bc2_sqrt = math.sqrt(1.0 - beta2**step)
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+    moments: list[torch.Tensor | None] = list(exp_avgs) if exp_avgs is not None else [None] * len(params)
+    for p, g, m_state, v in zip(params, grads, moments, exp_avg_sqs, strict=True):
         pf, gf = p.float(), g.float()
         if weight_decay != 0.0:
             if decoupled:
                 pf = pf * (1.0 - lr * weight_decay)
             else:
                 gf = gf + weight_decay * pf
-        m.lerp_(gf, 1.0 - beta1)
+        if m_state is None:
+            m = gf  # beta1 = 0: torch's first moment is the gradient itself
+        else:
+            m = m_state.lerp_(gf, 1.0 - beta1)
         v.mul_(beta2).addcmul_(gf, gf, value=1.0 - beta2)
         pf = pf - step_size * (m / (v.sqrt() / bc2_sqrt + eps))
         p.copy_(pf.to(p.dtype))
