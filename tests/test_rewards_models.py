@@ -246,10 +246,15 @@ def test_hub_id_is_not_a_hub_id():
         load_clip_score("openai/clip-vit-large-patch14")
 
 
-def test_not_yet_implemented_rewards_say_so():
-    for name in ("imagereward", "hpsv2"):
-        with pytest.raises(NotImplementedError, match="not implemented"):
-            load_scorer(name)
+def test_every_model_reward_names_its_missing_file(tmp_path):
+    files = {"clip": "config.json", "pickscore": "config.json", "aesthetic": "sac+logos+ava1-l14-linearMSE",
+             "hpsv2": "HPS_v2.1_compressed.pt", "imagereward": "ImageReward.pt"}
+    for name, file in files.items():
+        with pytest.raises(RewardWeightsNotFound) as err:
+            load_scorer(name, models_dir=tmp_path)
+        msg = str(err.value)
+        assert f"<models>/rewards/{name}/" in msg and "Nothing is downloaded" in msg, msg
+        assert file in msg or name in ("clip", "pickscore"), msg  # a whole folder is missing for the HF models
 
 
 # ------------------------------------------------------------------------------------------- composition

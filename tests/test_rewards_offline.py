@@ -12,7 +12,12 @@ pytest.importorskip("transformers")
 
 from diffinstruct.rewards import NAMES, RewardWeightsNotFound, load_scorer, load_spec  # noqa: E402
 from diffinstruct.rewards.preference import train  # noqa: E402
-from diffinstruct.rewards.tiny import write_tiny_aesthetic_head, write_tiny_clip  # noqa: E402
+from diffinstruct.rewards.tiny import (  # noqa: E402
+    write_tiny_aesthetic_head,
+    write_tiny_clip,
+    write_tiny_hpsv2,
+    write_tiny_imagereward,
+)
 
 
 class NetworkBlocked(RuntimeError):
@@ -42,6 +47,8 @@ def models(tmp_path_factory):
     write_tiny_clip(root / "rewards" / "clip", seed=0)
     write_tiny_clip(root / "rewards" / "pickscore", seed=1, hidden_act="gelu")
     write_tiny_aesthetic_head(root / "rewards" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.safetensors")
+    write_tiny_hpsv2(root / "rewards" / "hpsv2")
+    write_tiny_imagereward(root / "rewards" / "imagereward")
     g = torch.Generator().manual_seed(0)
     from diffinstruct.rewards.preference import Pairs
 
@@ -61,10 +68,11 @@ def test_blocking_works(no_network):
 def test_every_loader_works_offline(models, no_network):
     x = torch.rand(2, 3, 24, 30, requires_grad=True)
     prompts = ["a red car", "a dog"]
-    for name in ("clip", "pickscore", "aesthetic", "brightness", "saturation", "color_match"):
+    for name in ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", "brightness", "saturation", "color_match"):
         r = load_scorer(name, models_dir=models)(x, prompts)
         assert r.shape == (2,)
-    combo = load_spec(f"pickscore+0.5*aesthetic+preference@{models / 'pref.safetensors'}", models_dir=models)
+    combo = load_spec(f"pickscore+0.5*aesthetic+hpsv2+imagereward+preference@{models / 'pref.safetensors'}",
+                      models_dir=models)
     (g,) = torch.autograd.grad(combo(x, prompts).sum(), x)
     assert torch.isfinite(g).all()
     assert no_network == []
@@ -72,7 +80,7 @@ def test_every_loader_works_offline(models, no_network):
 
 def test_missing_files_fail_locally(tmp_path, no_network):
     for name in NAMES:
-        if name in ("clip", "pickscore", "aesthetic"):
+        if name in ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward"):
             with pytest.raises(RewardWeightsNotFound):
                 load_scorer(name, models_dir=tmp_path)
     with pytest.raises(RewardWeightsNotFound):

@@ -1,14 +1,20 @@
-"""Command line: ``python -m diffinstruct train | sample | eval``.
+"""Command line: ``python -m diffinstruct train | sample | eval | evaluate``.
 
     python -m diffinstruct train  --config run.toml [--resume] [--steps N] [--no-progress]
+                                  [--reward SPEC [--models-dir DIR]] [--init-generator CHECKPOINT]
     python -m diffinstruct sample --checkpoint DIR --out FILE [--n N] [--seed S] [--weights ema|generator]
     python -m diffinstruct eval   --checkpoint DIR [--n N] [--seed S] [--weights ema|generator]
+    python -m diffinstruct evaluate (--images DIR | --checkpoint DIR --prompts coco1k|hpsv2|FILE) [--metrics ...]
 
 A run is described by a TOML file with the sections
-  [run]     problem, steps, out_dir, checkpoint_every, keep, seed, eval_every, eval_samples, base_model
+  [run]     problem, steps, out_dir, checkpoint_every, keep, seed, eval_every, eval_samples, base_model,
+            generator_init (a checkpoint or run directory whose EMA generator weights the generator starts from)
   [train]   DIConfig's fields (config.py), validated by DIConfig.from_dict
   [<problem>] the problem's own options, e.g. [toy2d] classes, s2, hidden, sigma_init
-  [reward]  name = "none" | "target" (target = [x, y]); the names a problem supports
+  [reward]  name = "none" | "target" (target = [x, y]) | "image" (spec = "0.5*pickscore+aesthetic@/path",
+            models_dir = ...; only for problems whose samples are images); the names a problem supports
+`train --reward SPEC` replaces the [reward] section with name = "image", spec = SPEC; `--init-generator PATH`
+sets [run] generator_init. `evaluate` lives in evaluate.py.
 The whole file is validated before any work starts; a bad value exits with status 2 and a message naming
 the key and what is allowed. Problems live in PROBLEMS (register_problem), rewards in REWARDS, so a
 "diffusers" problem plugs in without touching the parser or the loop.
@@ -192,6 +198,23 @@ class Problem:
                plot_path: Path | None) -> dict[str, Any]:
         raise NotImplementedError
 
+    def image_reward(self, scorer: Any, spec: RunSpec) -> Any:
+        """The trainer's Reward for an image scorer (images [B, 3, H, W] in [0, 1] + prompts -> [B], e.g. from
+        rewards.load_spec). Problems whose samples are images override this (rewards.PixelReward for pixel-space
+        generators, rewards.LatentToImageReward with a differentiable decoder for latent ones)."""
+        raise ConfigError(f"problem {self.name!r} takes no image rewards (its samples are not images); its rewards: "
+                          f"{', '.join(self.rewards)}")
+
+    def generate_images(self, built: Built, spec: RunSpec, prompts: Sequence[str], seed: int) -> Any:
+        """One image per prompt from the generator, a tensor [N, 3, H, W] in [0, 1] (for `evaluate`)."""
+        raise ConfigError(f"problem {self.name!r} cannot generate images for prompts, so `evaluate --checkpoint` "
+                          "does not apply to it; use `eval` for its own metrics")
+
+
+def takes_image_rewards(problem: Problem) -> bool:
+    """True when the problem overrides Problem.image_reward (its samples are images)."""
+    return type(problem).image_reward is not Problem.image_reward
+
 
 PROBLEMS: dict[str, Problem] = {}
 REWARDS: dict[str, RewardKind] = {}
@@ -228,6 +251,8 @@ RUN_OPTIONS: dict[str, Option] = {
     "eval_every": Option("int", 0, low=0, help="evaluate every N steps (0: never during training)"),
     "eval_samples": Option("int", 1000, low=1),
     "base_model": Option("str", "", help="free-form name of the base model, stored in checkpoints"),
+    "generator_init": Option("str", "", help="a checkpoint or run directory (from `train`) whose EMA generator "
+                                             "weights the generator starts from; empty: the problem's own init"),
 }
 
 
@@ -260,6 +285,7 @@ class RunSpec:
     problem_options: dict[str, Any]
     reward: dict[str, Any]
     source: str | None = None
+    generator_init: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML structure again (stored in checkpoints, so `sample`/`eval` need no config file)."""
@@ -270,7 +296,7 @@ class RunSpec:
             "run": {"problem": self.problem, "steps": self.steps, "out_dir": str(self.out_dir),
                     "checkpoint_every": self.checkpoint_every, "keep": self.keep, "seed": self.seed,
                     "eval_every": self.eval_every, "eval_samples": self.eval_samples,
-                    "base_model": self.base_model},
+                    "base_model": self.base_model, "generator_init": self.generator_init},
             "train": {k: v for k, v in train.items() if v is not None},
             self.problem: dict(self.problem_options),
             "reward": dict(self.reward),
@@ -322,6 +348,8 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> RunSpec:
     if not isinstance(name, str):
         raise ConfigError(f"[reward] name must be a string, got {_toml_repr(name)} ({_toml_type(name)})")
     allowed = [r for r in problem.rewards if r in REWARDS]
+    if takes_image_rewards(problem) and "image" not in allowed:
+        allowed.append("image")
     if name not in allowed:
         raise ConfigError(f"[reward] name = {_toml_repr(name)} is not valid for problem {problem.name!r}; "
                           f"choose one of {', '.join(allowed)}")
@@ -332,7 +360,8 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> RunSpec:
     spec = RunSpec(problem=problem.name, steps=run["steps"], out_dir=Path(run["out_dir"]),
                    checkpoint_every=run["checkpoint_every"], keep=run["keep"], seed=run["seed"],
                    eval_every=run["eval_every"], eval_samples=run["eval_samples"], base_model=run["base_model"],
-                   train=train, problem_options=problem_options, reward=reward, source=source)
+                   train=train, problem_options=problem_options, reward=reward, source=source,
+                   generator_init=run["generator_init"])
     if train.alpha != 0.0 and name == "none":
         raise ConfigError(f"[train] alpha = {train.alpha:g} needs a reward: set [reward] name to one of "
                           f"{', '.join(r for r in allowed if r != 'none') or '(none available)'}")
@@ -363,9 +392,36 @@ def _load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
 
 
-def load_config(path: str | Path) -> RunSpec:
+def apply_overrides(data: dict[str, Any], reward: str | None = None, models_dir: str | None = None,
+                    generator_init: str | None = None) -> dict[str, Any]:
+    """The parsed TOML with the command line's overrides: `reward` replaces [reward] by an image-reward spec,
+    `generator_init` sets [run] generator_init. Problems that take no image rewards refuse `reward`."""
+    data = dict(data)
+    if models_dir is not None and reward is None:
+        raise ConfigError("--models-dir applies to --reward; pass --reward SPEC too (or set [reward] models_dir)")
+    if reward is not None:
+        run = data.get("run")
+        name = run.get("problem") if isinstance(run, dict) else None
+        if isinstance(name, str):
+            _load_plugin(name)
+            if name in PROBLEMS and not takes_image_rewards(PROBLEMS[name]):
+                raise ConfigError(f"--reward {reward!r}: problem {name!r} takes no image rewards (its samples are "
+                                  f"not images); set [reward] to one of {', '.join(PROBLEMS[name].rewards)} instead")
+        data["reward"] = {"name": "image", "spec": reward, **({"models_dir": models_dir} if models_dir else {})}
+    if generator_init is not None:
+        if not isinstance(data.get("run"), dict):
+            raise ConfigError("missing section [run] (it needs at least problem, steps and out_dir)")
+        data["run"] = {**data["run"], "generator_init": generator_init}
+    return data
+
+
+def load_config(path: str | Path, **overrides: Any) -> RunSpec:
+    """The validated run of a TOML file; `overrides` as in apply_overrides (reward, models_dir, generator_init)."""
     p = Path(path)
-    return parse_config(_load_toml(p), source=str(p))
+    data = _load_toml(p)
+    if any(v is not None for v in overrides.values()):
+        data = apply_overrides(data, **overrides)
+    return parse_config(data, source=str(p))
 
 
 def build(spec: RunSpec) -> Built:
@@ -376,11 +432,33 @@ def build_reward(spec: RunSpec) -> Any:
     return REWARDS[spec.reward["name"]].build({k: v for k, v in spec.reward.items() if k != "name"}, spec)
 
 
-def build_trainer(spec: RunSpec, rank: int = 0, world_size: int = 1) -> tuple[Any, Built]:
-    """rank / world_size: this process's place in a torchrun job (its random streams are keyed by rank)."""
+def load_generator_init(spec: RunSpec, built: Built) -> Any:
+    """Copies the EMA generator weights of the checkpoint [run] generator_init names into the generator.
+
+    The checkpoint must come from a run of the same generator architecture (same problem options, memory mode and
+    LoRA rank); anything else is refused with CheckpointError naming the mismatch. Returns the CheckpointInfo."""
+    from . import checkpoint
+
+    path = Path(spec.generator_init).expanduser()
+    if not path.exists():
+        raise ConfigError(f"[run] generator_init / --init-generator: {path} does not exist (expected a checkpoint "
+                          "step-NNNNNN directory or a run directory written by `python -m diffinstruct train`)")
+    try:
+        return checkpoint.load_params(path, "ema", built.models.generator_params)
+    except checkpoint.CheckpointError as exc:
+        raise checkpoint.CheckpointError(f"[run] generator_init / --init-generator {path}: cannot start the "
+                                         f"generator from it: {exc}") from None
+
+
+def build_trainer(spec: RunSpec, rank: int = 0, world_size: int = 1,
+                  init_generator: bool = True) -> tuple[Any, Built]:
+    """rank / world_size: this process's place in a torchrun job (its random streams are keyed by rank).
+    init_generator=False skips [run] generator_init (a resumed run restores its own weights instead)."""
     from .trainer import DITrainer
 
     built = build(spec)
+    if spec.generator_init and init_generator:  # before the trainer exists, so its EMA starts there too
+        built.extras["generator_init"] = str(load_generator_init(spec, built).path)
     return DITrainer(spec.train, built.models, built.prompts, reward=built.reward, rank=rank,
                      world_size=world_size), built
 
@@ -401,7 +479,33 @@ def _target_build(options: dict[str, Any], spec: RunSpec) -> Any:
     return TargetReward(torch.tensor(options["target"], dtype=torch.float32))
 
 
+def _image_check(options: dict[str, Any], spec: RunSpec) -> None:
+    from .rewards.registry import check_spec
+
+    try:
+        check_spec(options["spec"])
+    except ValueError as exc:
+        raise ConfigError(f"[reward] spec = {options['spec']!r}: {exc}") from None
+    if options["models_dir"] and not Path(options["models_dir"]).expanduser().is_dir():
+        raise ConfigError(f"[reward] models_dir = {options['models_dir']!r} is not a directory")
+
+
+def _image_build(options: dict[str, Any], spec: RunSpec) -> Any:
+    from .rewards import RewardWeightsNotFound, load_spec
+
+    try:
+        scorer = load_spec(options["spec"], models_dir=options["models_dir"] or None)
+    except (RewardWeightsNotFound, ValueError, NotImplementedError) as exc:
+        raise ConfigError(f"[reward] spec = {options['spec']!r}: {exc}") from None
+    return PROBLEMS[spec.problem].image_reward(scorer, spec)
+
+
 register_reward(RewardKind("none", {}, lambda options, spec: None))
+register_reward(RewardKind("image", {
+    "spec": Option("str", help="reward spec, terms [WEIGHT*]NAME[@PATH] joined by '+', e.g. "
+                               "\"0.5*pickscore+aesthetic@/weights/aes.safetensors\""),
+    "models_dir": Option("str", "", help="models folder for reward weights (default: $DIFFINSTRUCT_MODELS_DIR or "
+                                         "ComfyUI's)")}, _image_build, _image_check))
 register_reward(RewardKind("target", {"target": Option("floats", help="the point samples are pulled to, e.g. "
                                                                         "[1.0, 1.0]")},
                            _target_build, _target_check))
@@ -521,12 +625,18 @@ def _eval_fn(problem: Problem, built: Built, spec: RunSpec) -> Callable[[Any, in
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    spec = load_config(args.config)  # everything is validated before torch is even imported
+    # everything is validated before torch is even imported
+    spec = load_config(args.config, reward=args.reward, models_dir=args.models_dir, generator_init=args.init_generator)
     if args.steps is not None:
         spec.steps = args.steps
     from . import checkpoint, distributed, runner
 
     out = spec.out_dir
+    resuming = args.resume and out.is_dir() and bool(checkpoint.list_checkpoints(out))
+    if spec.generator_init and not resuming and not Path(spec.generator_init).expanduser().exists():
+        raise ConfigError(f"[run] generator_init / --init-generator: {spec.generator_init} does not exist (expected "
+                          "a checkpoint step-NNNNNN directory or a run directory written by `python -m diffinstruct "
+                          "train`)")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"[run] out_dir {out} exists and is not a directory")
     if not args.resume and out.is_dir() and checkpoint.list_checkpoints(out):
@@ -536,7 +646,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     problem = PROBLEMS[spec.problem]
     env = distributed.init_from_env()  # under torchrun: this rank of the job (gloo on the CPU)
     try:
-        trainer, built = build_trainer(spec, rank=env.rank, world_size=env.world_size)
+        trainer, built = build_trainer(spec, rank=env.rank, world_size=env.world_size,
+                                       init_generator=not resuming)
         distributed.wrap_trainer(trainer)  # DistributedDataParallel when world_size > 1; else nothing
         metadata = {"base_model": spec.base_model or problem.name, "problem": problem.name,
                     "run_config": spec.to_dict(), "config_file": spec.source}
@@ -645,6 +756,14 @@ def make_parser() -> argparse.ArgumentParser:
                        help="continue from out_dir's latest complete checkpoint (from step 0 when there is none)")
     train.add_argument("--steps", type=_positive, default=None, help="override [run] steps (total, not additional)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--reward", default=None, metavar="SPEC",
+                       help="image reward replacing the config's [reward], e.g. \"0.5*pickscore+aesthetic@/path\" "
+                            "(terms [WEIGHT*]NAME[@PATH] joined by '+'; for problems whose samples are images)")
+    train.add_argument("--models-dir", default=None, help="models folder for --reward's weights (default: "
+                                                          "$DIFFINSTRUCT_MODELS_DIR or ComfyUI's models folder)")
+    train.add_argument("--init-generator", default=None, metavar="PATH",
+                       help="start the generator from this checkpoint's (or run directory's latest) EMA weights; "
+                            "overrides [run] generator_init")
     train.set_defaults(func=cmd_train)
 
     for name, func, helptext in (("sample", cmd_sample, "generate samples from a checkpoint"),
@@ -663,6 +782,10 @@ def make_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--out", default=None, help="also write the JSON report to this file")
         p.set_defaults(func=func)
+
+    from .evaluate import add_parser as add_evaluate
+
+    add_evaluate(sub)
     return parser
 
 

@@ -1,5 +1,6 @@
 """Rewards: the interface the trainer calls, built-in weight-free rewards, and the reward models
-(CLIP score, PickScore, LAION aesthetic v2, a Bradley-Terry preference model) loaded from local files only.
+(CLIP score, PickScore, LAION aesthetic v2, HPSv2, ImageReward, a Bradley-Terry preference model) loaded from local
+files only.
 
 Everything that needs `transformers` imports it lazily, so `import diffinstruct.rewards` stays light.
 """
@@ -25,6 +26,7 @@ _LAZY = {  # these import transformers when first used
     "AestheticHead": "clip", "AestheticScore": "clip", "ClipScore": "clip", "ClipTower": "clip", "PickScore": "clip",
     "load_aesthetic": "clip", "load_aesthetic_head": "clip", "load_clip_score": "clip", "load_clip_tower": "clip",
     "load_pickscore": "clip",
+    "HPSv2Score": "hpsv2", "load_hpsv2": "hpsv2", "ImageRewardScore": "imagereward", "load_imagereward": "imagereward",
 }
 
 

@@ -29,7 +29,7 @@ FULL = {  # (text config, vision config, projection_dim) of the released models
          "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
         {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
          "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu"}, 768),
-    "CLIP ViT-H/14 (pickscore; hpsv2 has the same shape)": (
+    "CLIP ViT-H/14 (pickscore, and hpsv2: the same open_clip ViT-H-14 shape)": (
         {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
          "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu"},
         {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
@@ -79,13 +79,55 @@ def full_size_memory() -> dict[str, Any]:
                      "activations_per_image_fp32_MiB": acts / 2**20, "activation_per_layer_MiB": a_layer / 2**20}
     head = 768 * 1024 + 1024 + 1024 * 128 + 128 + 128 * 64 + 64 + 64 * 16 + 16 + 16 + 1
     out["aesthetic head"] = {"params_total": head}
+    out["imagereward (BLIP ViT-L/16 + BERT-base with cross-attention + MLP)"] = imagereward_memory(head)
     return out
+
+
+def imagereward_memory(head_params: int) -> dict[str, Any]:
+    """ImageReward at full size: BLIP ViT-L/16 at 224 px (197 tokens) and BERT-base (12 layers, cross-attention to the
+    1024-wide image tokens, 35 text tokens). Activations as for CLIP: 1- and 2-layer towers at full width."""
+    tf = _transformers()
+    vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+              "image_size": 224, "patch_size": 16, "layer_norm_eps": 1e-6}
+    text = {"vocab_size": 30524, "hidden_size": 768, "encoder_hidden_size": 1024, "intermediate_size": 3072,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 512, "is_decoder": True,
+            "bos_token_id": None, "sep_token_id": None, "eos_token_id": None}
+    with torch.device("meta"):
+        n_vision = _count(tf.BlipVisionModel(tf.BlipVisionConfig(**vision)))
+        n_text = _count(tf.BlipTextModel(tf.BlipTextConfig(**text), add_pooling_layer=False))
+    acts = 0
+    per_layer = {}
+    for tower, depth in (("vision", 24), ("text", 12)):
+        saved = []
+        for layers in (1, 2):  # full width, 1 and 2 layers, real tensors, batch 1
+            if tower == "vision":
+                m = tf.BlipVisionModel(tf.BlipVisionConfig(**dict(vision, num_hidden_layers=layers)))
+                x = torch.rand(1, 3, 224, 224, requires_grad=True)
+
+                def fn(t: torch.Tensor, m: Any = m) -> torch.Tensor:
+                    return m(pixel_values=t).last_hidden_state
+            else:  # the gradient flows to the image through the cross-attention keys / values
+                m = tf.BlipTextModel(tf.BlipTextConfig(**dict(text, num_hidden_layers=layers)), add_pooling_layer=False)
+                x = torch.randn(1, 197, 1024, requires_grad=True)
+                ids = torch.randint(1000, 2000, (1, 35))
+
+                def fn(t: torch.Tensor, m: Any = m, ids: torch.Tensor = ids) -> torch.Tensor:
+                    return m(input_ids=ids, encoder_hidden_states=t).last_hidden_state[:, 0]
+            m.eval().requires_grad_(False)
+            saved.append(saved_bytes(fn, x, {p.untyped_storage().data_ptr() for p in m.parameters()}))
+        a_layer = saved[1] - saved[0]
+        acts += saved[0] - a_layer + depth * a_layer
+        per_layer[tower] = a_layer / 2**20
+    n_all = n_vision + n_text + head_params
+    return {"params_total": n_all, "params_vision": n_vision, "params_text": n_text,
+            "weights_fp32_GiB": n_all * 4 / 2**30, "weights_bf16_GiB": n_all * 2 / 2**30,
+            "activations_per_image_fp32_MiB": acts / 2**20, "activation_per_layer_MiB": per_layer}
 
 
 def tiny_timings(batch: int = 4, size: int = 64, repeats: int = 5) -> dict[str, float]:
     """Milliseconds per image of forward + backward (to the image) for each reward at tiny size, CPU."""
     from .registry import load_scorer
-    from .tiny import write_tiny_aesthetic_head, write_tiny_clip
+    from .tiny import write_tiny_aesthetic_head, write_tiny_clip, write_tiny_hpsv2, write_tiny_imagereward
 
     res: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as d:
@@ -93,11 +135,14 @@ def tiny_timings(batch: int = 4, size: int = 64, repeats: int = 5) -> dict[str, 
         write_tiny_clip(root / "rewards" / "clip")
         write_tiny_clip(root / "rewards" / "pickscore", hidden_act="gelu")
         write_tiny_aesthetic_head(root / "rewards" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.safetensors")
+        write_tiny_hpsv2(root / "rewards" / "hpsv2")
+        write_tiny_imagereward(root / "rewards" / "imagereward")
         from .preference import PreferenceModel
 
         PreferenceModel().save(root / "pref.safetensors")
         prompts = [f"a red thing number {i}" for i in range(batch)]
-        for name in ("brightness", "saturation", "color_match", "preference", "clip", "pickscore", "aesthetic"):
+        for name in ("brightness", "saturation", "color_match", "preference", "clip", "pickscore", "aesthetic",
+                     "hpsv2", "imagereward"):
             scorer = load_scorer(name, root / "pref.safetensors" if name == "preference" else None, models_dir=root)
             x = torch.rand(batch, 3, size, size, requires_grad=True)
             scorer(x, prompts).sum().backward()  # warm-up, fills the text cache

@@ -11,8 +11,10 @@ environment variable DIFFINSTRUCT_MODELS_DIR)::
     <models>/rewards/aesthetic/    sac+logos+ava1-l14-linearMSE.safetensors (the LAION improved aesthetic predictor v2
                                    head; convert the .pth with `python -m diffinstruct.rewards.convert`); the CLIP
                                    ViT-L/14 it runs on is <models>/rewards/clip/ unless `clip_path=` is given
-    <models>/rewards/hpsv2/        HPS_v2_compressed.safetensors / HPS_v2.1_compressed.safetensors (not wired yet)
-    <models>/rewards/imagereward/  ImageReward.safetensors + med_config.json (not wired yet)
+    <models>/rewards/hpsv2/        HPS_v2.1_compressed.pt or HPS_v2_compressed.pt (or the .safetensors conversion) +
+                                   CLIP tokenizer files (vocab.json + merges.txt), else those of <models>/rewards/clip/
+    <models>/rewards/imagereward/  ImageReward.pt (or ImageReward.safetensors) + tokenizer/ (bert-base-uncased:
+                                   vocab.txt, tokenizer_config.json)
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ SOURCES = {
     "aesthetic": "sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor, "
                  "converted with `python -m diffinstruct.rewards.convert sac+logos+ava1-l14-linearMSE.pth "
                  "sac+logos+ava1-l14-linearMSE.safetensors` (a .pth also loads, with torch.load(weights_only=True))",
+    "hpsv2": "HPS_v2.1_compressed.pt or HPS_v2_compressed.pt from the Hugging Face repo xswu/HPSv2 (loaded with "
+             "torch.load(weights_only=True); or converted with `python -m diffinstruct.rewards.convert "
+             "HPS_v2.1_compressed.pt HPS_v2.1_compressed.safetensors`) plus the CLIP tokenizer files vocab.json + "
+             "merges.txt (or tokenizer.json) of laion/CLIP-ViT-H-14-laion2B-s32B-b79K (or those in "
+             "<models>/rewards/clip/)",
+    "imagereward": "ImageReward.pt from the Hugging Face repo THUDM/ImageReward (loaded with "
+                   "torch.load(weights_only=True); or converted with `python -m diffinstruct.rewards.convert "
+                   "ImageReward.pt ImageReward.safetensors`) plus the bert-base-uncased tokenizer files (vocab.txt, "
+                   "tokenizer_config.json) in a subfolder tokenizer/",
 }
 
 

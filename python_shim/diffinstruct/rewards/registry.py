@@ -20,26 +20,28 @@ from .builtin import BUILTIN
 
 PathLike = str | os.PathLike[str]
 
-MODEL_REWARDS = ("clip", "pickscore", "aesthetic", "preference")
-NOT_YET = {
-    "imagereward": "ImageReward (BLIP ViT-L + BERT cross-attention + MLP) is not implemented yet; see docs/REWARDS.md",
-    "hpsv2": "HPSv2 (open_clip ViT-H-14 -> transformers CLIPModel key conversion) is not implemented yet; "
-             "see docs/REWARDS.md",
-}
-NAMES = tuple(BUILTIN) + MODEL_REWARDS + tuple(NOT_YET)
-_TERM = re.compile(r"^\s*(?:(?P<w>[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<name>[a-z_0-9]+)\s*(?:@(?P<path>.+))?$")
+MODEL_REWARDS = ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", "preference")
+NAMES = tuple(BUILTIN) + MODEL_REWARDS
+_TERM = re.compile(r"^\s*(?:(?P<w>[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*\*\s*)?"
+                   r"(?P<name>[A-Za-z_0-9.\-]+)\s*(?:@(?P<path>.+))?$")
+
+
+ALIASES = {"clip_score": "clip", "clipscore": "clip", "aesthetics": "aesthetic", "hps": "hpsv2", "hpsv2.1": "hpsv2",
+           "ir": "imagereward", "image_reward": "imagereward", "colour_match": "color_match", "color": "color_match"}
+
+
+def canonical(name: str) -> str:
+    """The registry name for `name` or one of its aliases (case-insensitive); unknown names come back as given."""
+    key = name.lower().replace("-", "_")
+    return ALIASES.get(key, key)
 
 
 def load_scorer(name: str, path: PathLike | None = None, *, models_dir: PathLike | None = None,
                 **opts: Any) -> nn.Module:
     """The scorer `name` (see NAMES); model rewards load from `path` or the models folder, offline."""
-    key = name.lower().replace("-", "_")
-    key = {"clip_score": "clip", "clipscore": "clip", "aesthetics": "aesthetic", "hps": "hpsv2", "ir": "imagereward",
-           "colour_match": "color_match", "color": "color_match"}.get(key, key)
+    key = canonical(name)
     if key in BUILTIN:
         return BUILTIN[key]()
-    if key in NOT_YET:
-        raise NotImplementedError(NOT_YET[key])
     if key == "clip":
         from .clip import load_clip_score
 
@@ -52,6 +54,14 @@ def load_scorer(name: str, path: PathLike | None = None, *, models_dir: PathLike
         from .clip import load_aesthetic
 
         return load_aesthetic(path, models_dir=models_dir, **opts)
+    if key == "imagereward":
+        from .imagereward import load_imagereward
+
+        return load_imagereward(path, models_dir=models_dir, **opts)
+    if key == "hpsv2":
+        from .hpsv2 import load_hpsv2
+
+        return load_hpsv2(path, models_dir=models_dir, **opts)
     if key == "preference":
         from .preference import PreferenceModel
 
@@ -62,9 +72,20 @@ def load_scorer(name: str, path: PathLike | None = None, *, models_dir: PathLike
 
 
 def parse_spec(spec: str) -> list[tuple[float, str, str | None]]:
-    """'0.5*pickscore+aesthetic@/p' -> [(0.5, 'pickscore', None), (1.0, 'aesthetic', '/p')]."""
-    terms = []
+    """'0.5*pickscore+aesthetic@/p' -> [(0.5, 'pickscore', None), (1.0, 'aesthetic', '/p')].
+
+    A path may contain '+' (the LAION head is sac+logos+ava1-l14-linearMSE.safetensors): after a term with a path,
+    a '+' starts a new term only if what follows is [WEIGHT*]NAME with NAME a known reward."""
+    parts: list[str] = []
     for part in spec.split("+"):
+        m = _TERM.match(part)
+        new_term = m is not None and canonical(m["name"]) in NAMES
+        if parts and "@" in parts[-1] and not new_term:
+            parts[-1] += "+" + part
+        else:
+            parts.append(part)
+    terms = []
+    for part in parts:
         if not part.strip():
             continue
         m = _TERM.match(part)
@@ -76,12 +97,24 @@ def parse_spec(spec: str) -> list[tuple[float, str, str | None]]:
     return terms
 
 
+def check_spec(spec: str) -> list[tuple[float, str, str | None]]:
+    """Parses `spec` and checks its names (ValueError naming the bad term) without loading anything."""
+    terms = parse_spec(spec)
+    for _, name, path in terms:
+        key = canonical(name)
+        if key not in NAMES:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; available: {', '.join(NAMES)}")
+        if key == "preference" and path is None:
+            raise ValueError("the preference reward needs a path: preference@/path/to/model.safetensors")
+    return terms
+
+
 def load_spec(spec: str, *, models_dir: PathLike | None = None, **opts: Any) -> nn.Module:
     """A single scorer (weight 1, one term) or a `WeightedRewards` of scorers. `opts` go to model rewards."""
     terms = parse_spec(spec)
     scorers = []
     for _, name, path in terms:
-        key = name.lower()
+        key = canonical(name)
         scorers.append(load_scorer(name, path, models_dir=models_dir,
                                    **(opts if key not in BUILTIN and key != "preference" else {})))
     if len(terms) == 1 and terms[0][0] == 1.0:
