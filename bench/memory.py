@@ -312,7 +312,8 @@ def kernel_lines(kr: dict[str, Any], results: dict[str, dict[str, Any]], dtype: 
     if kr.get("error") or "adam_steady_s" not in kr:
         return [f"Full mode, steady-state kernels: {kr.get('error', 'no result')}."]
     b = 4 if dtype == "float32" else 2
-    rate = kr["params"] * (3 * b + 16) / kr["adam_steady_s"] / 1e9
+    # param read + write, grad read, v read + write (beta1 = 0: no first moment is kept)
+    rate = kr["params"] * (3 * b + 8) / kr["adam_steady_s"] / 1e9
     full_its = results.get("full", {}).get("iterations") or []
     why = ("its iteration 2 did not fit in memory beside iteration 1's state here, so " if len(full_its) < 2
            else "as a cross-check, ")
