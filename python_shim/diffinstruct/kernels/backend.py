@@ -13,15 +13,53 @@ try:
 except ImportError:  # the kernels also work on NumPy arrays alone
     torch = None  # type: ignore[assignment]
 
+
+
+class NoExtensionWarning(RuntimeWarning):
+    """The C extension is not built: every kernel runs on the (slower) PyTorch reference."""
+
+
+class _ReferenceOnly:
+    """Stands in for the C extension when it is missing (e.g. the repository cloned into ComfyUI's
+    custom_nodes/ without a build): torch tensors take the reference path in `use_reference`; what
+    reaches this object is NumPy arrays (Philox fills) or operations without a reference, which fail
+    with a message naming the fix."""
+
+    def __init__(self, error: ImportError) -> None:
+        self.error = error
+
+    def cuda_status(self, load: bool = False) -> tuple[bool, str | None, str]:
+        return False, None, f"the C extension is not built ({self.error})"
+
+    def _fill(self, out: Any, seed: int, offset: int, normal: bool) -> None:
+        from . import reference
+
+        if torch is None:
+            raise ImportError(f"diffinstruct's C extension is not built ({self.error}) and torch is missing")
+        reference.fill(torch.from_numpy(out), seed, offset, normal=normal)
+
+    def fill_uniform(self, out: Any, seed: int, offset: int, stream: int = 0) -> None:
+        self._fill(out, seed, offset, normal=False)
+
+    def fill_normal(self, out: Any, seed: int, offset: int, stream: int = 0) -> None:
+        self._fill(out, seed, offset, normal=True)
+
+    def __getattr__(self, name: str) -> Any:
+        raise ImportError(f"diffinstruct: {name} on NumPy arrays needs the C extension, which is not built "
+                          f"({self.error}); install the package with 'pip install .' or run 'make build'")
+
+
 try:
     from .. import _core
-except ImportError as error:  # pragma: no cover - only without a build
-    raise ImportError(
-        "diffinstruct's C extension is not built; install the package with 'pip install .' "
-        "(or run 'make test', which builds it)"
-    ) from error
 
-core = _core
+    core: Any = _core
+    HAVE_EXTENSION = True
+except ImportError as error:
+    core = _ReferenceOnly(error)
+    HAVE_EXTENSION = False
+    warnings.warn(f"diffinstruct: the C extension is not built ({error}); every kernel runs on the pure-PyTorch "
+                  "reference (slower). Install with 'pip install .' or run 'make build' for the fused kernels.",
+                  NoExtensionWarning, stacklevel=2)
 
 
 class CudaFallbackWarning(RuntimeWarning):
@@ -49,7 +87,9 @@ def cuda_backend_status() -> dict[str, Any]:
 
 
 def use_reference(*tensors: Any) -> bool:
-    """True when a CUDA tensor must take the reference path (warns once)."""
+    """True when a CUDA tensor must take the reference path (warns once), or any tensor without the extension."""
+    if not HAVE_EXTENSION:
+        return any(is_torch(t) for t in tensors if t is not None)
     if not any(is_cuda(t) for t in tensors if t is not None):
         return False
     if cuda_kernels_loaded():

@@ -1,0 +1,56 @@
+"""Shared pieces of the node pack: the category, socket type names and small input helpers.
+
+Nodes are classic (V1) ComfyUI classes that import without ComfyUI; everything host-specific lives in
+`diffinstruct.hosts.comfy*` and imports `comfy` only while a node executes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+CATEGORY = "Diff-Instruct++"
+REFERENCE = "DIPP_REFERENCE"
+TA = "DIPP_TA"
+REWARD = "DIPP_REWARD"
+LOSS = "DIPP_LOSS"
+WEIGHTS = "DIPP_WEIGHTS"
+
+PROMPTS_TOOLTIP = "Training prompts, one per line (blank lines and lines starting with # are skipped)."
+ALPHA_TOOLTIP = ("Reward scale alpha (0 = no reward). It weighs the reward gradient against the normalised "
+                 "distillation direction; the DI++ paper used 0-1000 for SD1.5.")
+OMEGA_TOOLTIP = "CFG scale omega of the reference score (1 = no guidance)."
+
+
+def size_inputs(default: int = 512) -> dict[str, Any]:
+    return {
+        "width": ("INT", {"default": default, "min": 8, "max": 4096, "step": 8,
+                          "tooltip": "Image width in pixels (a multiple of the VAE's downscale, usually 8)."}),
+        "height": ("INT", {"default": default, "min": 8, "max": 4096, "step": 8,
+                           "tooltip": "Image height in pixels (a multiple of the VAE's downscale, usually 8)."}),
+    }
+
+
+def seed_input() -> tuple[str, dict[str, Any]]:
+    return ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                    "tooltip": "Seed of every random draw (noise, sigmas, prompt order): equal seeds give equal runs."})
+
+
+def default_run_dir(kind: str) -> str:
+    """A fresh run folder in ComfyUI's output folder (or the temp folder without ComfyUI)."""
+    try:
+        import folder_paths
+
+        root = os.path.join(folder_paths.get_output_directory(), "diffinstruct_runs")
+    except ImportError:
+        import tempfile
+
+        root = os.path.join(tempfile.gettempdir(), "diffinstruct_runs")
+    return os.path.join(root, f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+
+
+def always_run(**_: Any) -> float:
+    """IS_CHANGED for training nodes: NaN never equals itself, so a new run is never a cached result."""
+    return float("nan")

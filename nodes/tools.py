@@ -1,0 +1,123 @@
+"""Using a trained generator: One-Step Sample, Save, Evaluate."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ._common import CATEGORY, PROMPTS_TOOLTIP, REWARD, WEIGHTS, seed_input, size_inputs
+
+
+class DIPPOneStepSample:
+    DESCRIPTION = ("Sample the one-step generator: x0 = D(sigma_init z, sigma_init, c), one network evaluation per "
+                   "image. Works on an aligned MODEL (its sigma_init is recorded) or any supported MODEL "
+                   "(sigma_init 2.5, or just under 1 for flow models).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("latent", "image")
+    OUTPUT_TOOLTIPS = ("The samples as a LATENT (decode with VAE Decode).",
+                       "The samples decoded with the VAE (a latent preview when no VAE is connected).")
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The generator (from Align / Train, or any supported MODEL)."}),
+                "positive": ("CONDITIONING", {"tooltip": "Conditioning; several entries are used in turn."}),
+                "seed": seed_input(),
+                **size_inputs(),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images to generate."}),
+            },
+            "optional": {"vae": ("VAE", {"tooltip": "Decodes the samples for the IMAGE output."})},
+        }
+
+    def sample(self, model: Any, positive: Any, seed: int, width: int, height: int, batch_size: int,
+               vae: Any = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        from diffinstruct.hosts import comfy as host
+        from diffinstruct.hosts.comfy_train import one_step_sample
+
+        downscale = host.vae_downscale(vae) if vae is not None else 8
+        latent = one_step_sample(model, positive, seed, batch_size, width, height, downscale)
+        if vae is None:
+            image = host.to_image(latent[:, :3].sigmoid())
+        else:
+            decoder = host.differentiable_decoder(vae)
+            with torch.no_grad():
+                image = host.to_image(decoder(latent.to(decoder.device)))
+        return {"samples": latent}, image
+
+
+class DIPPSave:
+    DESCRIPTION = ("Save trained weights as .safetensors with their metadata (method, alpha, omega, steps, base "
+                   "model). A LoRA goes to ComfyUI's loras folder and loads with the core Load LoRA node; full "
+                   "weights go to diffusion_models (Load Diffusion Model). Written atomically.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("The saved file.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "weights": (WEIGHTS, {"tooltip": "From Train or Align."}),
+                "filename_prefix": ("STRING", {"default": "diffinstruct/aligned", "tooltip": "Relative name; a "
+                                               "counter and .safetensors are appended."}),
+            },
+            "optional": {"folder": ("STRING", {"default": "", "tooltip": "Target folder. Empty: ComfyUI's loras "
+                                               "(LoRA) or diffusion_models (full weights) folder."})},
+        }
+
+    def save(self, weights: Any, filename_prefix: str, folder: str = "") -> dict[str, Any]:
+        from diffinstruct.hosts.comfy_io import save_weights
+
+        target = folder.strip()
+        if not target:
+            try:
+                import folder_paths
+            except ImportError as exc:
+                raise ValueError("no folder given and ComfyUI's folder_paths is not available: set 'folder'") from exc
+            kind = "loras" if weights.kind == "lora" else "diffusion_models"
+            target = folder_paths.get_folder_paths(kind)[0]
+        path = save_weights(weights, target, filename_prefix)
+        return {"ui": {"text": [os.fspath(path)]}, "result": (os.fspath(path),)}
+
+
+class DIPPEvaluate:
+    DESCRIPTION = ("Reward statistics of a one-step generator over prompts (same noise for every model, so "
+                   "before/after comparisons are paired): mean, standard deviation, per-prompt means and samples.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FLOAT", "FLOAT", "STRING", "IMAGE")
+    RETURN_NAMES = ("mean", "std", "report", "images")
+    OUTPUT_TOOLTIPS = ("Mean reward over all samples.", "Standard deviation of the reward.",
+                       "A text report with per-prompt means.", "The scored samples.")
+    FUNCTION = "evaluate"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The generator to evaluate (a base MODEL or an aligned one)."}),
+            "clip": ("CLIP", {"tooltip": "Encodes the prompts."}),
+            "vae": ("VAE", {"tooltip": "Decodes the samples for the reward."}),
+            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": PROMPTS_TOOLTIP}),
+            "reward": (REWARD, {"tooltip": "The reward to measure."}),
+            "seed": seed_input(),
+            "samples_per_prompt": ("INT", {"default": 4, "min": 1, "max": 1024, "tooltip": "Samples per prompt."}),
+            **size_inputs(),
+        }}
+
+    def evaluate(self, model: Any, clip: Any, vae: Any, prompts: str, reward: Any, seed: int,
+                 samples_per_prompt: int, width: int, height: int) -> dict[str, Any]:
+        from diffinstruct.hosts.comfy_train import evaluate
+
+        ev = evaluate(model, clip, vae, prompts, reward, seed=seed, samples_per_prompt=samples_per_prompt,
+                      width=width, height=height)
+        report = ev.report()
+        return {"ui": {"text": [report], "mean": [ev.mean], "std": [ev.std]},
+                "result": (ev.mean, ev.std, report, ev.images)}

@@ -1,0 +1,161 @@
+"""Training nodes: Train (from a composed Generator Loss) and Align (one click, the paper's defaults)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from diffinstruct.hosts.comfy_specs import MAX_ALPHA, MAX_OMEGA, LossSpec, ReferenceSpec, RewardSpec, TASpec
+
+from ._common import (
+    ALPHA_TOOLTIP,
+    CATEGORY,
+    LOSS,
+    OMEGA_TOOLTIP,
+    PROMPTS_TOOLTIP,
+    REWARD,
+    WEIGHTS,
+    always_run,
+    default_run_dir,
+    seed_input,
+    size_inputs,
+)
+
+OUTPUTS = ("MODEL", WEIGHTS, "IMAGE", "IMAGE", "STRING")
+OUTPUT_NAMES = ("model", "weights", "curves", "preview", "summary")
+OUTPUT_TOOLTIPS = (
+    "The aligned one-step generator (sample it with One-Step Sample).",
+    "The trained LoRA (ComfyUI's LoRA format) or full weights, for Save.",
+    "Loss and reward curves over the steps.",
+    "One-step samples of the aligned generator.",
+    "The run's summary (JSON): first and last reward, checkpoint folder, timing.",
+)
+
+
+STEPS = ("INT", {"default": 200, "min": 1, "max": 1_000_000,
+                 "tooltip": "Training steps (in total, counting the steps resumed from the checkpoint folder)."})
+
+
+def _common_inputs() -> dict[str, Any]:
+    return {
+        "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Samples per step."}),
+        "learning_rate": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
+                                    "tooltip": "Adam learning rate of the generator."}),
+        "seed": seed_input(),
+        **size_inputs(),
+        "checkpoint_dir": ("STRING", {"default": "", "tooltip": "Folder for the run's checkpoints; an existing "
+                                      "run there is resumed. Empty: a new folder in ComfyUI's output folder."}),
+        "checkpoint_every": ("INT", {"default": 50, "min": 1, "max": 1_000_000,
+                                     "tooltip": "Checkpoint every that many steps (and at the end, and on Cancel)."}),
+    }
+
+
+def _outputs(result: Any) -> tuple[Any, ...]:
+    return (result.model, result.weights, result.curves, result.preview,
+            json.dumps(result.summary, default=str, sort_keys=True))
+
+
+class DIPPTrain:
+    DESCRIPTION = ("Train a one-step generator with a composed Generator Loss. Progress shows every step; Cancel "
+                   "stops between steps after writing a checkpoint; re-queueing with the same checkpoint folder "
+                   "resumes the run.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = OUTPUTS
+    RETURN_NAMES = OUTPUT_NAMES
+    OUTPUT_TOOLTIPS = OUTPUT_TOOLTIPS
+    FUNCTION = "train"
+
+    @classmethod
+    def IS_CHANGED(cls, **inputs: Any) -> float:
+        return always_run(**inputs)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The generator's starting point (usually the reference's MODEL)."}),
+                "loss": (LOSS, {"tooltip": "From Generator Loss."}),
+                "vae": ("VAE", {"tooltip": "Decodes samples for the reward and the preview."}),
+                "prompts": ("STRING", {"multiline": True, "default": "",
+                                       "tooltip": PROMPTS_TOOLTIP + " Empty: train on the reference score's "
+                                                  "positive conditioning."}),
+                "steps": STEPS,
+                **_common_inputs(),
+                "resume": ("BOOLEAN", {"default": True, "tooltip": "Resume a run found in checkpoint_dir (off: "
+                                                                   "refuse to touch it)."}),
+            },
+            "optional": {"clip": ("CLIP", {"tooltip": "Encodes the prompts (needed when prompts are given)."})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, model: Any, loss: LossSpec, vae: Any, prompts: str, steps: int, batch_size: int,
+              learning_rate: float, seed: int, width: int, height: int, checkpoint_dir: str, checkpoint_every: int,
+              resume: bool, clip: Any = None, unique_id: str | None = None) -> tuple[Any, ...]:
+        from diffinstruct.hosts import comfy_train
+        from diffinstruct.hosts.comfy import parse_prompts
+
+        prompt_list = parse_prompts(prompts) if prompts.strip() else None
+        opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=checkpoint_dir.strip() or default_run_dir("train"),
+                                        batch_size=batch_size, lr_generator=learning_rate, seed=seed, width=width,
+                                        height=height, checkpoint_every=checkpoint_every, resume=resume,
+                                        node_id=unique_id)
+        return _outputs(comfy_train.train(loss, model, opts, vae=vae, prompts=prompt_list, clip=clip))
+
+
+class DIPPAlign:
+    DESCRIPTION = ("One-click DI++ alignment of a loaded checkpoint: MODEL + CLIP + VAE + prompts + a reward. "
+                   "Everything else is at the paper's defaults (log-normal sigma (-2, 2), normalised weighting, "
+                   "Adam (0, 0.999), EMA 0.95, sigma_init 2.5), with the TA and generator as LoRA adapters on one "
+                   "shared frozen base.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = OUTPUTS
+    RETURN_NAMES = OUTPUT_NAMES
+    OUTPUT_TOOLTIPS = OUTPUT_TOOLTIPS
+    FUNCTION = "align"
+
+    @classmethod
+    def IS_CHANGED(cls, **inputs: Any) -> float:
+        return always_run(**inputs)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The loaded diffusion model to align."}),
+                "clip": ("CLIP", {"tooltip": "Its text encoder."}),
+                "vae": ("VAE", {"tooltip": "Its VAE (decodes samples for the reward)."}),
+                "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": PROMPTS_TOOLTIP}),
+                "reward": (REWARD, {"tooltip": "What to increase (from a Reward node)."}),
+                "alpha": ("FLOAT", {"default": 10.0, "min": 0.0, "max": MAX_ALPHA, "step": 0.1,
+                                    "tooltip": ALPHA_TOOLTIP}),
+                "omega": ("FLOAT", {"default": 1.0, "min": 1.0, "max": MAX_OMEGA, "step": 0.1,
+                                    "tooltip": OMEGA_TOOLTIP}),
+                "steps": STEPS,
+            },
+            "optional": {
+                "negative_prompt": ("STRING", {"default": "", "tooltip": "CFG's unconditional prompt (default "
+                                                                         "empty)."}),
+                "rank": ("INT", {"default": 8, "min": 1, "max": 1024, "tooltip": "LoRA rank of the generator and "
+                                                                                "the TA."}),
+                "ta_learning_rate": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-6,
+                                               "round": False, "tooltip": "Adam learning rate of the TA."}),
+                **_common_inputs(),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def align(self, model: Any, clip: Any, vae: Any, prompts: str, reward: RewardSpec, alpha: float, omega: float,
+              steps: int, negative_prompt: str = "", rank: int = 8, ta_learning_rate: float = 1e-4,
+              batch_size: int = 1, learning_rate: float = 1e-4, seed: int = 0, width: int = 512, height: int = 512,
+              checkpoint_dir: str = "", checkpoint_every: int = 50, unique_id: str | None = None) -> tuple[Any, ...]:
+        from diffinstruct.hosts import comfy_train
+        from diffinstruct.hosts.comfy import encode_prompts, parse_prompts
+
+        prompt_list = parse_prompts(prompts)
+        negative = [encode_prompts(clip, [negative_prompt])[negative_prompt]]
+        reference = ReferenceSpec(model, None, negative, omega)
+        loss = LossSpec(reference, TASpec("lora", rank, ta_learning_rate), reward, alpha)
+        opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=checkpoint_dir.strip() or default_run_dir("align"),
+                                        batch_size=batch_size, lr_generator=learning_rate, seed=seed, width=width,
+                                        height=height, checkpoint_every=checkpoint_every, node_id=unique_id)
+        return _outputs(comfy_train.train(loss, model, opts, vae=vae, prompts=prompt_list, clip=clip))

@@ -1,0 +1,386 @@
+"""Training, sampling and evaluation for the node pack, over ComfyUI objects or the package's own.
+
+`train` is what the Train and Align nodes run: it copies the MODEL (comfy.trainable_copy), builds the
+engine (assembly.build_models + DITrainer), resumes from the checkpoint folder, trains with ComfyUI's
+progress bar and Cancel button honoured between steps, checkpoints atomically (checkpoint.py), and
+returns the aligned MODEL, its weights (LoRA in ComfyUI's format, or full weights), the curves and a
+preview. Everything runs outside inference mode (ComfyUI executes nodes inside it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import checkpoint as ckpt
+from .. import metrics as mlog
+from ..config import ConfigError, DIConfig
+from ..generator import OneStepGenerator, default_sigma_init
+from ..prompts import PromptList, _cat
+from ..rewards import LatentToImageReward, load_spec
+from . import comfy as host
+from .comfy_io import curves_image, lora_for_host, merge_lora
+from .comfy_specs import LossSpec, RewardSpec, TrainedWeights
+
+METRICS_FILE = "metrics.jsonl"
+NULL = ""  # PromptList's null prompt: the negative conditioning
+
+
+@dataclass
+class TrainOptions:
+    steps: int
+    checkpoint_dir: str
+    batch_size: int = 1
+    lr_generator: float = 1e-4
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    checkpoint_every: int = 50
+    resume: bool = True
+    use_ema: bool = True
+    bf16: bool = False
+    preview_count: int = 4
+    node_id: str | None = None
+
+    def check(self, downscale: int) -> None:
+        for name, low in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("seed", 0),
+                          ("preview_count", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < downscale or value % downscale:
+                raise ConfigError(f"{name} must be a positive multiple of {downscale} pixels, got {value!r}")
+        if not self.checkpoint_dir or not str(self.checkpoint_dir).strip():
+            raise ConfigError("checkpoint_dir is empty: name a folder for the run's checkpoints")
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    weights: TrainedWeights
+    curves: torch.Tensor
+    preview: torch.Tensor
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ============================================================================================== conditioning
+def conditioning_table(model: Any, prompts: Sequence[str] | None, clip: Any, positive: Any, negative: Any,
+                       latent_hw: tuple[int, int], downscale: int) -> tuple[list[str], dict[str, Any]]:
+    """(labels, label -> engine cond): prompts encoded with `clip`, or the positive CONDITIONING's entries;
+    the negative conditioning is stored under NULL (the unconditional branch of CFG)."""
+    neg = host.conditioning_entries(negative, "negative conditioning")[0]
+    if prompts:
+        if clip is None:
+            raise ConfigError("prompts were given but no CLIP is connected to encode them")
+        entries = host.encode_prompts(clip, prompts)
+        labels = list(prompts)
+    else:
+        pos = host.conditioning_entries(positive, "positive conditioning")
+        labels = [f"conditioning {i}" for i in range(len(pos))]
+        entries = dict(zip(labels, pos, strict=True))
+    table = {label: host.encode_conditioning(model, entry, latent_hw, downscale) for label, entry in entries.items()}
+    table[NULL] = host.encode_conditioning(model, neg, latent_hw, downscale)
+    return labels, same_token_count(table)
+
+
+def same_token_count(table: dict[str, Any]) -> dict[str, Any]:
+    """Prompts longer than one CLIP window have more tokens; batch them as ComfyUI does (CONDCrossAttn.concat):
+    repeat each to the least common multiple of the lengths, which leaves attention's result unchanged."""
+    lengths = {c["c_crossattn"].shape[1] for c in table.values() if isinstance(c, dict) and "c_crossattn" in c}
+    if len(lengths) < 2:
+        return table
+    target = math.lcm(*lengths)
+    return {k: ({**c, "c_crossattn": c["c_crossattn"].repeat(1, target // c["c_crossattn"].shape[1], 1)}
+                if isinstance(c, dict) and "c_crossattn" in c else c) for k, c in table.items()}
+
+
+def same_model(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if host.is_comfy_model(a) and host.is_comfy_model(b):
+        return a.model is b.model and getattr(a, "patches_uuid", None) == getattr(b, "patches_uuid", None)
+    return False
+
+
+def build_reward(spec: RewardSpec | None, model: Any, vae: Any, device: torch.device) -> Any:
+    if spec is None:
+        return None
+    if vae is None:
+        raise ConfigError("the reward scores images: connect a VAE")
+    scorer = load_spec(spec.spec_string(), models_dir=host.models_dir()).to(device).requires_grad_(False).eval()
+    decoder = host.differentiable_decoder(vae, device)
+    return LatentToImageReward(lambda x0: decoder(host.to_raw_latent(model, x0)), scorer, spec.spec_string())
+
+
+# ============================================================================================== training
+def _checkpoint_start(trainer: Any, out: Path, steps: int, resume: bool) -> int:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"checkpoint folder {out} exists and is not a folder")
+    found = ckpt.latest_checkpoint(out) if out.is_dir() else None
+    if found is None:
+        return 0
+    if not resume:
+        raise ConfigError(f"checkpoint folder {out} already holds a run (newest {found.name}); enable resume to "
+                          "continue it, or choose another folder")
+    info = ckpt.load_checkpoint(trainer, found)
+    if info.step > steps:
+        raise ConfigError(f"the run in {out} is at step {info.step}, beyond steps = {steps}; raise steps")
+    return info.step
+
+
+def train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any = None,
+          prompts: Sequence[str] | None = None, clip: Any = None) -> TrainResult:
+    """Train a one-step generator from `generator_model` with `loss`; see the module docstring.
+
+    The run's copies of the networks live only in `_train`'s frame: after a failed or cancelled run the
+    exception's traceback would keep them alive (ComfyUI holds on to it), so its frames are cleared.
+    """
+    try:
+        return _train(loss, generator_model, opts, vae, prompts, clip)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        host.release_memory()
+
+
+def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, prompts: Sequence[str] | None,
+           clip: Any) -> TrainResult:
+    from ..assembly import build_models
+
+    ref = loss.reference
+    process, label = host.model_family(ref.model)
+    host.model_family(generator_model)
+    downscale = host.vae_downscale(vae) if vae is not None else 8
+    opts.check(downscale)
+    device = host.model_device(ref.model)
+    latent_hw = (opts.height // downscale, opts.width // downscale)
+    latent_shape = (host.latent_channels(ref.model), *latent_hw)
+    shared = loss.ta.mode == "lora"
+    same = same_model(generator_model, ref.model)
+    if shared and not same:
+        raise ConfigError("TA mode 'lora' shares one frozen base between the reference, the TA and the generator, "
+                          "so the generator MODEL must be the reference MODEL; use TA mode 'full' to start from "
+                          "another generator")
+    started = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        labels, table = conditioning_table(ref.model, prompts, clip, ref.positive, ref.negative, latent_hw, downscale)
+        teacher = host.trainable_copy(ref.model, device=device)
+        gen_init = None if same else host.trainable_copy(generator_model, device=device)
+        sigma_init = default_sigma_init(teacher)
+        with torch.random.fork_rng(devices=[]):  # LoRA init from the run's seed, without touching the host's RNG
+            torch.manual_seed(opts.seed)
+            models = build_models(teacher, latent_shape, mode="shared" if shared else "full", rank=loss.ta.rank,
+                                  sigma_init=sigma_init, generator_init=gen_init)
+        for module in models.modules:  # new adapter layers are created on the CPU
+            module.to(device)
+        prompt_list = PromptList(labels, encode=lambda p: table[p], null=NULL)
+        reward = build_reward(loss.reward, ref.model, vae, device)
+        cfg = DIConfig(method=loss.method, alpha=loss.alpha, omega=ref.omega, p_mean=loss.p_mean, p_std=loss.p_std,
+                       generator_weighting=loss.weighting, lr_generator=opts.lr_generator, lr_ta=loss.ta.learning_rate,
+                       batch_size=opts.batch_size, seed=opts.seed, bf16=opts.bf16, sigma_init=sigma_init)
+        from ..trainer import DITrainer
+
+        trainer = DITrainer(cfg, models, prompt_list, reward, device=device)
+        out = Path(opts.checkpoint_dir).expanduser()
+        start = _checkpoint_start(trainer, out, opts.steps, opts.resume)
+        meta = {"base_model": label, "host": "comfyui" if host.is_comfy_model(ref.model) else "package",
+                "ta_mode": loss.ta.mode, "rank": loss.ta.rank, "reward": loss.reward.spec_string() if loss.reward
+                else "", "width": opts.width, "height": opts.height}
+        _loop(trainer, out, start, opts, meta)
+        result = _finish(trainer, loss, generator_model, models, teacher, labels, table, vae, opts, label)
+        result.summary.update(start_step=start, wall_seconds=time.perf_counter() - started, checkpoint_dir=str(out),
+                              process=process)
+    return result
+
+
+def _loop(trainer: Any, out: Path, start: int, opts: TrainOptions, meta: dict[str, Any]) -> None:
+    """Steps [start, steps): checkpoint every `checkpoint_every` and at the end; an interrupt raised between
+    steps (ComfyUI's Cancel) first checkpoints the completed steps, so the run resumes from there."""
+    out.mkdir(parents=True, exist_ok=True)
+    hooks = host.HostHooks(opts.steps, opts.node_id)
+    hooks.progress(start)
+    log = mlog.open_log(out / METRICS_FILE, start)
+    saved = done = start
+    in_step = False
+
+    def save() -> None:
+        nonlocal saved
+        ckpt.save_checkpoint(trainer, out, done, metadata=meta, base_model=str(meta["base_model"]),
+                             total_steps=opts.steps)
+        saved = done
+
+    try:
+        for step in range(start, opts.steps):
+            hooks.check_interrupt()
+            in_step = True
+            record = trainer.train_step(step)
+            in_step = False
+            done = step + 1
+            log.write(record)
+            if done % opts.checkpoint_every == 0 or done == opts.steps:
+                save()
+            hooks.progress(done)
+    except BaseException:
+        if not in_step and done > saved:
+            save()
+        raise
+    finally:
+        log.close()
+
+
+def _finish(trainer: Any, loss: LossSpec, generator_model: Any, models: Any, teacher: Any, labels: list[str],
+            table: dict[str, Any], vae: Any, opts: TrainOptions, label: str) -> TrainResult:
+    from ..runner import ema_weights
+
+    cfg = trainer.cfg
+    comfy = host.is_comfy_model(generator_model)
+    metadata = {"diffinstruct.method": cfg.method, "diffinstruct.alpha": f"{cfg.alpha:g}",
+                "diffinstruct.omega": f"{cfg.omega:g}", "diffinstruct.steps": str(opts.steps),
+                "diffinstruct.base_model": label, "diffinstruct.sigma_init": f"{models.generator.sigma_init:g}",
+                "diffinstruct.reward": loss.reward.spec_string() if loss.reward else "",
+                "diffinstruct.ema": str(bool(opts.use_ema))}
+    scope = ema_weights(trainer) if opts.use_ema else contextlib.nullcontext()
+    with scope, torch.no_grad():
+        if loss.ta.mode == "lora":
+            tensors = lora_for_host(teacher, "generator", comfy_prefix=comfy)
+            weights = TrainedWeights("lora", tensors, metadata, comfy_format=comfy)
+        else:
+            net = models.generator.denoiser
+            state = net.model.diffusion_model.state_dict() if comfy else net.state_dict()
+            weights = TrainedWeights("full", {k: v.detach().cpu().clone() for k, v in state.items()}, metadata,
+                                     comfy_format=comfy)
+        preview = _preview(models.generator, labels, table, vae, generator_model, opts, models.latent_shape)
+    aligned = aligned_model(generator_model, weights, models.generator.sigma_init)
+    records = mlog.read_jsonl(Path(opts.checkpoint_dir).expanduser() / METRICS_FILE)
+    last = records[-1] if records else {}
+    summary = {"steps": opts.steps, "last": mlog.jsonable(last),
+               "reward_first": _first_finite(records, "reward"), "reward_last": _first_finite(records[::-1], "reward")}
+    return TrainResult(aligned, weights, curves_image(records), preview, summary)
+
+
+def _first_finite(records: Sequence[dict[str, Any]], key: str) -> float | None:
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, int | float) and math.isfinite(v):
+            return float(v)
+    return None
+
+
+def _latents(n: int, shape: Sequence[int], seed: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn((n, *shape), generator=gen).to(device)
+
+
+def _preview(generator: OneStepGenerator, labels: list[str], table: dict[str, Any], vae: Any, model: Any,
+             opts: TrainOptions, latent_shape: Sequence[int]) -> torch.Tensor:
+    n = min(opts.preview_count, max(len(labels), 1))
+    chosen = [labels[i % len(labels)] for i in range(n)]
+    device = host.model_device(model)
+    cond = _cat([table[p] for p in chosen])
+    z = _latents(n, latent_shape, opts.seed, device)
+    x0 = generator(z, cond).float()
+    if vae is None:
+        return host.to_image(x0[:, :3].sigmoid())
+    decoder = host.differentiable_decoder(vae, device)
+    return host.to_image(decoder(host.to_raw_latent(model, x0)))
+
+
+# ============================================================================================== aligned MODEL
+def aligned_model(model: Any, weights: TrainedWeights, sigma_init: float) -> Any:
+    """The input MODEL with the trained weights applied, as ComfyUI applies them (LoRA through its own LoRA
+    loader, full weights as "set" patches), or a merged copy of a package denoiser."""
+    if host.is_comfy_model(model):
+        import comfy.sd
+
+        if weights.kind == "lora":
+            out = comfy.sd.load_lora_for_models(model, None, weights.tensors, 1.0, 0.0)[0]
+        else:
+            out = model.clone()
+            patches = {f"diffusion_model.{k}": ("set", (v,)) for k, v in weights.tensors.items()}
+            applied = out.add_patches(patches, 1.0, 1.0)
+            if len(applied) != len(patches):
+                raise RuntimeError(f"only {len(applied)} of {len(patches)} trained weights match the MODEL")
+        out.model_options["diffinstruct"] = {"sigma_init": float(sigma_init), **weights.metadata}
+        return out
+    with torch.inference_mode(False):
+        out = copy.deepcopy(model)
+        if weights.kind == "lora":
+            merge_lora(out, weights.tensors)
+        else:
+            out.load_state_dict(weights.tensors)
+    out.diffinstruct_sigma_init = float(sigma_init)
+    return out
+
+
+# ============================================================================================== sampling / evaluation
+def one_step_sample(model: Any, positive: Any, seed: int, batch_size: int, width: int, height: int,
+                    downscale: int = 8) -> torch.Tensor:
+    """Raw LATENT samples [B, C, h, w] of the one-step generator g(z, c) = D(sigma_init z, sigma_init, c);
+    conditioning entries are used in turn. A MODEL not aligned by this pack uses the default sigma_init."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value < downscale or value % downscale:
+            raise ConfigError(f"{name} must be a positive multiple of {downscale} pixels, got {value!r}")
+    entries = host.conditioning_entries(positive, "positive conditioning")
+    hw = (height // downscale, width // downscale)
+    with torch.no_grad():
+        denoiser = host.frozen_view(model)
+        sigma_init = host.sigma_init_of(model) or default_sigma_init(denoiser)
+        device = host.model_device(model)
+        conds = [host.encode_conditioning(model, entries[i % len(entries)], hw, downscale) for i in range(batch_size)]
+        conds = list(same_token_count(dict(enumerate(conds))).values())
+        z = _latents(batch_size, (host.latent_channels(model), *hw), seed, device)
+        x0 = OneStepGenerator(denoiser, sigma_init)(z, _cat(conds))
+        return host.to_raw_latent(model, x0.float()).cpu()
+
+
+@dataclass
+class Evaluation:
+    mean: float
+    std: float
+    per_prompt: dict[str, float]
+    images: torch.Tensor
+
+    def report(self) -> str:
+        lines = [f"reward mean {self.mean:.6g}  std {self.std:.6g}  over {len(self.per_prompt)} prompt(s)"]
+        lines += [f"  {v:.6g}  {p}" for p, v in self.per_prompt.items()]
+        return "\n".join(lines)
+
+
+def evaluate(model: Any, clip: Any, vae: Any, prompts: Sequence[str], reward: RewardSpec, seed: int = 0,
+             samples_per_prompt: int = 1, width: int = 512, height: int = 512) -> Evaluation:
+    """Reward statistics of one-step samples: `samples_per_prompt` per prompt, the same noise for every model."""
+    if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
+        raise ConfigError(f"samples_per_prompt must be an integer >= 1, got {samples_per_prompt!r}")
+    if vae is None:
+        raise ConfigError("evaluation scores images: connect a VAE")
+    prompts = host.parse_prompts(prompts)
+    downscale = host.vae_downscale(vae)
+    entries = host.encode_prompts(clip, prompts)
+    device = host.model_device(model)
+    scorer = load_spec(reward.spec_string(), models_dir=host.models_dir()).to(device).eval()
+    decoder = host.differentiable_decoder(vae, device)
+    scores: dict[str, list[float]] = {}
+    images = []
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            latent = one_step_sample(model, [entries[prompt]], seed + i, samples_per_prompt, width, height, downscale)
+            img = decoder(latent.to(device))
+            scores[prompt] = [float(v) for v in scorer(img, [prompt] * samples_per_prompt).float().cpu()]
+            images.append(host.to_image(img))
+    flat = torch.tensor([v for vs in scores.values() for v in vs], dtype=torch.float64)
+    std = float(flat.std(unbiased=True)) if flat.numel() > 1 else 0.0
+    return Evaluation(float(flat.mean()), std, {p: sum(v) / len(v) for p, v in scores.items()}, torch.cat(images))
