@@ -24,6 +24,11 @@ pipeline folder with model_index.json and a unet/ or transformer/ subfolder, or 
 in diffusers layout plus its config.json) and pass local_files_only=True; a missing file raises
 FileNotFoundError naming the path that was expected. `register` adds the "diffusers" problem to the
 CLI's registry (done on import).
+
+Images: `load_vae` reads a local AutoencoderKL (or AutoencoderTiny, TAESD) the same way; `VAEDecoder` is its
+frozen, differentiable decode, images = (vae.decode(z / scaling_factor + shift_factor) + 1) / 2, which
+rewards.LatentToImageReward wraps so that image rewards (`train --reward SPEC`) reach the generator's latents
+and `evaluate --checkpoint` can score the generator's images.
 """
 
 from __future__ import annotations
@@ -651,6 +656,147 @@ def build_model(kind: str, config: Mapping[str, Any], dtype: torch.dtype = torch
     return model.eval()
 
 
+# ============================================================================================== VAE (image rewards)
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+TAESD_PREFIX = "taesd:"
+
+
+def _vae_layout() -> str:
+    return (f"a diffusers AutoencoderKL / AutoencoderTiny folder ({CONFIG_NAME} + {WEIGHT_NAMES[0]}), a pipeline "
+            f"folder with a vae/ subfolder, or a .safetensors file in diffusers layout with its {CONFIG_NAME}")
+
+
+def split_vae_spec(spec: str) -> tuple[str, bool]:
+    """'taesd:PATH' -> (PATH, True), a TAESD (AutoencoderTiny) folder; 'PATH' -> (PATH, False), class from config."""
+    if spec.lower().startswith(TAESD_PREFIX):
+        return spec[len(TAESD_PREFIX):], True
+    return spec, False
+
+
+def find_vae(model_path: PathLike) -> Path | None:
+    """The VAE folder beside a model: <model>/vae/, or <pipeline>/vae/ when the model is its unet/ or transformer/."""
+    p = Path(model_path).expanduser()
+    folder = p.parent if p.is_file() else p
+    candidates = [folder / "vae"]
+    if folder.name in set(SUBFOLDERS.values()) or p.is_file():
+        candidates.append(folder.parent / "vae")
+    return next((c for c in candidates if (c / CONFIG_NAME).is_file()), None)
+
+
+def resolve_vae_path(path: PathLike, variant: str | None = None) -> tuple[Path, Path | None]:
+    """(VAE folder, None) or (its single .safetensors file, that file); FileNotFoundError names what is missing."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"VAE {p} does not exist; expected {_vae_layout()}")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise ValueError(f"{p}: a single-file VAE must be a .safetensors file in diffusers layout")
+        return p, p
+    folder = p
+    if not (folder / CONFIG_NAME).is_file():
+        if not (p / "vae" / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"VAE folder {p} has no {CONFIG_NAME} (expected {p / CONFIG_NAME}, or "
+                                    f"{p / 'vae' / CONFIG_NAME} in a pipeline folder); expected {_vae_layout()}")
+        folder = p / "vae"
+    names = _weight_names(variant)
+    if not any((folder / n).is_file() for n in names):
+        raise FileNotFoundError(f"VAE folder {folder} has no weights: expected {folder / names[0]} "
+                                f"(or one of {', '.join(names[1:])})")
+    return folder, None
+
+
+def _vae_class(config: Mapping[str, Any], tiny: bool, where: Path) -> Any:
+    name = config.get("_class_name") or ("AutoencoderTiny" if tiny else "AutoencoderKL")
+    if name not in VAE_CLASSES:
+        raise ValueError(f"{where} holds a {name}, not a VAE ({' / '.join(VAE_CLASSES)})")
+    if tiny and name != "AutoencoderTiny":
+        raise ValueError(f"{where} holds a {name}; the {TAESD_PREFIX} prefix is for an AutoencoderTiny (TAESD) folder")
+    return getattr(_diffusers(), name)
+
+
+def load_vae(path: PathLike, *, tiny: bool = False, dtype: torch.dtype | None = None,
+             variant: str | None = None) -> nn.Module:
+    """A diffusers AutoencoderKL (or AutoencoderTiny: TAESD) from local files only, frozen, in eval mode.
+
+    tiny=True requires an AutoencoderTiny; otherwise the class comes from the config's _class_name
+    (AutoencoderKL when absent, as in single-file configs).
+    """
+    folder, file = resolve_vae_path(path, variant)
+    if file is None:
+        cls = _vae_class(_read_json(folder / CONFIG_NAME), tiny, folder / CONFIG_NAME)
+        kwargs: dict[str, Any] = {"local_files_only": True,
+                                  "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        if variant:
+            kwargs["variant"] = variant
+        vae = cls.from_pretrained(str(folder), **kwargs)
+    else:
+        from safetensors.torch import load_file
+
+        cfg = _config_for_file(file, None)
+        cls = _vae_class(cfg, tiny, file)
+        state = load_file(str(file))
+        if any(k.startswith(("first_stage_model.", "decoder.up.")) for k in state):
+            raise ValueError(f"{file} is a VAE in the original (LDM/SAI) layout, not diffusers layout; use the "
+                             "model's diffusers vae/ folder (config.json + diffusion_pytorch_model.safetensors)")
+        vae = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+        missing, unexpected = vae.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{file} does not match its config: {len(missing)} missing key(s) {missing[:3]}, "
+                             f"{len(unexpected)} unexpected key(s) {unexpected[:3]}")
+        if dtype is not None:
+            nn.Module.to(vae, dtype)
+    return vae.requires_grad_(False).eval()
+
+
+class VAEDecoder(nn.Module):
+    """The frozen, differentiable decode of latents to images in [0, 1] (rewards.LatentToImageReward's `decode`).
+
+    decode(z) = (vae.decode(z / scaling_factor + shift_factor).sample + 1) / 2, the pipelines' own formula
+    (shift_factor: SD3's VAE; 0 otherwise; TAESD has scaling_factor 1, as its latents are the denoiser's).
+    Not clamped, so the reward gradient is never cut (rewards.PixelReward does the same); `images` clamps.
+    The VAE's weights never take gradients; gradients flow to z only. Latents run in the VAE's dtype,
+    images come back in float32 on z's device.
+    """
+
+    def __init__(self, vae: nn.Module, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        config = vae.config
+        self.scaling_factor = float(getattr(config, "scaling_factor", None) or 1.0)
+        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+        self.latent_channels = int(getattr(config, "latent_channels", 4))
+        if gradient_checkpointing:
+            vae.enable_gradient_checkpointing()  # non-reentrant torch.utils.checkpoint: fine with frozen weights
+
+    @property
+    def scale(self) -> int:
+        """Pixels per latent element: 2 ** (number of upsampling stages)."""
+        config = self.vae.config
+        if hasattr(config, "upsampling_scaling_factor"):  # AutoencoderTiny
+            return int(config.upsampling_scaling_factor) ** (len(config.decoder_block_out_channels) - 1)
+        return 2 ** (len(config.block_out_channels) - 1)
+
+    def train(self, mode: bool = True) -> VAEDecoder:
+        super().train(mode)
+        self.vae.eval()  # frozen: always in eval mode, whatever the reward around it is set to
+        return self
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"the VAE decodes latents [B, {self.latent_channels}, h, w], got {tuple(z.shape)}")
+        dtype, device = _model_dtype(self.vae), _model_device(self.vae)
+        latents = z.to(device=device, dtype=torch.float32) / self.scaling_factor + self.shift_factor
+        x = self.vae.decode(latents.to(dtype), return_dict=False)[0]
+        return ((x.float() + 1.0) / 2.0).to(z.device)
+
+    @torch.no_grad()
+    def images(self, z: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] (clamped, as the pipelines do), without gradients."""
+        return self.forward(z).clamp(0.0, 1.0)
+
+
 # ============================================================================================== prompt embeddings
 def save_prompt_embeddings(path: PathLike, conditioning: Mapping[str, Any]) -> None:
     """Write {prompt: cond dict (batch 1)} to a .safetensors file that the "diffusers" problem reads.
@@ -731,6 +877,14 @@ def _register_problem() -> None:
         [diffusers] model = a local pipeline folder, unet/transformer folder, or .safetensors file (+ config);
         embeddings = a .safetensors file from save_prompt_embeddings holding every training prompt and
         the null prompt "" (the CFG unconditional). Latents are channels x latent_size x latent_size.
+
+        Image rewards (`train --reward SPEC`, [reward] name = "image") and `evaluate --checkpoint` decode the
+        latents with a frozen VAE (VAEDecoder): [diffusers] vae = an AutoencoderKL folder or .safetensors file
+        (+ config.json), or "taesd:PATH" for a TAESD (AutoencoderTiny) folder; by default the vae/ folder beside
+        the model (<pipeline>/vae/). It runs in the run's dtype (float32 for a float16 run when its config sets
+        force_upcast), optionally with gradient checkpointing. There is no text encoder here: every prompt is
+        conditioned by its entry in `embeddings`, so `evaluate --checkpoint --prompts` needs the prompt set's
+        conditioning in that file too.
         """
 
         name = "diffusers"
@@ -752,6 +906,11 @@ def _register_problem() -> None:
             "latent_size": Option("int", 64, low=1, high=1024, help="latent height and width (pixels / 8)"),
             "sigma_init": Option("float", None, low=0.0, open_low=True, help="generator sigma_init (default 2.5, "
                                                                              "or just under 1 for SD3)"),
+            "vae": Option("str", "", help="VAE for image rewards and `evaluate`: a diffusers AutoencoderKL folder or "
+                                          ".safetensors file (+ config.json), or taesd:PATH for a TAESD "
+                                          "(AutoencoderTiny) folder; default: the vae/ folder beside the model"),
+            "vae_gradient_checkpointing": Option("bool", False, help="recompute the VAE decoder's blocks in the "
+                                                                     "reward's backward pass (less memory)"),
         }
         rewards = ("none", "latent_target")
 
@@ -770,6 +929,93 @@ def _register_problem() -> None:
             if a is not None and b is not None and a != b:
                 raise ConfigError(f"sigma_init is set in both [diffusers] ({a:g}) and [train] ({b:g}); set it in "
                                   "one place")
+            if opts["vae"]:
+                self._vae_location(spec)  # a VAE that is named must exist, even when nothing uses it yet
+            if spec.reward["name"] == "image":
+                self._need_vae(spec, "an image reward (--reward / [reward] name = \"image\")")
+
+        def _vae_location(self, spec: RunSpec) -> tuple[Path, bool] | None:
+            """(VAE path, is TAESD) from [diffusers] vae, or the vae/ folder beside the model; None when neither."""
+            opts = spec.problem_options
+            if opts["vae"]:
+                raw, tiny = split_vae_spec(opts["vae"])
+                if not raw.strip():
+                    raise ConfigError(f"[diffusers] vae = {opts['vae']!r} names no path")
+                path = Path(raw).expanduser()
+            else:
+                found = find_vae(opts["model"])
+                if found is None:
+                    return None
+                path, tiny = found, False
+            try:
+                _, file = resolve_vae_path(path)
+                if file is not None:
+                    _config_for_file(file, None)  # a single file's config.json must be there too
+            except (FileNotFoundError, ValueError) as exc:
+                where = f"[diffusers] vae = {opts['vae']!r}" if opts["vae"] else f"the VAE beside the model ({path})"
+                raise ConfigError(f"{where}: {exc}") from None
+            return path, tiny
+
+        def _need_vae(self, spec: RunSpec, why: str) -> tuple[Path, bool]:
+            location = self._vae_location(spec)
+            if location is None:
+                model = Path(spec.problem_options["model"]).expanduser()
+                raise ConfigError(f"{why} scores decoded images, so it needs the model's VAE: set [diffusers] vae = "
+                                  f"\"/path/to/vae\" (a diffusers AutoencoderKL folder with {CONFIG_NAME} + "
+                                  f"{WEIGHT_NAMES[0]}, or taesd:/path for a TAESD folder), or put that folder at "
+                                  f"{(model.parent if model.is_file() else model) / 'vae'} (none was found there)")
+            return location
+
+        def _decoder(self, spec: RunSpec, why: str) -> VAEDecoder:
+            """The frozen VAE decode of this run: its dtype, on the model's latents (channel count checked)."""
+            path, tiny = self._need_vae(spec, why)
+            opts = spec.problem_options
+            try:
+                vae = load_vae(path, tiny=tiny)  # float32 as stored; cast below, once
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(f"[diffusers] vae {path}: {exc}") from None
+            dtype = getattr(torch, opts["dtype"])
+            if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+                dtype = torch.float32  # this VAE overflows in float16 (SDXL's): its config says to upcast
+            nn.Module.to(vae, dtype)
+            decoder = VAEDecoder(vae, gradient_checkpointing=opts["vae_gradient_checkpointing"])
+            channels = self._channels(spec)
+            if channels is not None and channels != decoder.latent_channels:
+                raise ConfigError(f"[diffusers] vae {path} decodes {decoder.latent_channels}-channel latents, but the "
+                                  f"model's latents have {channels} channels; use the VAE of this model family")
+            return decoder
+
+        def image_reward(self, scorer: Any, spec: RunSpec) -> Any:
+            """rewards.LatentToImageReward: the scorer on the VAE-decoded generator latents (prompts go to it)."""
+            from ..rewards import LatentToImageReward
+
+            decoder = self._decoder(spec, "an image reward (--reward / [reward] name = \"image\")")
+            if isinstance(scorer, nn.Module):
+                scorer.requires_grad_(False).eval()
+            return LatentToImageReward(decoder, scorer, str(getattr(scorer, "name", "") or spec.reward["spec"]))
+
+        def generate_images(self, built: Built, spec: RunSpec, prompts: Sequence[str], seed: int) -> Any:
+            """One image per prompt, [N, 3, H, W] in [0, 1]: the generator on each prompt's conditioning from
+            [diffusers] embeddings (this problem has no text encoder), then the VAE decode. Sample i's noise is
+            drawn from seed + i, so a prompt's image does not depend on the batching."""
+            decoder = built.extras.get("vae_decoder")
+            if decoder is None:
+                decoder = built.extras["vae_decoder"] = self._decoder(spec, "`evaluate --checkpoint`")
+            table = built.extras["embeddings"]
+            missing = [p for p in prompts if p not in table]
+            if missing:
+                raise ConfigError(f"{len(missing)} of {len(prompts)} prompts (e.g. {missing[0]!r}) have no "
+                                  f"conditioning in [diffusers] embeddings = {spec.problem_options['embeddings']!r}: "
+                                  "this problem has no text encoder and conditions on those precomputed embeddings; "
+                                  "add the evaluation prompts to that file (save_prompt_embeddings), or evaluate on "
+                                  "a prompt file (--prompts FILE) holding its prompts")
+            models = built.models
+            z = torch.stack([_normal(models.latent_shape, seed + i) for i in range(len(prompts))])
+            for module in models.modules:
+                module.eval()
+            with torch.no_grad():
+                x0 = models.generator(z, _stack([table[p] for p in prompts])).float()
+            return decoder.images(x0).cpu()
 
         def _channels(self, spec: RunSpec) -> int | None:
             opts = spec.problem_options
@@ -803,15 +1049,20 @@ def _register_problem() -> None:
             sigma_init = opts["sigma_init"] if opts["sigma_init"] is not None else spec.train.sigma_init
             target = targets[opts["lora_targets"]]
             kwargs = {"target": target} if target is not None else {}
-            models = build_models(denoiser, shape, mode=opts["mode"], rank=opts["lora_rank"], sigma_init=sigma_init,
-                                  **kwargs)
+            with torch.random.fork_rng(devices=[]):  # LoRA's random init from [run] seed: runs are reproducible
+                torch.manual_seed(spec.seed)
+                models = build_models(denoiser, shape, mode=opts["mode"], rank=opts["lora_rank"],
+                                      sigma_init=sigma_init, **kwargs)
             table = load_prompt_embeddings(opts["embeddings"])
             if "" not in table:
                 raise ConfigError(f"[diffusers] embeddings {opts['embeddings']} has no null prompt \"\" (needed as the "
                                   "unconditional conditioning)")
             prompts = PromptList([p for p in table if p.strip()], encode=table.__getitem__, null="")
-            return Built(models=models, prompts=prompts, reward=build_reward(spec),
-                         extras={"denoiser": denoiser, "latent_shape": shape})
+            reward = build_reward(spec)
+            decoder = getattr(reward, "decode", None)
+            return Built(models=models, prompts=prompts, reward=reward,
+                         extras={"denoiser": denoiser, "latent_shape": shape, "embeddings": table,
+                                 "vae_decoder": decoder if isinstance(decoder, VAEDecoder) else None})
 
         def _generate(self, built: Built, spec: RunSpec, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
             models = built.models
@@ -850,8 +1101,26 @@ def _register_problem() -> None:
                           metadata={"problem": self.name, "prompts": json.dumps(chosen), "seed": str(seed)})
             else:
                 np.save(points_path, x.numpy())
-            return {"samples": str(points_path), "n": n, "seed": seed,
-                    "note": "latents (decode them with the model's VAE); no plot for this problem"}
+            result: dict[str, Any] = {"samples": str(points_path), "n": n, "seed": seed}
+            if plot_path is None:
+                result["note"] = "latents; no preview image was asked for"
+                return result
+            if self._vae_location(spec) is None:
+                result["note"] = ("latents; no decoded preview (set [diffusers] vae, or put the model's vae/ folder "
+                                  "beside it, for a PNG grid of the decoded images)")
+                return result
+            from ..evaluate import save_png_atomic
+
+            decoder = built.extras.get("vae_decoder")
+            if decoder is None:
+                decoder = built.extras["vae_decoder"] = self._decoder(spec, "`sample`'s decoded preview")
+            shown = decoder.images(x[:16])
+            plot_path.parent.mkdir(parents=True, exist_ok=True)
+            save_png_atomic(_grid(shown, columns=4), plot_path)
+            result["plot"] = str(plot_path)
+            result["note"] = (f"latents; {plot_path.name} shows the first {len(shown)} decoded with the VAE, "
+                              "4 per row")
+            return result
 
     problem = DiffusersProblem()
     register_problem(problem)
@@ -868,6 +1137,22 @@ def _register_problem() -> None:
 
     register_reward(RewardKind("latent_target", {"value": Option("float", 0.0, help="every latent element's target")},
                                latent_target))
+
+
+def _normal(shape: Sequence[int], seed: int) -> torch.Tensor:
+    z = torch.empty(tuple(shape), dtype=torch.float32)
+    kernels.fill_normal(z, seed)
+    return z
+
+
+def _grid(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """[N, 3, H, W] -> one image [3, rows * H, columns * W], row-major, empty cells black."""
+    n, c, h, w = images.shape
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    canvas = images.new_zeros((rows * cols, c, h, w))
+    canvas[:n] = images
+    return canvas.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
 
 
 def _stack(conds: Sequence[Any]) -> Any:
