@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: all build test test-c bench demo lint wheel clean
+.PHONY: all build test test-c test-comfy bench demo lint wheel clean
 
 all: build
 
@@ -24,21 +24,27 @@ test-c:
 	bash tests/c/run.sh
 
 test: build test-c
-	$(VENV)/bin/ruff check python_shim tests bench
+	$(VENV)/bin/ruff check python_shim tests bench nodes __init__.py
 	$(PY) -m pytest -q tests
 
-# The main job on the built-in default: DI++ on the 2-D Gaussian mixture (about a minute),
-# then samples and metrics of the EMA generator. Re-running resumes the finished run.
+# The main job on the built-in tiny text-to-image problem (shipped teacher and classifier, CPU, minutes):
+# stage 1 DI pre-training, stage 2 reward modelling, stage 3 DI++ alignment with an alpha sweep, then
+# runs/demo/report.md (+ grid.png, curves.png, metrics.json). Re-running reuses finished stages.
 demo: build
-	OMP_NUM_THREADS=1 $(PY) -m diffinstruct train --config examples/toy2d.toml --resume
-	$(PY) -m diffinstruct sample --checkpoint runs/toy2d --out runs/toy2d/samples.png
-	$(PY) -m diffinstruct eval --checkpoint runs/toy2d
+	OMP_NUM_THREADS=1 $(PY) -m diffinstruct.tiny.demo --out runs/demo
 
 bench: build
 	$(PY) bench/bench.py --output BENCHMARKS.md
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check python_shim tests bench
+	$(VENV)/bin/ruff check python_shim tests bench nodes __init__.py
+
+# The node pack inside a real ComfyUI (a local checkout with its requirements installed in COMFYUI_PYTHON's
+# environment, CPU torch is enough); `make test` runs the same file but skips it without COMFYUI_PATH.
+COMFYUI_PYTHON ?= python3
+test-comfy:
+	@test -n "$(COMFYUI_PATH)" || { echo "set COMFYUI_PATH to a ComfyUI checkout"; exit 2; }
+	COMFYUI_PATH=$(COMFYUI_PATH) PYTHONPATH=$(CURDIR)/python_shim $(COMFYUI_PYTHON) -m pytest -q tests/comfy_host
 
 wheel: $(STAMP)
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .

@@ -1,0 +1,230 @@
+"""Rebuild the tiny teacher and classifier from scratch, deterministically, and check them against the shipped ones.
+
+    python -m diffinstruct.tiny.build_weights --out DIR            # train both, write DIR/*.safetensors + manifest
+    python -m diffinstruct.tiny.build_weights --out DIR --check    # ... then compare with the shipped weights
+
+Determinism: fixed seeds, one CPU thread, torch's deterministic algorithms, every random draw from a seeded
+generator, data rendered from per-step seeds; the same machine and torch version give the same bytes. Across
+CPUs or torch versions, floating-point kernels may differ in the last bits, which `--check` reports as a
+mismatch (the rebuilt weights still work; only their hashes differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import data, models
+
+CLASSIFIER_BACKGROUND = (0.0, 0.8)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    seed: int = 0
+    teacher_steps: int = 4000
+    teacher_batch: int = 64
+    teacher_lr: float = 2e-3
+    teacher_ema: float = 0.998
+    label_dropout: float = 0.1
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    base: int = 16
+    classifier_steps: int = 2000
+    classifier_batch: int = 64
+    classifier_lr: float = 2e-3
+    classifier_width: int = 32
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _deterministic() -> None:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+
+def _lr(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over 5 % of the steps, then cosine decay to 5 % of the peak."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr, disable=not enabled)
+
+
+def train_teacher(cfg: BuildConfig, progress: bool = True) -> torch.nn.Module:
+    """EDM denoising score matching on fresh procedural images each step, label dropout for CFG; returns the EMA."""
+    torch.manual_seed(cfg.seed)
+    teacher = models.build_teacher(models.TeacherConfig(base=cfg.base))
+    ema = models.build_teacher(models.TeacherConfig(base=cfg.base))
+    ema.load_state_dict(teacher.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.Adam(teacher.parameters(), lr=cfg.teacher_lr)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    sd = teacher.sigma_data
+    bar = _bar(cfg.teacher_steps, "teacher", progress)
+    for step in range(cfg.teacher_steps):
+        images, attrs = data.sample_batch(cfg.teacher_batch, seed=(cfg.seed << 32) + step)
+        x0 = data.to_data(images)
+        tokens = data.tokenize([a.prompt for a in attrs])
+        drop = torch.rand(cfg.teacher_batch, generator=gen) < cfg.label_dropout
+        tokens = torch.where(drop[:, None], torch.zeros_like(tokens), tokens)
+        sigma = torch.exp(cfg.p_mean + cfg.p_std * torch.randn(cfg.teacher_batch, generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        d = teacher(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, tokens)
+        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        loss = (weight.view(-1, 1, 1, 1) * (d - x0) ** 2).mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.teacher_steps, cfg.teacher_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.teacher_ema, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), teacher.parameters(), strict=True):
+                pe.lerp_(p, 1.0 - decay)
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    return ema.eval()
+
+
+def train_classifier(cfg: BuildConfig, progress: bool = True) -> models.AttributeClassifier:
+    """Cross-entropy on the four attribute heads; images on a wider background range, with pixel noise, so the
+    fidelity measurement holds up on imperfect generator samples."""
+    torch.manual_seed(cfg.seed + 2)
+    clf = models.AttributeClassifier(width=cfg.classifier_width)
+    opt = torch.optim.Adam(clf.parameters(), lr=cfg.classifier_lr)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    bar = _bar(cfg.classifier_steps, "classifier", progress)
+    for step in range(cfg.classifier_steps):
+        images, attrs = data.sample_batch(cfg.classifier_batch, seed=(cfg.seed << 32) + (1 << 31) + step,
+                                          background=CLASSIFIER_BACKGROUND)
+        noise_std = 0.08 * torch.rand(cfg.classifier_batch, 1, 1, 1, generator=gen)
+        images = images + noise_std * torch.randn(images.shape, generator=gen)
+        target = data.labels(attrs)
+        logits = clf(images)
+        loss = sum(F.cross_entropy(logits[k], target[:, i]) for i, k in enumerate(data.ATTRIBUTES))
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.classifier_steps, cfg.classifier_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    return clf.eval()
+
+
+def build(out: str | os.PathLike[str], cfg: BuildConfig, progress: bool = True) -> dict[str, Any]:
+    """Train both networks into `out` (teacher.safetensors, classifier.safetensors, manifest.json)."""
+    out = Path(out)
+    if out.resolve() == models.WEIGHTS_DIR.resolve():
+        raise ValueError(f"--out must not be the shipped weights folder {models.WEIGHTS_DIR}; build elsewhere and "
+                         "compare with --check")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    _deterministic()
+    try:  # the process's settings come back afterwards (the build may run inside a larger program)
+        teacher = train_teacher(cfg, progress)
+        models.save_module(teacher, out / models.TEACHER_FILE, models.TEACHER_FORMAT,
+                           models.teacher_config_dict(models.TeacherConfig(base=cfg.base)))
+        clf = train_classifier(cfg, progress)
+        models.save_module(clf, out / models.CLASSIFIER_FILE, models.CLASSIFIER_FORMAT,
+                           {"width": cfg.classifier_width})
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    files = {name: sha256(out / name) for name in (models.TEACHER_FILE, models.CLASSIFIER_FILE)}
+    manifest = {"build_config": asdict(cfg), "sha256": files, "torch": torch.__version__,
+                "seconds": round(time.perf_counter() - start, 1)}
+    tmp = out / f".{models.MANIFEST_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / models.MANIFEST_FILE)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    path = Path(folder if folder is not None else models.WEIGHTS_DIR) / models.MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"weights manifest not found: {path} (written by "
+                                f"`python -m diffinstruct.tiny.build_weights --out {path.parent}`)")
+    return json.loads(path.read_text())
+
+
+def check(rebuilt: dict[str, Any], shipped_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Differences between a rebuild's manifest and the shipped one (empty: bit-identical)."""
+    shipped = read_manifest(shipped_dir)
+    problems = []
+    if shipped.get("build_config") != rebuilt["build_config"]:
+        problems.append("build settings differ from the shipped weights' (check only compares full default builds)")
+    folder = Path(shipped_dir if shipped_dir is not None else models.WEIGHTS_DIR)
+    for name, digest in rebuilt["sha256"].items():
+        recorded = shipped.get("sha256", {}).get(name)
+        if recorded != digest:
+            problems.append(f"{name}: rebuilt sha256 {digest} != manifest {recorded}")
+        elif (folder / name).is_file() and sha256(folder / name) != recorded:
+            problems.append(f"{name}: the shipped file does not match its manifest entry")
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m diffinstruct.tiny.build_weights", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="folder for the rebuilt weights (never the shipped folder)")
+    ap.add_argument("--check", action="store_true", help="compare the rebuilt files with the shipped ones")
+    ap.add_argument("--teacher-steps", type=int, default=BuildConfig.teacher_steps)
+    ap.add_argument("--classifier-steps", type=int, default=BuildConfig.classifier_steps)
+    ap.add_argument("--seed", type=int, default=BuildConfig.seed)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    for name in ("teacher_steps", "classifier_steps", "seed"):
+        if getattr(args, name) < (0 if name == "seed" else 1):
+            print(f"error: --{name.replace('_', '-')} must be >= {0 if name == 'seed' else 1}", file=sys.stderr)
+            return 2
+    cfg = BuildConfig(seed=args.seed, teacher_steps=args.teacher_steps, classifier_steps=args.classifier_steps)
+    try:
+        manifest = build(args.out, cfg, progress=not args.no_progress)
+        for name, digest in manifest["sha256"].items():
+            print(f"{digest}  {Path(args.out) / name}")
+        print(f"built in {manifest['seconds']} s")
+        if args.check:
+            problems = check(manifest)
+            if problems:
+                for p in problems:
+                    print(f"check failed: {p}", file=sys.stderr)
+                return 1
+            print("check: rebuilt weights are bit-identical to the shipped ones")
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

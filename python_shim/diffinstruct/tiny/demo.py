@@ -1,0 +1,442 @@
+"""`make demo`: the whole DI++ workflow on the built-in tiny text-to-image problem, on a CPU, in minutes.
+
+    python -m diffinstruct.tiny.demo --out runs/demo [--quick] [--threads N]
+
+Stage 1  DI pre-training: a one-step generator g(z, c) = D(2.5 z, 2.5, c), initialised from the tiny teacher,
+         distilled from the CFG teacher with DI (DI++ with alpha = 0).
+Stage 2  reward modelling: a simulated rater with a hidden taste (darker backgrounds) labels pairs of images;
+         the Bradley-Terry preference model (rewards/preference.py) learns a differentiable reward from them.
+Stage 3  DI++ alignment from the stage-1 generator with that reward, for each alpha of a sweep (alpha = 0 is
+         DI for as many steps, the baseline), then the report: report.md, grid.png, curves.png, metrics.json.
+
+Every stage trains with the engine (DITrainer through runner.run: checkpoints, metrics.jsonl, resume), so running
+the demo again on the same --out reuses finished stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import runner
+from ..assembly import build_models
+from ..checkpoint import write_text_atomic
+from ..config import ConfigError, DIConfig
+from ..denoisers import EDMDenoiser
+from ..prompts import PromptList
+from ..rewards.base import PixelReward
+from ..rewards.preference import PreferenceModel
+from ..trainer import DITrainer
+from . import data, evaluate, models, sampling, taste
+
+STAGE1 = "stage1-di"
+STAGE2 = "stage2-reward"
+REWARD_FILE = "reward.safetensors"
+GRID_PROMPTS = ("a large red circle at the top left", "a small blue square at the bottom right",
+                "a large yellow triangle at the top right", "a small green circle at the bottom left",
+                "a large blue triangle at the bottom left", "a small red triangle at the top right",
+                "a large green square at the bottom right", "a small yellow circle at the top left")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    di_steps: int = 400
+    sweep_steps: int = 150
+    alphas: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0)
+    alpha: float = 3.0  # the DI++ run shown in the grid and the headline numbers (fixed before any result)
+    batch_size: int = 16
+    lr: float = 2e-4
+    omega: float = 2.0  # CFG weight of the teacher, for DI and for the many-step reference samples
+    ema_decay: float = 0.95
+    heun_steps: int = 18
+    eval_prompts: int = 96
+    eval_seeds: int = 2
+    reward_images: int = 768
+    reward_pairs: int = 3000
+    reward_epochs: int = 60
+    seed: int = 0
+    threads: int = 1
+
+    def check(self) -> DemoConfig:
+        for name in ("di_steps", "sweep_steps", "batch_size", "heun_steps", "eval_prompts", "eval_seeds",
+                     "reward_images", "reward_pairs", "reward_epochs", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.eval_seeds < 2:
+            raise ConfigError("eval_seeds must be >= 2 (diversity compares samples of one prompt)")
+        if self.eval_prompts > len(data.all_prompts()):
+            raise ConfigError(f"eval_prompts must be <= {len(data.all_prompts())} (the number of prompts)")
+        if not self.alphas or any(not (isinstance(a, int | float) and math.isfinite(a) and a >= 0)
+                                  for a in self.alphas):
+            raise ConfigError(f"alphas must be finite numbers >= 0, got {self.alphas!r}")
+        if 0.0 not in self.alphas:
+            raise ConfigError("alphas must include 0 (DI, the baseline DI++ is compared with)")
+        if self.alpha not in self.alphas or self.alpha == 0:
+            raise ConfigError(f"alpha ({self.alpha}) must be one of the non-zero alphas {self.alphas}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        return self
+
+
+QUICK = DemoConfig(di_steps=150, sweep_steps=80, alphas=(0.0, 10.0), alpha=10.0, eval_prompts=48, eval_seeds=2,
+                   reward_images=384, reward_pairs=1500, reward_epochs=40)
+
+
+@dataclass
+class SampleSet:
+    """Samples of the evaluation set (every prompt x eval_seeds), in [0, 1], with their prompts."""
+
+    images: torch.Tensor
+    prompts: list[str]
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def eval_prompts(cfg: DemoConfig) -> tuple[list[str], list[int]]:
+    prompts = data.all_prompts()
+    step = len(prompts) / cfg.eval_prompts
+    chosen = [prompts[int(i * step)] for i in range(cfg.eval_prompts)]
+    rows = [(p, s) for s in range(cfg.eval_seeds) for p in chosen]
+    return [r[0] for r in rows], [1000 + r[1] for r in rows]
+
+
+def noise(seeds: Sequence[int]) -> torch.Tensor:
+    """One unit-normal [3, 16, 16] per seed: the same seed gives the same noise to every sampler."""
+    return torch.cat([sampling.noise_for(1, s) for s in seeds])
+
+
+@torch.no_grad()
+def one_step(generator_net: EDMDenoiser, prompts: Sequence[str], seeds: Sequence[int],
+             sigma_init: float = 2.5) -> tuple[torch.Tensor, float]:
+    z = noise(seeds)
+    tokens = data.tokenize(list(prompts))
+    start = time.perf_counter()
+    s = torch.full((z.shape[0],), sigma_init)
+    x = generator_net(sigma_init * z, s, tokens)
+    return data.to_images(x).clamp(0, 1), time.perf_counter() - start
+
+
+@torch.no_grad()
+def many_step(teacher: EDMDenoiser, prompts: Sequence[str], seeds: Sequence[int], cfg: DemoConfig
+              ) -> tuple[torch.Tensor, float]:
+    z = noise(seeds)
+    tokens = data.tokenize(list(prompts))
+    start = time.perf_counter()
+    x = sampling.heun_sample(teacher, tokens, z, steps=cfg.heun_steps, omega=cfg.omega)
+    return data.to_images(x).clamp(0, 1), time.perf_counter() - start
+
+
+def prompt_list() -> PromptList:
+    return PromptList(data.all_prompts(), lambda p: data.tokenize([p]))
+
+
+def di_config(cfg: DemoConfig, alpha: float) -> DIConfig:
+    return DIConfig(method="dipp", alpha=alpha, omega=cfg.omega, sigma_init=2.5, lr_generator=cfg.lr,
+                    lr_ta=cfg.lr, batch_size=cfg.batch_size, ema_decay=cfg.ema_decay, seed=cfg.seed,
+                    p_mean=-1.0, p_std=1.4)
+
+
+def _ema_state(trainer: DITrainer) -> dict[str, torch.Tensor]:
+    with runner.ema_weights(trainer):
+        return copy.deepcopy(trainer.models.generator.denoiser.state_dict())
+
+
+def _train(teacher: EDMDenoiser, cfg: DemoConfig, out: Path, steps: int, alpha: float,
+           reward: PixelReward | None, start: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
+           label: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """One engine run (resumable); returns the generator's EMA weights, the TA's weights and the run summary."""
+    init = None
+    if start is not None:
+        init = copy.deepcopy(teacher)
+        init.load_state_dict(start[0])
+    m = build_models(teacher, (3, data.SIZE, data.SIZE), mode="full", sigma_init=2.5, generator_init=init)
+    if start is not None:
+        m.ta.load_state_dict(start[1])  # the stage-1 TA already tracks the generator's distribution
+    trainer = DITrainer(di_config(cfg, alpha), m, prompt_list(), reward=reward)
+    print(f"{label}: {steps} steps -> {out}", file=sys.stderr, flush=True)
+    summary = runner.run(trainer, steps, out, checkpoint_every=steps, resume=True, keep=1, curves=True,
+                         metadata={"base_model": "diffinstruct.tiny teacher", "demo_stage": label})
+    return _ema_state(trainer), copy.deepcopy(m.ta.state_dict()), summary
+
+
+def measure(name: str, images: torch.Tensor, prompts: list[str], seconds: float, clf: models.AttributeClassifier,
+            reward: PreferenceModel, teacher_images: torch.Tensor) -> dict[str, Any]:
+    with torch.no_grad():
+        learned = float(reward(images).mean())
+    return {"name": name, "reward": learned, "taste": float(taste.hidden_taste(images).mean()),
+            **evaluate.fidelity(clf, images, prompts), "diversity": evaluate.diversity(images, prompts),
+            "mmd_to_teacher": evaluate.feature_mmd(clf, images, teacher_images),
+            "pixel_distance_to_teacher": evaluate.mean_pixel_distance(images, teacher_images),
+            "sample_seconds": seconds, "images": images.shape[0]}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _grid(rows: list[tuple[str, torch.Tensor]], path: Path, prompts: Sequence[str], seeds: int) -> Path:
+    import numpy as np
+
+    from ..plotting import _figure, _save
+
+    scale, gap = 4, 2
+    tiles = []
+    for _, images in rows:
+        ims = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        ims = ims.repeat(scale, axis=1).repeat(scale, axis=2)
+        side = ims.shape[1]
+        row = np.full((side, len(ims) * (side + gap) - gap, 3), 255, np.uint8)
+        for i, im in enumerate(ims):
+            row[:, i * (side + gap):i * (side + gap) + side] = im
+        tiles.append(row)
+    side = tiles[0].shape[0]
+    canvas = np.full((len(tiles) * (side + gap) - gap, tiles[0].shape[1], 3), 255, np.uint8)
+    for r, row in enumerate(tiles):
+        canvas[r * (side + gap):r * (side + gap) + side] = row
+    w, h = canvas.shape[1] / 100, canvas.shape[0] / 100  # one canvas pixel per figure pixel (dpi 100)
+    left, top, pad = 1.1, 0.45, 0.05
+    fig = _figure(left + w + pad, top + h + pad)
+    ax = fig.add_axes((left / (left + w + pad), pad / (top + h + pad), w / (left + w + pad), h / (top + h + pad)))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_yticks([r * (side + gap) + side / 2 for r in range(len(rows))], [name for name, _ in rows], fontsize=9)
+    cols = len(prompts) // seeds
+    ax.set_xticks([(c * seeds + seeds / 2) * (side + gap) - gap / 2 for c in range(cols)],
+                  ["\n".join(p.removeprefix("a ").split(" at the ")) for p in prompts[:cols * seeds:seeds]],
+                  fontsize=7)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    return _save(fig, path)
+
+
+def _curves(stage1: Path, sweep: dict[float, Path], path: Path) -> Path:
+    from ..metrics import read_jsonl
+    from ..plotting import _figure, _save, _smooth
+
+    def line(ax: Any, rec: list[dict[str, Any]], key: str, colour: str, label: str | None = None) -> None:
+        # raw values faintly, a moving average (a tenth of the run) on top: batches of 16 are noisy
+        steps, values = [r["step"] for r in rec], [float(r[key]) for r in rec]
+        ax.plot(steps, values, lw=0.5, alpha=0.3, color=colour)
+        ax.plot(steps, _smooth(values, max(1, len(values) // 10)), lw=1.5, color=colour, label=label)
+
+    fig = _figure(11.0, 6.5)
+    axes = fig.subplots(2, 2)
+    rec1 = read_jsonl(stage1 / runner.METRICS_FILE)
+    for ax, key, title in ((axes[0, 0], "ta_loss", "stage 1 (DI): TA loss"),
+                           (axes[0, 1], "gap", "stage 1 (DI): |D_TA - D_teacher|")):
+        line(ax, rec1, key, "C0")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for i, (alpha, run) in enumerate(sorted(sweep.items())):
+        rec = read_jsonl(run / runner.METRICS_FILE)
+        for ax, key in ((axes[1, 0], "reward"), (axes[1, 1], "gap")):
+            line(ax, rec, key, f"C{i}", f"alpha = {alpha:g}")
+    axes[1, 0].set_title("stage 3 (DI++): learned reward of generator samples", fontsize=10)
+    axes[1, 1].set_title("stage 3 (DI++): |D_TA - D_teacher|", fontsize=10)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _row(m: dict[str, Any]) -> str:
+    return (f"| {m['name']} | {m['reward']:.2f} | {m['taste']:.3f} | {m['attribute_accuracy']:.1f} | "
+            f"{m['prompt_accuracy']:.1f} | {m['diversity']:.3f} | {m['mmd_to_teacher']:.4f} | "
+            f"{m['pixel_distance_to_teacher']:.3f} |")
+
+
+def write_report(out: Path, metrics: dict[str, Any]) -> Path:
+    head = ("| samples | learned reward | hidden taste | fidelity (attr. %) | prompts fully right % | diversity | "
+            "MMD to teacher | pixel dist. to teacher |\n|---|---|---|---|---|---|---|---|")
+    t, di, dipp = metrics["teacher"], metrics["di"], metrics["dipp"]
+    lines = [
+        "# DI++ on the tiny text-to-image problem", "",
+        f"Teacher: {metrics['config']['heun_steps']}-step EDM Heun with CFG omega = {metrics['config']['omega']} "
+        f"({metrics['teacher_nfe']} network evaluations per image); DI and DI++: one step. "
+        f"Same prompts and seeds in every row.", "",
+        "![grid](grid.png)", "",
+        f"DI++ alpha = {metrics['config']['alpha']:g}: learned reward {di['reward']:.2f} -> {dipp['reward']:.2f} "
+        f"(hidden taste {di['taste']:.3f} -> {dipp['taste']:.3f}); prompt fidelity {dipp['attribute_accuracy']:.1f} % "
+        f"vs the teacher's {t['attribute_accuracy']:.1f} %; one-step sampling {metrics['speedup']:.0f}x faster than "
+        f"the teacher ({di['sample_seconds'] * 1000:.0f} ms vs {t['sample_seconds'] * 1000:.0f} ms for "
+        f"{t['images']} images).", "",
+        "## Samples", "", head, _row(t), _row(metrics["stage1"]), _row(di), _row(dipp), "",
+        f"## Alpha sweep (from the stage-1 generator, {metrics['config']['sweep_steps']} steps each)", "", head,
+        *[_row(m) for m in metrics["sweep"]], "",
+        "## Reward model (stage 2)", "",
+        f"{metrics['reward_model']['pairs']} pairs rated by the hidden taste; validation accuracy "
+        f"{100 * metrics['reward_model']['val_accuracy']:.1f} %, agreement with the noise-free taste "
+        f"{100 * metrics['reward_model']['agreement_with_taste']:.1f} %.", "",
+        "![curves](curves.png)", "",
+        "Fidelity = % of attributes (colour, shape, size, position) the classifier reads as prompted. Diversity = "
+        "mean RMS pixel distance between samples of one prompt. MMD: on the classifier's features, against the "
+        "teacher's samples. Learned reward: the stage-2 preference model; hidden taste: 1 - median luma.", "",
+        f"Times: {', '.join(f'{k} {v:.0f} s' for k, v in metrics['timing'].items())}.", "",
+    ]
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- the demo
+def _check_out(out: Path, cfg: DemoConfig) -> None:
+    saved = out / "demo_config.json"
+    current = json.dumps(asdict(cfg), sort_keys=True)
+    if saved.is_file():
+        if json.loads(saved.read_text()) != json.loads(current):
+            raise ConfigError(f"{out} holds a demo run with other settings ({saved}); choose another --out "
+                              "or delete that folder")
+    else:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(saved, current)
+
+
+def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, weights: str | os.PathLike[str] | None = None
+             ) -> dict[str, Any]:
+    """All three stages and the report; returns the metrics (also written to out/metrics.json)."""
+    cfg.check()
+    out = Path(out)
+    teacher = models.load_teacher(weights)
+    clf = models.load_classifier(weights)
+    _check_out(out, cfg)
+    torch.set_num_threads(cfg.threads)
+    began = time.perf_counter()
+    timing: dict[str, float] = {}
+
+    # stage 1: DI pre-training of the one-step generator
+    t0 = time.perf_counter()
+    gen1, ta1, _ = _train(teacher, cfg, out / STAGE1, cfg.di_steps, 0.0, None, None, "stage 1/3 DI pre-training")
+    timing["stage1"] = time.perf_counter() - t0
+
+    # stage 2: rate pairs of data and generator images with the hidden taste, fit the preference model
+    t0 = time.perf_counter()
+    print("stage 2/3 reward modelling: rating pairs, training the preference model", file=sys.stderr, flush=True)
+    net1 = copy.deepcopy(teacher)
+    net1.load_state_dict(gen1)
+    half = cfg.reward_images // 2
+    real, _ = data.sample_batch(half, seed=cfg.seed + 77)
+    fake_prompts = [data.all_prompts()[i % 96] for i in range(cfg.reward_images - half)]
+    fake, _ = one_step(net1, fake_prompts, [5000 + i for i in range(len(fake_prompts))])
+    reward_model, record = taste.fit_reward(torch.cat([real, fake]), cfg.reward_pairs, cfg.seed + 7,
+                                            epochs=cfg.reward_epochs)
+    reward_model.save(out / STAGE2 / REWARD_FILE, record)
+    timing["stage2"] = time.perf_counter() - t0
+
+    # stage 3: DI++ from the stage-1 generator, one run per alpha
+    t0 = time.perf_counter()
+    reward = PixelReward(reward_model, value_range=(-1.0, 1.0), name="preference")
+    sweep_nets: dict[float, EDMDenoiser] = {}
+    sweep_dirs: dict[float, Path] = {}
+    for alpha in cfg.alphas:
+        run_dir = out / f"stage3-alpha{alpha:g}"
+        gen, _, _ = _train(teacher, cfg, run_dir, cfg.sweep_steps, alpha, reward, (gen1, ta1),
+                           f"stage 3/3 DI++ alpha = {alpha:g}")
+        net = copy.deepcopy(teacher)
+        net.load_state_dict(gen)
+        sweep_nets[alpha], sweep_dirs[alpha] = net, run_dir
+    timing["stage3"] = time.perf_counter() - t0
+
+    # evaluation and report
+    t0 = time.perf_counter()
+    print("report: sampling the teacher (many steps) and the generators (one step)", file=sys.stderr, flush=True)
+    from tqdm.auto import tqdm
+
+    prompts, seeds = eval_prompts(cfg)
+    bar = tqdm(total=2 + len(sweep_nets), desc="evaluate", unit="sample set", file=sys.stderr, dynamic_ncols=True)
+    t_images, t_sec = many_step(teacher, prompts, seeds, cfg)
+    measured = {"teacher": measure(f"teacher ({cfg.heun_steps}-step Heun, CFG {cfg.omega:g})", t_images, prompts,
+                                   t_sec, clf, reward_model, t_images)}
+    bar.update(1)
+    images1, sec1 = one_step(net1, prompts, seeds)
+    measured["stage1"] = measure(f"DI stage 1 ({cfg.di_steps} steps)", images1, prompts, sec1, clf, reward_model,
+                                 t_images)
+    bar.update(1)
+    sweep = []
+    for alpha, net in sweep_nets.items():
+        images, sec = one_step(net, prompts, seeds)
+        name = f"alpha = {alpha:g}" + (" (DI)" if alpha == 0 else " (DI++)")
+        m = measure(name, images, prompts, sec, clf, reward_model, t_images)
+        sweep.append({"alpha": alpha, **m})
+        bar.update(1)
+    bar.close()
+    di = dict(next(m for m in sweep if m["alpha"] == 0), name=f"DI (alpha = 0, +{cfg.sweep_steps} steps)")
+    dipp = dict(next(m for m in sweep if m["alpha"] == cfg.alpha), name=f"DI++ (alpha = {cfg.alpha:g})")
+    nfe = 2 * cfg.heun_steps - 1
+    metrics: dict[str, Any] = {
+        "config": asdict(cfg), "teacher": measured["teacher"], "stage1": measured["stage1"], "di": di, "dipp": dipp,
+        "sweep": sweep, "reward_model": record, "teacher_nfe": nfe * (2 if cfg.omega != 1 else 1),
+        # the same images (prompts, seeds, batch): the whole Heun chain with CFG versus one network evaluation
+        "speedup": t_sec / max(dipp["sample_seconds"], 1e-9),
+        "reward_gain": dipp["reward"] - di["reward"],
+        "fidelity_gap_to_teacher": measured["teacher"]["attribute_accuracy"] - dipp["attribute_accuracy"],
+    }
+    grid_prompts = [p for p in GRID_PROMPTS for _ in range(2)]
+    grid_seeds = [1 + i % 2 for i in range(len(grid_prompts))]
+    rows = [(f"teacher\n{cfg.heun_steps}-step", many_step(teacher, grid_prompts, grid_seeds, cfg)[0]),
+            ("DI\none-step", one_step(sweep_nets[0.0], grid_prompts, grid_seeds)[0]),
+            (f"DI++ α={cfg.alpha:g}\none-step", one_step(sweep_nets[cfg.alpha], grid_prompts, grid_seeds)[0])]
+    _grid(rows, out / "grid.png", grid_prompts, 2)
+    _curves(out / STAGE1, sweep_dirs, out / "curves.png")
+    timing["report"] = time.perf_counter() - t0
+    timing["total"] = time.perf_counter() - began
+    metrics["timing"] = timing
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_report(out, metrics)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m diffinstruct.tiny.demo",
+                                 description="DI pre-training, reward modelling and DI++ alignment on the tiny "
+                                             "text-to-image problem, with a report.")
+    ap.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    ap.add_argument("--quick", action="store_true", help="reduced size (about a minute)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    ap.add_argument("--di-steps", type=int, default=None, help="stage-1 DI steps")
+    ap.add_argument("--sweep-steps", type=int, default=None, help="stage-3 steps per alpha")
+    ap.add_argument("--alphas", default=None, help="comma-separated alphas of the sweep, including 0")
+    ap.add_argument("--alpha", type=float, default=None, help="the DI++ alpha shown in the grid (one of --alphas)")
+    ap.add_argument("--weights", default=None, help="folder with teacher/classifier weights (default: shipped)")
+    args = ap.parse_args(argv)
+    cfg = QUICK if args.quick else DemoConfig()
+    try:
+        changes: dict[str, Any] = {}
+        if args.alphas is not None:
+            try:
+                changes["alphas"] = tuple(float(a) for a in args.alphas.split(","))
+            except ValueError:
+                raise ConfigError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
+        for key in ("threads", "di_steps", "sweep_steps", "alpha"):
+            if getattr(args, key) is not None:
+                changes[key] = getattr(args, key)
+        cfg = replace(cfg, **changes).check()
+        metrics = run_demo(args.out, cfg, args.weights)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t, di, dipp = metrics["teacher"], metrics["di"], metrics["dipp"]
+    print(f"reward (learned) DI {di['reward']:.2f} -> DI++ {dipp['reward']:.2f}; fidelity teacher "
+          f"{t['attribute_accuracy']:.1f} %, DI {di['attribute_accuracy']:.1f} %, "
+          f"DI++ {dipp['attribute_accuracy']:.1f} %; "
+          f"one-step {metrics['speedup']:.0f}x faster; report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
