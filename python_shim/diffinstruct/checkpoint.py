@@ -109,15 +109,24 @@ def _hook(stage: str, path: Path) -> None:
         _save_hook(stage, path)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` by `text` atomically: a fsynced temporary sibling, rename, fsync of the folder."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` atomically: a fsynced temporary sibling, rename, fsync of the folder."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written sibling behind
+        raise
     _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` atomically (see write_bytes_atomic)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _remove_tree(path: Path) -> None:

@@ -94,14 +94,19 @@ class PreferenceModel(nn.Module):
                 "feature_dim": self.features.dim}
 
     def save(self, path: PathLike, record: dict[str, Any] | None = None) -> Path:
-        """Writes `path` (.safetensors: tensors + metadata) and `path` with suffix .json (config + training record)."""
-        from safetensors.torch import save_file
+        """Writes `path` (.safetensors: tensors + metadata) and `path` with suffix .json (config + training record),
+        each atomically, so an interrupted save never leaves a truncated model behind."""
+        from safetensors.torch import save
+
+        from ..checkpoint import write_bytes_atomic, write_text_atomic
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"config": json.dumps(self.config()), "record": json.dumps(record or {})}
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path), metadata=meta)
-        path.with_suffix(".json").write_text(json.dumps({"config": self.config(), "record": record or {}}, indent=2))
+        write_bytes_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                                      metadata=meta))
+        write_text_atomic(path.with_suffix(".json"),
+                          json.dumps({"config": self.config(), "record": record or {}}, indent=2))
         return path
 
     @classmethod
