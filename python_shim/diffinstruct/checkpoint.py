@@ -96,7 +96,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -253,7 +254,7 @@ def save_checkpoint(trainer: DITrainer, run_dir: str | os.PathLike[str], step: i
             path = tmp / TENSOR_FILES[role]
             save_file(tensors, path, metadata={"format": FORMAT, "content": role, "step": str(step)})
             _fsync_file(path)
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
             _hook("file", path)
         meta = {
             "format": FORMAT,
@@ -346,7 +347,7 @@ def incomplete_reason(path: str | os.PathLike[str], verify: bool = False) -> str
         size = fpath.stat().st_size
         if size != info.get("bytes"):
             return f"checkpoint {ckpt} is incomplete: {fname} has {size} bytes, {META} says {info.get('bytes')}"
-        if verify and _sha256(fpath) != info.get("sha256"):
+        if verify and sha256_file(fpath) != info.get("sha256"):
             return f"checkpoint {ckpt} is corrupt: the SHA-256 of {fname} does not match {META}"
     return None
 
@@ -416,7 +417,7 @@ def _load_file(ckpt: Path, role: str, meta: dict[str, Any], verify: bool) -> dic
     fpath = ckpt / fname
     if not fpath.is_file():
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")
-    if verify and _sha256(fpath) != meta["files"][fname].get("sha256"):
+    if verify and sha256_file(fpath) != meta["files"][fname].get("sha256"):
         raise CheckpointError(f"checkpoint {ckpt} is corrupt: the SHA-256 of {fname} does not match {META}")
     try:
         return load_file(fpath)

@@ -520,6 +520,18 @@ def _model_class(kind: str) -> Any:
             "sd3": d.SD3Transformer2DModel}[kind]
 
 
+def _pretrained_kwargs(dtype: torch.dtype | None, variant: str | None) -> dict[str, Any]:
+    """from_pretrained options: local files only; without accelerate diffusers would warn and fall back to
+    low_cpu_mem_usage=False anyway."""
+    kwargs: dict[str, Any] = {"local_files_only": True,
+                              "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    if variant:
+        kwargs["variant"] = variant
+    return kwargs
+
+
 def load_model(path: PathLike, kind: str, *, config: Any = None, dtype: torch.dtype | None = None,
                variant: str | None = None) -> nn.Module:
     """A diffusers model of `kind` ("unet" | "pixart" | "sd3") from local files only, in eval mode."""
@@ -527,14 +539,7 @@ def load_model(path: PathLike, kind: str, *, config: Any = None, dtype: torch.dt
     folder, file = resolve_model_path(path, kind, variant)
     if file is None:
         _check_class(_read_json(folder / CONFIG_NAME), kind, folder / CONFIG_NAME)
-        # without accelerate, diffusers would warn and fall back to this anyway
-        kwargs: dict[str, Any] = {"local_files_only": True,
-                                  "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
-        if dtype is not None:
-            kwargs["torch_dtype"] = dtype
-        if variant:
-            kwargs["variant"] = variant
-        model = cls.from_pretrained(str(folder), **kwargs)
+        model = cls.from_pretrained(str(folder), **_pretrained_kwargs(dtype, variant))
     else:
         from safetensors.torch import load_file
 
@@ -724,13 +729,7 @@ def load_vae(path: PathLike, *, tiny: bool = False, dtype: torch.dtype | None = 
     folder, file = resolve_vae_path(path, variant)
     if file is None:
         cls = _vae_class(_read_json(folder / CONFIG_NAME), tiny, folder / CONFIG_NAME)
-        kwargs: dict[str, Any] = {"local_files_only": True,
-                                  "low_cpu_mem_usage": importlib.util.find_spec("accelerate") is not None}
-        if dtype is not None:
-            kwargs["torch_dtype"] = dtype
-        if variant:
-            kwargs["variant"] = variant
-        vae = cls.from_pretrained(str(folder), **kwargs)
+        vae = cls.from_pretrained(str(folder), **_pretrained_kwargs(dtype, variant))
     else:
         from safetensors.torch import load_file
 

@@ -12,7 +12,6 @@ mismatch (the rebuilt weights still work; only their hashes differ).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import sha256_file
 from . import data, models
 
 CLASSIFIER_BACKGROUND = (0.0, 0.8)
@@ -49,11 +49,7 @@ class BuildConfig:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _deterministic() -> None:
