@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .compose import DIPPGeneratorLoss, DIPPReferenceScore, DIPPReward, DIPPRewardCombine, DIPPTAModel
+from .tiny_demo import DIPPTinyDemoModels, DIPPTinyFidelity, DIPPTinyTasteReward
 from .tools import DIPPEvaluate, DIPPOneStepSample, DIPPSave
 from .train import DIPPAlign, DIPPTrain
 
@@ -17,6 +18,9 @@ NODE_CLASS_MAPPINGS = {
     "DIPPOneStepSample": DIPPOneStepSample,
     "DIPPSave": DIPPSave,
     "DIPPEvaluate": DIPPEvaluate,
+    "DIPPTinyDemoModels": DIPPTinyDemoModels,
+    "DIPPTinyTasteReward": DIPPTinyTasteReward,
+    "DIPPTinyFidelity": DIPPTinyFidelity,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,6 +34,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DIPPOneStepSample": "DI++ One-Step Sample",
     "DIPPSave": "DI++ Save",
     "DIPPEvaluate": "DI++ Evaluate",
+    "DIPPTinyDemoModels": "DI++ Tiny Demo Models",
+    "DIPPTinyTasteReward": "DI++ Tiny Taste Reward",
+    "DIPPTinyFidelity": "DI++ Tiny Fidelity",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

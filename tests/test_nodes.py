@@ -53,7 +53,7 @@ def reward(name="brightness", weight=1.0):
 
 # ============================================================================================== schemas
 def test_every_node_has_a_complete_schema():
-    assert len(NODES) == 10
+    assert len(NODES) == 13
     for node_id, cls in NODES.items():
         assert node_id.startswith("DIPP") and cls.CATEGORY == "Diff-Instruct++"
         assert len(cls.DESCRIPTION) > 40, node_id
@@ -82,7 +82,7 @@ def test_pack_imports_without_comfy():
     init = str(ROOT / "__init__.py")
     code = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('pack', {init!r});"
             "m = importlib.util.module_from_spec(spec); sys.modules['pack'] = m; spec.loader.exec_module(m);"
-            "assert len(m.NODE_CLASS_MAPPINGS) == 10;"
+            "assert len(m.NODE_CLASS_MAPPINGS) == 13;"
             "assert not any(k == 'comfy' or k.startswith('comfy.') for k in sys.modules), 'comfy imported';"
             "assert 'nodes' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
@@ -266,7 +266,7 @@ def test_training_copies_are_released_after_the_run(objects, tmp_path, monkeypat
 def test_shipped_api_workflows_use_the_node_schemas():
     workflows = sorted((ROOT / "workflows").glob("*_api.json"))
     assert [p.name for p in workflows] == ["align_one_click_api.json", "composed_pipeline_api.json",
-                                           "evaluate_before_after_api.json"]
+                                           "evaluate_before_after_api.json", "tiny_demo_api.json"]
     for path in workflows:
         prompt = json.loads(path.read_text())
         assert json.loads(path.with_name(path.name.replace("_api", "")).read_text())["nodes"]

@@ -128,7 +128,7 @@ def test_pack_loads_through_comfyui_loader(host):
 
     mappings = host.nodes.NODE_CLASS_MAPPINGS
     ours = sorted(k for k in mappings if k.startswith("DIPP"))
-    assert len(ours) == 10
+    assert len(ours) == 13
     for key in ours:
         assert mappings[key].CATEGORY == "Diff-Instruct++"
         assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS[key].startswith("DI++")
