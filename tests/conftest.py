@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +50,25 @@ def core():
 def as64(t: torch.Tensor) -> np.ndarray:
     """A tensor's values as float64 NumPy (bfloat16 included)."""
     return t.detach().to(torch.float64).cpu().numpy()
+
+
+class NetworkBlocked(RuntimeError):
+    """Raised by the no_network fixture on any attempt to reach the network."""
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every socket connection and name lookup fails; returns the attempts (loaders must need none)."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise NetworkBlocked(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the loaders must not rely on the user setting these
+        monkeypatch.delenv(var, raising=False)
+    return attempts

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -56,15 +55,6 @@ SD15_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linea
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any socket connection fails: loading must work from local files alone."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def cond_for(name: str, batch: int = 1, seed: int = 0) -> dict:

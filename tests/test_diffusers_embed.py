@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -39,15 +38,6 @@ PROMPTS = ["a red cat", "a photo of a dog on the beach", "a red cat", "an extrem
            "has to truncate because it is much longer than sixteen tokens"]
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any socket connection fails: embedding must work from local files alone."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _text_config(hidden: int, **extra) -> dict:

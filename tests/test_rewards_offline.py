@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from conftest import NetworkBlocked
 from diffinstruct.rewards import NAMES, RewardWeightsNotFound, load_scorer, load_spec  # noqa: E402
 from diffinstruct.rewards.preference import train  # noqa: E402
 from diffinstruct.rewards.tiny import (  # noqa: E402
@@ -18,27 +19,6 @@ from diffinstruct.rewards.tiny import (  # noqa: E402
     write_tiny_hpsv2,
     write_tiny_imagereward,
 )
-
-
-class NetworkBlocked(RuntimeError):
-    pass
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise NetworkBlocked(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the loaders must not rely on the user setting these
-        monkeypatch.delenv(var, raising=False)
-    return attempts
 
 
 @pytest.fixture(scope="module")

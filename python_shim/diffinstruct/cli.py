@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, DIConfig
+from .config import ConfigError, DIConfig, int_at_least
 
 REQUIRED: Any = object()
 KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
@@ -726,23 +726,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= low."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-_positive = _int_at_least(1)
-_non_negative = _int_at_least(0)
+_positive = int_at_least(1)
+_non_negative = int_at_least(0)
 
 
 def make_parser() -> argparse.ArgumentParser:

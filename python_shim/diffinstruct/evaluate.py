@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, int_at_least
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "prompts"
 PROMPT_SETS = {"coco1k": "coco2017_val_1k.txt", "hpsv2": "hpsv2_benchmark_prompts.json"}
@@ -402,14 +402,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_positive = int_at_least(1)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, int_at_least
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SUPPORTED = "SD1.5-style (unet/ + text_encoder/) and SDXL (unet/ + text_encoder/ + text_encoder_2/) pipelines"
@@ -222,14 +222,7 @@ def embed(pipeline: Path, prompts: list[str], *, kind: str = "auto", dtype: torc
 
 
 # ============================================================================================== command line
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+_positive = int_at_least(1)
 
 
 def make_parser() -> argparse.ArgumentParser:
