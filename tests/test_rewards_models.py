@@ -274,3 +274,25 @@ def test_weighted_spec_and_latent_path(models):
 
     pixel = PixelReward(combo)  # pixel-space generator in [-1, 1]
     torch.testing.assert_close(pixel(x * 2 - 1, PROMPTS, None), combo(x, PROMPTS))
+
+
+def test_build_without_init_is_strict_and_refills_position_ids():
+    import transformers
+
+    from diffinstruct.rewards.hf_build import build_without_init
+
+    cfg = transformers.CLIPTextConfig(vocab_size=32, bos_token_id=30, eos_token_id=31, hidden_size=8,
+                                      intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      max_position_embeddings=12)
+    torch.manual_seed(0)
+    state = transformers.CLIPTextModel(cfg).state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    model = build_without_init(transformers.CLIPTextModel, cfg, state, "tiny text")
+    for k, v in state.items():
+        assert torch.equal(model.state_dict()[k], v)
+    assert torch.equal(dict(model.named_buffers())["embeddings.position_ids"][0], torch.arange(12))
+    with pytest.raises(ValueError, match=r"tiny text weights do not fit: missing \[.*final_layer_norm.weight"):
+        build_without_init(transformers.CLIPTextModel, cfg,
+                           {k: v for k, v in state.items() if "final_layer_norm.weight" not in k}, "tiny text")
+    with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
+        build_without_init(transformers.CLIPTextModel, cfg, {**state, "extra.weight": torch.zeros(1)}, "tiny text")

@@ -36,6 +36,7 @@ from torch import nn
 
 from .clip import ClipTower, _check_batch, _transformers
 from .convert import load_state_dict
+from .hf_build import build_without_init
 from .paths import missing, models_dir, reward_path
 from .preprocess import ClipPreprocess
 
@@ -136,22 +137,8 @@ def openclip_to_hf(sd: dict[str, torch.Tensor], *, vision_heads: int | None = No
 def build_clip_model(config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
     """A transformers CLIPModel holding `state` (strict), built without a random initialisation."""
     tf = _transformers()
-    cfg = tf.CLIPConfig(**config)
-    with torch.device("meta"):
-        model = tf.CLIPModel(cfg)
-    model = model.to_empty(device="cpu")
-    expected = set(model.state_dict())
-    buffers = {k for k, _ in model.named_buffers()}
-    missing_keys = sorted(expected - set(state) - buffers)
-    unexpected = sorted(set(state) - expected)
-    if missing_keys or unexpected:
-        raise ValueError(f"converted state dict does not fit CLIPModel: missing {missing_keys[:6]}, "
-                         f"unexpected {unexpected[:6]}")
     dtype = next(iter(state.values())).dtype
-    model.load_state_dict(state, strict=False)
-    for emb in (model.vision_model.embeddings, model.text_model.embeddings):  # buffers: left empty by to_empty
-        if hasattr(emb, "position_ids"):
-            emb.position_ids.copy_(torch.arange(emb.position_ids.shape[-1]).expand_as(emb.position_ids))
+    model = build_without_init(tf.CLIPModel, tf.CLIPConfig(**config), state, "converted HPSv2 (CLIPModel)")
     return model.to(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from .clip import AestheticHead, _check_batch, _checkpoint_layers, _transformers
 from .convert import load_state_dict
+from .hf_build import build_without_init
 from .paths import missing, reward_path
 from .preprocess import ClipPreprocess, at_least_fp32
 
@@ -122,24 +123,6 @@ def configs(vision: dict[str, torch.Tensor], text: dict[str, torch.Tensor], med_
             raise ValueError(f"{what} width {cfg['hidden_size']} does not split into {cfg['num_attention_heads']} "
                              "heads")
     return v_cfg, t_cfg
-
-
-def _build(cls: Any, config: Any, state: dict[str, torch.Tensor], what: str, **kwargs: Any) -> nn.Module:
-    """A transformers model holding `state` (strict except for buffers), without a random initialisation."""
-    with torch.device("meta"):
-        model = cls(config, **kwargs)
-    model = model.to_empty(device="cpu")
-    expected = set(model.state_dict())
-    buffers = {k for k, _ in model.named_buffers()}
-    absent = sorted(expected - set(state) - buffers)
-    extra = sorted(set(state) - expected)
-    if absent or extra:
-        raise ValueError(f"ImageReward {what} weights do not fit: missing {absent[:6]}, unexpected {extra[:6]}")
-    model.load_state_dict(state, strict=False)
-    for name, buf in model.named_buffers():
-        if name.endswith("position_ids"):
-            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
-    return model
 
 
 class ImageRewardScore(nn.Module):
@@ -243,8 +226,9 @@ def load_imagereward(path: PathLike | None = None, *, models_dir: PathLike | Non
         raise ValueError(f"{file}: the text encoder has {t_cfg['vocab_size']} tokens, the tokenizer (with [DEC], "
                          f"[ENC]) {len(tokenizer)}")
     tf = _transformers()
-    vision = _build(tf.BlipVisionModel, tf.BlipVisionConfig(**v_cfg), vision_sd, "vision")
-    text = _build(tf.BlipTextModel, tf.BlipTextConfig(**t_cfg), text_sd, "text", add_pooling_layer=False)
+    vision = build_without_init(tf.BlipVisionModel, tf.BlipVisionConfig(**v_cfg), vision_sd, "ImageReward vision")
+    text = build_without_init(tf.BlipTextModel, tf.BlipTextConfig(**t_cfg), text_sd, "ImageReward text",
+                              add_pooling_layer=False)
     head = AestheticHead(int(head_sd["layers.0.weight"].shape[1]))
     head.load_state_dict(head_sd, strict=True)
     size = int(v_cfg["image_size"])
