@@ -15,6 +15,13 @@ _SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python_shim")
 if importlib.util.find_spec("diffinstruct") is None and os.path.isdir(_SHIM):
     sys.path.insert(0, _SHIM)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    # Imported as a plain top-level module: a tool walking the checkout (pytest run from the root of a
+    # folder whose name is not an identifier, e.g. ComfyUI-DiffInstruct) rather than ComfyUI, which always
+    # loads this file as a package. There is no package to hold the nodes then, so nothing is registered.
+    NODE_CLASS_MAPPINGS: dict[str, type] = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
