@@ -18,6 +18,13 @@ temporary directory is never picked up and is removed by the next save.
 
 ``step`` is the number of completed training steps: resuming from ``step-000120`` runs step 120 next.
 All random draws are stateless (rng.stream_seed), so no RNG state is stored.
+
+Checkpoints damaged afterwards (by hand, or by a disk) never load silently from the wrong place: meta.json
+is validated against one schema (validate_meta: every key, its type and range, ``step`` equal to the folder's
+step, the tensor files with sizes and SHA-256), and the files against it (check_checkpoint). Any fault is a
+CheckpointDamaged naming the file and the reason. latest_checkpoint, which resuming uses, skips such a
+checkpoint with a CheckpointDamagedWarning and takes the next newest; when every one is damaged it raises
+NoUsableCheckpoint rather than letting the run start again from step 0.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -40,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import __version__
+from .config import METHODS
 
 if TYPE_CHECKING:
     from .trainer import DITrainer
@@ -61,6 +70,29 @@ _save_hook: Callable[[str, Path], None] | None = None
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt, or does not fit the model; the message says which file."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """One file of a checkpoint is missing, cut short, corrupt, or (meta.json) breaks the schema.
+
+    Resuming skips such a checkpoint with a warning and takes an older one; `file` and `reason` say what is wrong.
+    """
+
+    def __init__(self, file: str | os.PathLike[str], reason: str) -> None:
+        self.file = Path(file)
+        self.reason = reason
+        super().__init__(f"{self.file}: {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable although __init__ takes two arguments
+        return type(self), (self.file, self.reason)
+
+
+class NoUsableCheckpoint(CheckpointError):
+    """A run directory holds checkpoints, but every one of them is damaged."""
+
+
+class CheckpointDamagedWarning(UserWarning):
+    """A damaged checkpoint was skipped in favour of an older one."""
 
 
 @dataclass
@@ -317,112 +349,340 @@ def prune(run_dir: str | os.PathLike[str], keep: int) -> list[Path]:
     return removed
 
 
-# ---------------------------------------------------------------------------------------------- finding
-def incomplete_reason(path: str | os.PathLike[str], verify: bool = False) -> str | None:
-    """None when `path` is a complete checkpoint; otherwise why not, naming the file at fault."""
-    ckpt = Path(path)
-    if not ckpt.is_dir():
-        return f"{ckpt} is not a directory"
-    meta_path = ckpt / META
-    if not meta_path.is_file():
-        return f"checkpoint {ckpt} is incomplete: {META} is missing"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"checkpoint {ckpt} is incomplete: {META} cannot be read ({exc})"
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return f"{meta_path} is not a {FORMAT} file"
+# ---------------------------------------------------------------------------------------------- meta.json schema
+class _Invalid(Exception):
+    """A schema violation inside meta.json; validate_meta turns it into CheckpointDamaged naming the file."""
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SCALAR_KEY = re.compile(r"^(\d+)\.(.+)$")
+_OPTIMIZED = ("generator", "ta")
+
+
+def _field(obj: dict[str, Any], key: str, where: str) -> Any:
+    if key not in obj:
+        raise _Invalid(f"{where}{key} is missing")
+    return obj[key]
+
+
+def _object(obj: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = _field(obj, key, where)
+    if not isinstance(value, dict):
+        raise _Invalid(f"{where}{key} must be a JSON object, got {value!r}")
+    return value
+
+
+def _list(obj: dict[str, Any], key: str, where: str) -> list[Any]:
+    value = _field(obj, key, where)
+    if not isinstance(value, list):
+        raise _Invalid(f"{where}{key} must be a list, got {value!r}")
+    return value
+
+
+def _string(obj: dict[str, Any], key: str, where: str) -> str:
+    value = _field(obj, key, where)
+    if not isinstance(value, str):
+        raise _Invalid(f"{where}{key} must be a string, got {value!r}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no count
+
+
+def _integer(obj: dict[str, Any], key: str, where: str, low: int) -> int:
+    value = _field(obj, key, where)
+    if not _is_int(value) or value < low:
+        raise _Invalid(f"{where}{key} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _in_range(value: float, low: float | None, high: float | None, open_low: bool, open_high: bool) -> bool:
+    if low is not None and (value <= low if open_low else value < low):
+        return False
+    return high is None or (value < high if open_high else value <= high)
+
+
+def _range_text(low: float | None, high: float | None, open_low: bool, open_high: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if open_low else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if open_high else '<='} {high:g}")
+    return f" {' and '.join(parts)}" if parts else ""
+
+
+def _number(obj: dict[str, Any], key: str, where: str, low: float | None = None, high: float | None = None,
+            open_low: bool = False, open_high: bool = False) -> float:
+    value = _field(obj, key, where)
+    if not _is_number(value) or not _in_range(float(value), low, high, open_low, open_high):
+        raise _Invalid(f"{where}{key} must be a finite number{_range_text(low, high, open_low, open_high)}, "
+                       f"got {value!r}")
+    return float(value)
+
+
+def _param_group(group: Any, where: str) -> None:
+    if not isinstance(group, dict):
+        raise _Invalid(f"{where} must be a JSON object, got {group!r}")
+    where += "."
+    _number(group, "lr", where, low=0.0)
+    betas = _field(group, "betas", where)
+    if (not isinstance(betas, list) or len(betas) != 2
+            or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas)):
+        raise _Invalid(f"{where}betas must be a list of two numbers in [0, 1), got {betas!r}")
+    _number(group, "eps", where, low=0.0, open_low=True)
+    _number(group, "weight_decay", where, low=0.0)
+    if not isinstance(_field(group, "decoupled", where), bool):
+        raise _Invalid(f"{where}decoupled must be true or false, got {group['decoupled']!r}")
+    if "params" in group:  # the loader would put this list in place of the optimiser's parameters
+        raise _Invalid(f"{where}params must not be stored (the parameters come from the model)")
+    for key, value in group.items():  # keys of other optimiser options: copied onto the group as they are
+        if not (value is None or isinstance(value, bool | str) or _is_number(value)
+                or (isinstance(value, list) and all(_is_number(v) for v in value))):
+            raise _Invalid(f"{where}{key} must be a number, a string, true/false, null or a list of numbers, "
+                           f"got {value!r}")
+
+
+def _optimizer(opt: dict[str, Any], where: str, n_params: int) -> None:
+    groups = _list(opt, "param_groups", where)
+    if len(groups) != 1:  # save_checkpoint writes exactly one group per optimiser
+        raise _Invalid(f"{where}param_groups must hold exactly one group, got {len(groups)}")
+    _param_group(groups[0], f"{where}param_groups[0]")
+    for key, value in _object(opt, "state_scalars", where).items():
+        m = _SCALAR_KEY.match(key)
+        if m is None or int(m.group(1)) >= n_params:
+            raise _Invalid(f"{where}state_scalars has key {key!r}; keys are <parameter index>.<name> with an index "
+                           f"below {n_params}")
+        if not (isinstance(value, bool) or _is_number(value)):
+            raise _Invalid(f"{where}state_scalars.{key} must be a finite number or true/false, got {value!r}")
+
+
+def _params(entries: list[Any], where: str) -> None:
+    for i, entry in enumerate(entries):
+        at = f"{where}[{i}]"
+        if not isinstance(entry, dict):
+            raise _Invalid(f"{at} must be a JSON object, got {entry!r}")
+        _string(entry, "name", at + ".")
+        _string(entry, "dtype", at + ".")
+        shape = _field(entry, "shape", at + ".")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise _Invalid(f"{at}.shape must be a list of integers >= 0, got {shape!r}")
+
+
+def _check_schema(meta: Any, ckpt: Path) -> None:
+    if not isinstance(meta, dict):
+        raise _Invalid(f"must hold a JSON object, got {type(meta).__name__} {meta!r:.60}")
+    if meta.get("format") != FORMAT:
+        raise _Invalid(f"format must be {FORMAT!r}, got {meta.get('format')!r} (not a {FORMAT} file?)")
     if meta.get("format_version") != FORMAT_VERSION:
-        return f"{meta_path} has format_version {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}"
-    files = meta.get("files")
-    if not isinstance(files, dict):
-        return f"{meta_path} lists no files"
+        raise _Invalid(f"format_version is {meta.get('format_version')!r}; this version of diffinstruct reads "
+                       f"{FORMAT_VERSION}")
+    step = _integer(meta, "step", "", 0)
+    m = _STEP_DIR.match(ckpt.name)
+    if m is not None and int(m.group(1)) != step:  # resuming would run from a step the folder does not hold
+        raise _Invalid(f"step is {step}, but the folder is {ckpt.name} (step {int(m.group(1))})")
+    if _field(meta, "steps", "") is not None:
+        _integer(meta, "steps", "", 1)
+    if _string(meta, "method", "") not in METHODS:
+        raise _Invalid(f"method must be one of {', '.join(METHODS)}, got {meta['method']!r}")
+    _number(meta, "alpha", "", low=0.0)
+    _number(meta, "omega", "", low=0.0)
+    _integer(meta, "seed", "", 0)
+    _string(meta, "base_model", "")
+    _string(meta, "created", "")
+    _object(meta, "metadata", "")
+    config = _object(meta, "config", "")
+    for key in ("method", "alpha", "omega", "seed"):  # the top-level copies are what `eval` reports
+        if key in config and config[key] != meta[key]:
+            raise _Invalid(f"{key} is {meta[key]!r} but config.{key} is {config[key]!r}")
+    counters = _object(meta, "counters", "")
+    _integer(counters, "bad_in_a_row", "counters.", 0)
+    _integer(counters, "skipped_steps", "counters.", 0)
+    params = _object(meta, "params", "")
+    optimizers = _object(meta, "optimizers", "")
+    for role in _OPTIMIZED:
+        entries = _list(params, role, "params.")
+        _params(entries, f"params.{role}")
+        _optimizer(_object(optimizers, role, "optimizers."), f"optimizers.{role}.", len(entries))
+    for key, value in _object(meta, "versions", "").items():
+        if not isinstance(value, str):
+            raise _Invalid(f"versions.{key} must be a string, got {value!r}")
+    files = _object(meta, "files", "")
     for role, fname in TENSOR_FILES.items():
         if fname not in files:
-            return f"{meta_path} does not list {fname} (the {role} tensors)"
+            raise _Invalid(f"files does not list {fname} (the {role} tensors)")
+    extra = sorted(set(files) - set(TENSOR_FILES.values()))
+    if extra:  # names are joined to the folder, so only the four known ones may appear
+        raise _Invalid(f"files lists {', '.join(map(repr, extra))}; a checkpoint holds only "
+                       f"{', '.join(TENSOR_FILES.values())}")
     for fname, info in files.items():
+        where = f"files[{fname!r}]"
+        if not isinstance(info, dict):
+            raise _Invalid(f"{where} must be a JSON object, got {info!r}")
+        _integer(info, "bytes", where + ".", 0)
+        if not isinstance(info.get("sha256"), str) or _SHA256.match(info["sha256"]) is None:
+            raise _Invalid(f"{where}.sha256 must be 64 lower-case hex digits, got {info.get('sha256')!r}")
+
+
+def validate_meta(meta: Any, ckpt: str | os.PathLike[str]) -> dict[str, Any]:
+    """`meta` (meta.json's parsed content of checkpoint folder `ckpt`) if it follows the schema.
+
+    The schema is what save_checkpoint writes: every key present, with its type and range, step equal to the
+    folder's step, and the four tensor files listed with their sizes and SHA-256. Anything else raises
+    CheckpointDamaged naming meta.json and the first field at fault.
+    """
+    path = Path(ckpt)
+    try:
+        _check_schema(meta, path)
+    except _Invalid as exc:
+        raise CheckpointDamaged(path / META, str(exc)) from None
+    return meta
+
+
+def read_checkpoint_meta(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
+    """meta.json of checkpoint folder `ckpt`, read and validated (validate_meta); CheckpointDamaged if not."""
+    path = Path(ckpt)
+    meta_path = path / META
+    if not path.is_dir():
+        raise CheckpointDamaged(path, "not a directory")
+    if not meta_path.is_file():
+        raise CheckpointDamaged(meta_path, "missing (the checkpoint is incomplete)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8
+        raise CheckpointDamaged(meta_path, f"not readable as JSON ({exc})") from None
+    return validate_meta(meta, path)
+
+
+# ---------------------------------------------------------------------------------------------- finding
+def check_checkpoint(path: str | os.PathLike[str], verify: bool = False) -> dict[str, Any]:
+    """The validated meta.json of a complete checkpoint; CheckpointDamaged naming the file at fault otherwise.
+
+    Every file must exist with the size meta.json records; verify=True also compares their SHA-256.
+    """
+    ckpt = Path(path)
+    meta = read_checkpoint_meta(ckpt)
+    for fname, info in meta["files"].items():
         fpath = ckpt / fname
         if not fpath.is_file():
-            return f"checkpoint {ckpt} is incomplete: {fname} is missing"
+            raise CheckpointDamaged(fpath, "missing (the checkpoint is incomplete)")
         size = fpath.stat().st_size
-        if size != info.get("bytes"):
-            return f"checkpoint {ckpt} is incomplete: {fname} has {size} bytes, {META} says {info.get('bytes')}"
-        if verify and sha256_file(fpath) != info.get("sha256"):
-            return f"checkpoint {ckpt} is corrupt: the SHA-256 of {fname} does not match {META}"
+        if size != info["bytes"]:
+            raise CheckpointDamaged(fpath, f"has {size} bytes, {META} records {info['bytes']} (cut short or "
+                                           "overwritten)")
+        if verify and sha256_file(fpath) != info["sha256"]:
+            raise CheckpointDamaged(fpath, f"corrupt: its SHA-256 differs from the one {META} records")
+    return meta
+
+
+def incomplete_reason(path: str | os.PathLike[str], verify: bool = False) -> str | None:
+    """None when `path` is a complete checkpoint; otherwise why not, naming the file at fault."""
+    try:
+        check_checkpoint(path, verify)
+    except CheckpointDamaged as exc:
+        return str(exc)
     return None
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Complete checkpoints in a run directory, oldest first (hidden temporary directories are ignored)."""
+def checkpoint_dirs(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Every step-NNNNNN directory of a run directory, complete or not, oldest first."""
     run = Path(run_dir)
     if not run.is_dir():
         return []
     found = []
     for entry in run.iterdir():
         m = _STEP_DIR.match(entry.name)
-        if m and incomplete_reason(entry) is None:
+        if m is not None and entry.is_dir():
             found.append((int(m.group(1)), entry))
     return sorted(found)
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete checkpoints in a run directory, oldest first (hidden temporary directories are ignored)."""
+    return [(step, path) for step, path in checkpoint_dirs(run_dir) if incomplete_reason(path) is None]
 
 
 def _read_latest(run: Path) -> str | None:
     try:
         name = (run / LATEST).read_text(encoding="utf-8").strip()
-    except OSError:
+    except (OSError, ValueError):
         return None
     return name if _STEP_DIR.match(name) else None
 
 
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint `latest` names if complete, else the newest complete one, else None."""
+def latest_checkpoint(run_dir: str | os.PathLike[str], verify: bool = False) -> Path | None:
+    """The checkpoint `latest` names if usable, else the newest usable one; None when there is no checkpoint.
+
+    Usable: check_checkpoint passes (verify=True: hashes included). Each damaged checkpoint looked at on the
+    way is skipped with a CheckpointDamagedWarning naming the file and the reason. When step directories exist
+    but none is usable, NoUsableCheckpoint says so: continuing from step 0 there would silently drop the run.
+    """
     run = Path(run_dir)
-    name = _read_latest(run)
-    if name is not None:
-        reason = incomplete_reason(run / name)
-        if reason is None:
-            return run / name
-        warnings.warn(f"{run / LATEST} names {name}, which is unusable ({reason}); "
-                      "falling back to the newest complete checkpoint", stacklevel=2)
-    complete = list_checkpoints(run)
-    return complete[-1][1] if complete else None
+    dirs = checkpoint_dirs(run)
+    pointed = _read_latest(run)
+    if pointed is not None and (run / pointed).exists():
+        # `latest` first: after a death between rename and pointer update it names the older, proven one
+        order = [run / pointed, *(p for _, p in reversed(dirs) if p.name != pointed)]
+    else:
+        if pointed is not None:
+            warnings.warn(f"{run / LATEST} names {pointed}, which does not exist; using the newest usable "
+                          "checkpoint", CheckpointDamagedWarning, stacklevel=2)
+        order = [p for _, p in reversed(dirs)]
+    damaged: list[CheckpointDamaged] = []
+    for path in order:
+        try:
+            check_checkpoint(path, verify)
+        except CheckpointDamaged as exc:
+            damaged.append(exc)
+            warnings.warn(f"skipping damaged checkpoint {path.name}: {exc}", CheckpointDamagedWarning,
+                          stacklevel=2)
+            continue
+        return path
+    if damaged:
+        raise NoUsableCheckpoint(
+            f"{run} holds no usable checkpoint: all {len(damaged)} are damaged ("
+            + "; ".join(str(exc) for exc in damaged)
+            + "). Nothing was resumed; repair or move those step-NNNNNN folders away to start the run over")
+    return None
 
 
-def find_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """Resolve a checkpoint directory, or a run directory to its latest complete checkpoint."""
+def _resolve(path: str | os.PathLike[str], verify: bool) -> tuple[Path, dict[str, Any]]:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
     if (p / META).exists() or _STEP_DIR.match(p.name):
-        reason = incomplete_reason(p)
-        if reason is not None:
-            raise CheckpointError(reason)
-        return p
-    found = latest_checkpoint(p)
+        return p, check_checkpoint(p, verify)
+    found = latest_checkpoint(p, verify)
     if found is None:
         raise CheckpointError(f"{p} holds no complete checkpoint (no step-NNNNNN directory with {META} "
                               f"and all of {', '.join(TENSOR_FILES.values())})")
-    return found
+    return found, check_checkpoint(found)  # already checked (hashes too, if asked): this only reads its meta
+
+
+def find_checkpoint(path: str | os.PathLike[str], verify: bool = False) -> Path:
+    """Resolve a checkpoint directory, or a run directory to its latest usable checkpoint (latest_checkpoint)."""
+    return _resolve(path, verify)[0]
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    ckpt = find_checkpoint(path)
-    return json.loads((ckpt / META).read_text(encoding="utf-8"))
+    return read_checkpoint_meta(find_checkpoint(path))
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _load_file(ckpt: Path, role: str, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
+def _load_file(ckpt: Path, role: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    fname = TENSOR_FILES[role]
-    fpath = ckpt / fname
-    if not fpath.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing")
-    if verify and sha256_file(fpath) != meta["files"][fname].get("sha256"):
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt: the SHA-256 of {fname} does not match {META}")
+    fpath = ckpt / TENSOR_FILES[role]
+    if not fpath.is_file():  # removed since it was checked
+        raise CheckpointDamaged(fpath, "missing (the checkpoint is incomplete)")
     try:
         return load_file(fpath)
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"cannot read {fpath}: {exc}") from exc
+        raise CheckpointDamaged(fpath, f"not readable as safetensors ({exc})") from exc
 
 
 def _check_shapes(what: str, tensors: dict[str, torch.Tensor], params: Sequence[torch.Tensor],
@@ -443,23 +703,14 @@ def _param_labels(meta: dict[str, Any], role: str) -> list[str]:
     return [entry.get("name", "?") for entry in meta.get("params", {}).get(role, [])]
 
 
-def _load_checkpoint_meta(path: str | os.PathLike[str], verify: bool) -> tuple[Path, dict[str, Any]]:
-    ckpt = find_checkpoint(path)
-    if verify:
-        reason = incomplete_reason(ckpt, verify=True)
-        if reason is not None:
-            raise CheckpointError(reason)
-    return ckpt, json.loads((ckpt / META).read_text(encoding="utf-8"))
-
-
 @torch.no_grad()
 def load_params(path: str | os.PathLike[str], role: str, params: Sequence[torch.Tensor],
                 verify: bool = True) -> CheckpointInfo:
     """Copy one role's tensors ("generator", "ta" or "ema") of a checkpoint into `params` (e.g. EMA -> generator)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    ckpt, meta = _load_checkpoint_meta(path, verify)
-    tensors = _load_file(ckpt, role, meta, verify=False)
+    ckpt, meta = _resolve(path, verify)
+    tensors = _load_file(ckpt, role)
     labels = _param_labels(meta, "ta" if role == "ta" else "generator")
     _check_shapes(f"{ckpt / TENSOR_FILES[role]}", tensors, params, labels)
     for i, p in enumerate(params):
@@ -480,9 +731,9 @@ def load_checkpoint(trainer: DITrainer, path: str | os.PathLike[str], verify: bo
     Shapes are checked before anything is modified; optimiser hyper-parameters come from the checkpoint
     (as torch's load_state_dict does), and a warning lists config keys that differ from the trainer's.
     """
-    ckpt, meta = _load_checkpoint_meta(path, verify)
+    ckpt, meta = _resolve(path, verify)
     models = trainer.models
-    loaded = {role: _load_file(ckpt, role, meta, verify=False) for role in TENSOR_FILES}
+    loaded = {role: _load_file(ckpt, role) for role in TENSOR_FILES}
     _check_shapes(f"{ckpt / TENSOR_FILES['generator']}", loaded["generator"], models.generator_params,
                   _param_labels(meta, "generator"))
     _check_shapes(f"{ckpt / TENSOR_FILES['ta']}", loaded["ta"], models.ta_params, _param_labels(meta, "ta"))
@@ -490,9 +741,9 @@ def load_checkpoint(trainer: DITrainer, path: str | os.PathLike[str], verify: bo
                   _param_labels(meta, "generator"))
     opt_state: dict[str, dict[int, dict[str, torch.Tensor]]] = {"generator": {}, "ta": {}}
     for key, tensor in loaded["optimizer"].items():
-        prefix, index, name = key.split(".", 2)
-        if prefix not in opt_state or not index.isdigit():
-            raise CheckpointError(f"{ckpt / TENSOR_FILES['optimizer']}: unexpected tensor {key!r}")
+        prefix, index, name = (key.split(".", 2) + ["", ""])[:3]
+        if prefix not in opt_state or not index.isdigit() or not name:
+            raise CheckpointDamaged(ckpt / TENSOR_FILES["optimizer"], f"holds an unexpected tensor {key!r}")
         opt_state[prefix].setdefault(int(index), {})[name] = tensor
     for prefix, params in (("generator", models.generator_params), ("ta", models.ta_params)):
         for index, state in opt_state[prefix].items():
