@@ -1,12 +1,15 @@
 """Checkpoints damaged by hand (issue 10): skipped with a warning naming the file and the reason, the newest
-usable one resumed exactly; when none is usable, NoUsableCheckpoint says so.
+usable one resumed exactly; when none is usable, resuming stops (exit status 2) and says so, without a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffinstruct import checkpoint as ckpt
-from diffinstruct import runner
+from diffinstruct import cli, runner
 from diffinstruct.checkpoint import CheckpointDamaged, CheckpointDamagedWarning, NoUsableCheckpoint
-from diffinstruct.config import DIConfig
+from diffinstruct.config import ConfigError, DIConfig
+from diffinstruct.hosts import comfy_train
+from diffinstruct.metrics import read_jsonl, without_timing
 from diffinstruct.rewards import TargetReward
 from diffinstruct.toy import GaussianMixture, build_models, class_prompts, default_means
 from diffinstruct.trainer import DITrainer
@@ -265,3 +270,134 @@ def test_damaged_exception_pickles():
     exc = pickle.loads(pickle.dumps(CheckpointDamaged(Path("/r/step-000001/meta.json"), "step is missing")))
     assert (exc.file, exc.reason, str(exc)) == (Path("/r/step-000001/meta.json"), "step is missing",
                                                 "/r/step-000001/meta.json: step is missing")
+
+
+# ============================================================================================== loop and ComfyUI
+def test_without_resume_a_damaged_run_is_not_taken_for_an_empty_folder(run_dir):
+    for step in ("step-000001", "step-000002"):
+        (run_dir / step / GEN).unlink()
+    assert ckpt.list_checkpoints(run_dir) == []
+    with pytest.raises(ConfigError, match="already holds a run .newest checkpoint step-000002"):
+        runner.run(make_trainer(), 4, run_dir, checkpoint_every=2, resume=False, progress=False, curves=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["latest", "step-000001", "step-000002"]
+
+
+def test_comfy_resume_skips_damaged_and_stops_when_none_is_usable(run_dir, pristine):
+    edit_meta(run_dir / "step-000002", setter("step", -5))
+    trainer = make_trainer()
+    with pytest.warns(CheckpointDamagedWarning, match="step must be an integer >= 0, got -5"):
+        assert comfy_train._checkpoint_start(trainer, run_dir, 4, resume=True) == 1
+    assert all(torch.equal(v, pristine[1][k]) for k, v in full_state(trainer).items())
+    (run_dir / "step-000001" / GEN).unlink()
+    with pytest.warns(CheckpointDamagedWarning), pytest.raises(NoUsableCheckpoint, match="no usable checkpoint"):
+        comfy_train._checkpoint_start(make_trainer(), run_dir, 4, resume=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        comfy_train._checkpoint_start(make_trainer(), run_dir, 4, resume=False)
+
+
+# ============================================================================================== the command line
+CONFIG = """
+[run]
+problem = "toy2d"
+steps = 20
+out_dir = "{out}"
+checkpoint_every = 10
+keep = 0
+seed = 1
+
+[train]
+batch_size = 32
+lr_generator = 1e-3
+lr_ta = 1e-3
+alpha = 0.1
+
+[toy2d]
+classes = 3
+hidden = 16
+
+[reward]
+name = "target"
+target = [1.0, 1.0]
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 20-step toy run with checkpoints at 10 and 20, trained once through cli.main."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cli")
+    (root / "run.toml").write_text(CONFIG.format(out=root / "out"))
+    assert cli.main(["train", "--config", str(root / "run.toml"), "--no-progress"]) == 0
+    torch.set_num_threads(before)
+    return root
+
+
+def resume(config: Path, *more: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "diffinstruct", "train", "--config", str(config), "--resume",
+                           "--no-progress", *more], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def copy_run(cli_run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(cli_run / "out", tmp_path / "out")
+    (tmp_path / "run.toml").write_text(CONFIG.format(out=tmp_path / "out"))
+    return tmp_path / "run.toml"
+
+
+def test_cli_resume_with_every_checkpoint_truncated_exits_2(cli_run, tmp_path, capsys):
+    config = copy_run(cli_run, tmp_path)
+    out = tmp_path / "out"
+    for step in ("step-000010", "step-000020"):
+        f = out / step / GEN
+        f.write_bytes(f.read_bytes()[:-8])
+    metrics = (out / "metrics.jsonl").read_bytes()
+    proc = resume(config)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["warning", "warning", "error"], proc.stderr
+    assert lines[0].startswith(f"warning: skipping damaged checkpoint step-000020: {out / 'step-000020' / GEN}: has ")
+    assert lines[1].startswith(f"warning: skipping damaged checkpoint step-000010: {out / 'step-000010' / GEN}: has ")
+    assert lines[2].startswith(f"error: {out} holds no usable checkpoint: all 2 are damaged")
+    assert "Nothing was resumed" in lines[2]
+    assert (out / "metrics.jsonl").read_bytes() == metrics  # no restart from step 0
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000010", "step-000020"]
+    # without --resume the damaged run is not overwritten either
+    assert cli.main(["train", "--config", str(config), "--no-progress"]) == 2
+    assert "already holds a run (newest checkpoint step-000020)" in capsys.readouterr().err
+
+
+def test_cli_resume_falls_back_and_continues_bitwise(cli_run, tmp_path):
+    """The newest checkpoint is cut short: --resume warns, continues from step 10, and ends where the
+    undamaged run ended, bit for bit."""
+    config = copy_run(cli_run, tmp_path)
+    out = tmp_path / "out"
+    f = out / "step-000020" / "ema.safetensors"
+    f.write_bytes(f.read_bytes()[:-1])
+    proc = resume(config)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"warning: skipping damaged checkpoint step-000020: {f}: has ")
+    assert proc.stderr.count("warning:") == 1 and "UserWarning" not in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["start_step"] == 10 and summary["resumed_from"].endswith("step-000010")
+    assert summary["completed"] == 20
+    for name in ckpt.TENSOR_FILES.values():
+        new, old = load_file(out / "step-000020" / name), load_file(cli_run / "out" / "step-000020" / name)
+        assert new.keys() == old.keys() and new, name
+        assert all(torch.equal(new[k], old[k]) for k in new), name
+    assert ckpt.incomplete_reason(out / "step-000020", verify=True) is None  # rewritten whole
+    assert without_timing(read_jsonl(out / "metrics.jsonl")) == without_timing(
+        read_jsonl(cli_run / "out" / "metrics.jsonl"))
+
+
+def test_cli_resume_skips_meta_with_step_abc(cli_run, tmp_path):
+    config = copy_run(cli_run, tmp_path)
+    edit_meta(tmp_path / "out" / "step-000020", setter("step", "abc"))
+    proc = resume(config, "--steps", "10")  # already there: nothing to train, only the choice is shown
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("warning: skipping damaged checkpoint step-000020: "
+                                  f"{tmp_path / 'out' / 'step-000020' / 'meta.json'}: step must be an integer >= 0, "
+                                  "got 'abc'")
+    assert json.loads(proc.stdout)["start_step"] == 10

@@ -23,14 +23,16 @@ the key and what is allowed. Problems live in PROBLEMS (register_problem), rewar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .config import ConfigError, DIConfig, int_at_least
 
@@ -624,6 +626,24 @@ def _eval_fn(problem: Problem, built: Built, spec: RunSpec) -> Callable[[Any, in
     return evaluate
 
 
+@contextlib.contextmanager
+def _plain_warnings(category: type[Warning]) -> Iterator[None]:
+    """Show warnings of `category` as one "warning: ..." line each; Python's format adds a source line of ours
+    that tells the user nothing (and reads like part of a traceback)."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, cat: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+                 line: str | None = None) -> None:
+            if issubclass(cat, category):
+                print(f"warning: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, cat, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     # everything is validated before torch is even imported
     spec = load_config(args.config, reward=args.reward, models_dir=args.models_dir, generator_init=args.init_generator)
@@ -632,16 +652,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import checkpoint, distributed, runner
 
     out = spec.out_dir
-    resuming = args.resume and out.is_dir() and bool(checkpoint.list_checkpoints(out))
+    # damaged checkpoints count: resuming either finds a usable one or stops (exit 2), never starts afresh
+    resuming = args.resume and bool(checkpoint.checkpoint_dirs(out))
     if spec.generator_init and not resuming and not Path(spec.generator_init).expanduser().exists():
         raise ConfigError(f"[run] generator_init / --init-generator: {spec.generator_init} does not exist (expected "
                           "a checkpoint step-NNNNNN directory or a run directory written by `python -m diffinstruct "
                           "train`)")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"[run] out_dir {out} exists and is not a directory")
-    if not args.resume and out.is_dir() and checkpoint.list_checkpoints(out):
+    if not args.resume and checkpoint.checkpoint_dirs(out):
         raise ConfigError(f"[run] out_dir {out} already holds a run (newest checkpoint "
-                          f"{checkpoint.list_checkpoints(out)[-1][1].name}); pass --resume to continue it, "
+                          f"{checkpoint.checkpoint_dirs(out)[-1][1].name}); pass --resume to continue it, "
                           "or choose another out_dir")
     problem = PROBLEMS[spec.problem]
     env = distributed.init_from_env()  # under torchrun: this rank of the job (gloo on the CPU)
@@ -653,10 +674,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                     "run_config": spec.to_dict(), "config_file": spec.source}
         if env.world_size > 1:
             metadata["world_size"] = env.world_size  # effective batch = world_size * batch_size * grad_accum
-        summary = runner.run(trainer, spec.steps, out, spec.checkpoint_every, resume=args.resume, keep=spec.keep,
-                             progress=not args.no_progress,
-                             eval_fn=_eval_fn(problem, built, spec) if spec.eval_every else None,
-                             eval_every=spec.eval_every, metadata=metadata)
+        with _plain_warnings(checkpoint.CheckpointDamagedWarning):
+            summary = runner.run(trainer, spec.steps, out, spec.checkpoint_every, resume=args.resume,
+                                 keep=spec.keep, progress=not args.no_progress,
+                                 eval_fn=_eval_fn(problem, built, spec) if spec.eval_every else None,
+                                 eval_every=spec.eval_every, metadata=metadata)
     finally:
         distributed.cleanup(env)
     if env.is_main:
@@ -738,7 +760,8 @@ def make_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (or resume) a run described by a TOML file")
     train.add_argument("--config", required=True, help="the run's TOML file")
     train.add_argument("--resume", action="store_true",
-                       help="continue from out_dir's latest complete checkpoint (from step 0 when there is none)")
+                       help="continue from out_dir's latest complete checkpoint, skipping damaged ones with a "
+                            "warning (from step 0 when there is none; exit status 2 when every one is damaged)")
     train.add_argument("--steps", type=_positive, default=None, help="override [run] steps (total, not additional)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--reward", default=None, metavar="SPEC",

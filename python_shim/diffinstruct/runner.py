@@ -135,6 +135,25 @@ def _postfix(record: dict[str, Any], last_eval: dict[str, Any] | None) -> dict[s
     return out
 
 
+def _resume_point(out: Path, main: bool) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0's choice (ckpt.latest_checkpoint with hashes), or None.
+
+    Damaged checkpoints are skipped with a warning; when none is usable, NoUsableCheckpoint is raised on every
+    rank (the other ranks must not wait in the broadcast for a choice that never comes).
+    """
+    found: Path | None = None
+    failure: str | None = None
+    if main:
+        try:
+            found = ckpt.latest_checkpoint(out, verify=True) if out.is_dir() else None
+        except ckpt.NoUsableCheckpoint as exc:
+            failure = str(exc)
+    found, failure = distributed.broadcast_object((found, failure))
+    if failure is not None:
+        raise ckpt.NoUsableCheckpoint(failure)
+    return found
+
+
 def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: int, resume: bool, keep: int = 3,
         progress: bool = True, eval_fn: EvalFn | None = None, eval_every: int = 0,
         metadata: dict[str, Any] | None = None, curves: bool = True,
@@ -142,8 +161,9 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
     """Train steps [start, steps) where start is 0, or the step of out_dir's latest checkpoint when resuming.
 
     checkpoint_every: save after every that many completed steps, and always after the last one.
-    resume: continue from out_dir's latest complete checkpoint (starts at 0 when there is none); without it,
-        an out_dir that already holds checkpoints is refused rather than overwritten.
+    resume: continue from out_dir's latest usable checkpoint (starts at 0 when there is none); damaged ones are
+        skipped with a warning, and checkpoints that are all damaged raise ckpt.NoUsableCheckpoint. Without
+        resume, an out_dir that already holds checkpoints (damaged or not) is refused rather than overwritten.
     keep: newest checkpoints to keep (0 keeps all). eval_fn(trainer, completed_steps) -> metrics, called
         every `eval_every` completed steps and at the end, its results appended to eval.jsonl.
     metadata: stored in every checkpoint (a "base_model" key is also recorded at the top level).
@@ -169,16 +189,16 @@ def run(trainer: DITrainer, steps: int, out_dir: str | Path, checkpoint_every: i
     if out.exists() and not out.is_dir():
         raise RunDirError(f"out_dir {out} exists and is not a directory")
     if resume:
-        found = ckpt.latest_checkpoint(out) if out.is_dir() else None
-        found = distributed.broadcast_object(found)  # every rank loads the checkpoint rank 0 found
+        found = _resume_point(out, main)
         if found is not None:
-            info = ckpt.load_checkpoint(trainer, found)
+            # rank 0 hashed every file while choosing it; hashing again on every rank would only cost time
+            info = ckpt.load_checkpoint(trainer, found, verify=False)
             if info.step > steps:
                 raise RunDirError(f"the latest checkpoint in {out} is {found.name}, beyond steps = {steps}; "
                                   "raise steps to continue that run")
             start, resumed_from = info.step, str(found)
-    elif out.is_dir() and ckpt.list_checkpoints(out):
-        newest = ckpt.list_checkpoints(out)[-1][1].name
+    elif ckpt.checkpoint_dirs(out):  # damaged ones too: a fresh run would mix its files with theirs
+        newest = ckpt.checkpoint_dirs(out)[-1][1].name
         raise RunDirError(f"out_dir {out} already holds a run (newest checkpoint {newest}); "
                           "resume it (--resume) or choose another out_dir")
     out.mkdir(parents=True, exist_ok=True)

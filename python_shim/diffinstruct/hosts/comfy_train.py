@@ -125,15 +125,22 @@ def build_reward(spec: RewardSpec | None, model: Any, vae: Any, device: torch.de
 
 # ============================================================================================== training
 def _checkpoint_start(trainer: Any, out: Path, steps: int, resume: bool) -> int:
+    """The step training starts at: 0 in a new folder, else that of the newest usable checkpoint, loaded.
+
+    Damaged checkpoints are skipped with a warning (in ComfyUI's console); when every one is damaged,
+    ckpt.NoUsableCheckpoint names each with its reason, and ComfyUI shows that message as the node's error."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"checkpoint folder {out} exists and is not a folder")
-    found = ckpt.latest_checkpoint(out) if out.is_dir() else None
-    if found is None:
+    dirs = ckpt.checkpoint_dirs(out)
+    if not dirs:
         return 0
-    if not resume:
-        raise ConfigError(f"checkpoint folder {out} already holds a run (newest {found.name}); enable resume to "
-                          "continue it, or choose another folder")
-    info = ckpt.load_checkpoint(trainer, found)
+    if not resume:  # damaged ones too: a fresh run would mix its files with theirs
+        raise ConfigError(f"checkpoint folder {out} already holds a run (newest {dirs[-1][1].name}); enable resume "
+                          "to continue it, or choose another folder")
+    found = ckpt.latest_checkpoint(out, verify=True)
+    if found is None:  # the step folders were removed since `dirs` was read
+        return 0
+    info = ckpt.load_checkpoint(trainer, found, verify=False)  # its hashes were just checked
     if info.step > steps:
         raise ConfigError(f"the run in {out} is at step {info.step}, beyond steps = {steps}; raise steps")
     return info.step
