@@ -39,6 +39,9 @@ const char *dipp_status_message(dipp_status status);
 #define DIPP_RED_CHUNK 1024
 
 /* ------------------------------------------------------------------ random */
+/* fill_uniform: values strictly inside (0, 1) in every dtype, at least 2^-24 and at most
+ * the dtype's largest value below 1 (1 - 2^-24, 1 - 2^-11, 1 - 2^-8 for float32, float16,
+ * bfloat16; see dipp_uniform_in). fill_normal: Box-Muller on float32 uniforms. */
 typedef struct {
     void *out;
     int dtype;

@@ -144,6 +144,25 @@ DIPP_HD float dipp_uniform_open(uint32_t bits) {
     return ((float)(bits >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
+/* A uniform of dipp_uniform_open kept inside (0, 1) once stored in `dtype`. The float32
+ * value can lie within half a spacing of 1 in float16 (spacing 2^-11 below 1) or bfloat16
+ * (2^-8), where rounding to nearest would give exactly 1.0, so it is clamped to the
+ * dtype's largest value below 1; that top value then also takes the draws that would have
+ * rounded to 1 (probability 2^-12 in float16, 2^-9 in bfloat16). The lower end needs no
+ * clamp in practice, the smallest draw 2^-24 being float16's smallest subnormal, but
+ * the bound is kept explicit so that no dtype can ever produce 0. */
+#define DIPP_UNIFORM_MIN 5.9604644775390625e-08f  /* 2^-24 */
+#define DIPP_F32_BELOW_ONE 0.999999940395355225f  /* 1 - 2^-24 */
+#define DIPP_F16_BELOW_ONE 0.99951171875f         /* 1 - 2^-11 */
+#define DIPP_BF16_BELOW_ONE 0.99609375f           /* 1 - 2^-8 */
+
+DIPP_HD float dipp_uniform_in(float u, int dtype) {
+    float hi = dtype == DIPP_DT_F16    ? DIPP_F16_BELOW_ONE
+               : dtype == DIPP_DT_BF16 ? DIPP_BF16_BELOW_ONE
+                                       : DIPP_F32_BELOW_ONE;
+    return u < DIPP_UNIFORM_MIN ? DIPP_UNIFORM_MIN : (u > hi ? hi : u);
+}
+
 #define DIPP_TWO_PI_F 6.28318530717958647692f
 
 /* Box-Muller on lanes (0,1) and (2,3) of one Philox block: four normals. */

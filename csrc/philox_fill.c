@@ -7,7 +7,7 @@ DIPP_ALWAYS_INLINE void fill_range(const dipp_fill_args *a, int64_t e0, int64_t 
         float values[4];
         dipp_philox_block(a->seed, a->offset + (uint64_t)e / 4u, bits);
         if (normal) dipp_normal4(bits, values);
-        else for (int lane = 0; lane < 4; ++lane) values[lane] = dipp_uniform_open(bits[lane]);
+        else for (int lane = 0; lane < 4; ++lane) values[lane] = dipp_uniform_in(dipp_uniform_open(bits[lane]), dt);
         for (int lane = (int)(e % 4); lane < 4 && e < e1; ++lane, ++e) dipp_store(a->out, e, dt, values[lane]);
     }
 }

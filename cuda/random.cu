@@ -11,7 +11,7 @@ __global__ void __launch_bounds__(DIPP_CUDA_THREADS) dipp_fill_kernel(const dipp
         dipp_philox_block(a.seed, a.offset + (uint64_t)q, bits);
         if constexpr (NORMAL) dipp_normal4(bits, values);
         else
-            for (int lane = 0; lane < 4; ++lane) values[lane] = dipp_uniform_open(bits[lane]);
+            for (int lane = 0; lane < 4; ++lane) values[lane] = dipp_uniform_in(dipp_uniform_open(bits[lane]), DT);
         const int64_t e0 = q * 4;
         for (int lane = 0; lane < 4 && e0 + lane < a.n; ++lane) dipp_store(a.out, e0 + lane, DT, values[lane]);
     }

@@ -8,7 +8,8 @@
 #define METHOD(name, doc) {#name, OP_KW op_##name, METH_VARARGS | METH_KEYWORDS, doc}
 
 static PyMethodDef methods[] = {
-    METHOD(fill_uniform, "fill_uniform(out, seed, offset=0, *, stream=0): Philox uniforms in (0, 1)."),
+    METHOD(fill_uniform, "fill_uniform(out, seed, offset=0, *, stream=0): Philox uniforms in the open interval (0, 1) "
+                         "in every dtype: >= 2**-24 and <= the dtype's largest value below 1."),
     METHOD(fill_normal, "fill_normal(out, seed, offset=0, *, stream=0): Philox standard normals (Box-Muller)."),
     METHOD(sample_sigma, "sample_sigma(sigma_out, seed, offset, p_mean, p_std, sigma_min, sigma_max, table=None, "
                          "index_out=None, snap=False): log-normal sigma per sample, clamped, optionally snapped."),

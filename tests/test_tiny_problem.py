@@ -111,6 +111,49 @@ def test_weight_build_is_bit_reproducible(tmp_path):
     assert isinstance(loaded, torch.nn.Module)
 
 
+def _copy_shipped(dest, perturb=0.0):
+    """The shipped weights re-saved into `dest` with their manifest, each parameter moved by `perturb` x its range."""
+    teacher, clf = models.load_teacher(), models.load_classifier()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in [*teacher.parameters(), *clf.parameters()]:
+            p.add_(perturb * p.abs().max() * torch.randn(p.shape, generator=gen))
+    dest.mkdir()
+    cfg = build_weights.BuildConfig()
+    models.save_module(teacher, dest / models.TEACHER_FILE, models.TEACHER_FORMAT,
+                       models.teacher_config_dict(models.TeacherConfig(base=cfg.base)))
+    models.save_module(clf, dest / models.CLASSIFIER_FILE, models.CLASSIFIER_FORMAT, {"width": cfg.classifier_width})
+    manifest = build_weights.read_manifest()
+    manifest["sha256"] = {n: build_weights.sha256(dest / n) for n in (models.TEACHER_FILE, models.CLASSIFIER_FILE)}
+    (dest / models.MANIFEST_FILE).write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_check_is_bit_exact_where_the_bytes_agree(tmp_path):
+    _copy_shipped(tmp_path / "same")
+    problems, notes = build_weights.check(tmp_path / "same")
+    assert problems == [] and notes == ["rebuilt weights are bit-identical to the shipped ones"]
+
+
+def test_check_accepts_last_bit_drift_of_another_cpu(tmp_path):
+    """Another CPU's rebuild has other bytes but the same behaviour: the held-out comparison passes and says why."""
+    manifest = _copy_shipped(tmp_path / "drift", perturb=1e-3)
+    assert manifest["sha256"] != build_weights.read_manifest()["sha256"]
+    problems, notes = build_weights.check(tmp_path / "drift")
+    assert problems == [], notes
+    assert "differ from the shipped ones in their bytes" in notes[0] and "accuracy" in notes[1]
+
+
+def test_check_rejects_an_unfinished_build_with_default_settings(tmp_path):
+    build_weights.build(tmp_path / "short", build_weights.BuildConfig(teacher_steps=4, classifier_steps=4),
+                        progress=False)
+    manifest = build_weights.read_manifest(tmp_path / "short")
+    manifest["build_config"] = build_weights.asdict(build_weights.BuildConfig())  # pretend it is a full build
+    (tmp_path / "short" / models.MANIFEST_FILE).write_text(json.dumps(manifest))
+    problems, _ = build_weights.check(tmp_path / "short")
+    assert any("classifier" in p for p in problems) and any("teacher" in p for p in problems), problems
+
+
 def test_build_refuses_the_shipped_folder():
     with pytest.raises(ValueError, match="shipped weights folder"):
         build_weights.build(models.WEIGHTS_DIR, build_weights.BuildConfig(teacher_steps=1, classifier_steps=1))

@@ -314,7 +314,7 @@ static void test_fills(void) {
                                         : (dt == DIPP_DT_F32 ? 0.0 : dt_rtol(dt) * want + 6e-8);
                     if (!(fabs(got - want) <= tol)) ok = 0;
                     if (fabs(got - want) > worst) worst = fabs(got - want);
-                    if (!normal && dt == DIPP_DT_F32 && !(got > 0.0 && got < 1.0)) inside = 0;
+                    if (!normal && !(got > 0.0 && got < 1.0)) inside = 0;
                 }
                 CHECK(ok && inside, "fill_%s n=%lld %s seed=%llx offset=%llu: worst |err| %.3g", normal ? "normal" : "uniform",
                       (long long)n, dt_name(dt), (unsigned long long)seed, (unsigned long long)offset, worst);
@@ -338,6 +338,45 @@ static void test_fills(void) {
     dipp_cpu_fill_normal(&c);
     double z0 = sqrt(-2.0 * log(ref_uniform(0x6627e8d5u))) * cos(2.0 * 3.14159265358979323846 * ref_uniform(0xe169c58du));
     CHECK(near(z[0], z0, 1e-5, 1e-6), "fill_normal[0] of seed 0 = %.7f, by hand %.7f", z[0], z0);
+}
+
+/* fill_uniform stays inside (0, 1) after rounding to float16/bfloat16 (dipp_uniform_in). */
+static void test_uniform_bounds(void) {
+    /* the largest float32 draw rounds to 1.0 in the half types without the clamp */
+    CHECK(dipp_f32_to_f16(DIPP_F32_BELOW_ONE) == 0x3c00 && dipp_f32_to_bf16(DIPP_F32_BELOW_ONE) == 0x3f80,
+          "1 - 2^-24 rounds to 1.0 in float16 and bfloat16");
+    CHECK(dipp_f32_to_f16(DIPP_F16_BELOW_ONE) == 0x3bff && dipp_f32_to_bf16(DIPP_BF16_BELOW_ONE) == 0x3f7f,
+          "the clamp bounds are the largest float16/bfloat16 values below 1");
+    for (int d = 0; d < 3; ++d) {
+        int dt = DTYPES[d];
+        uint16_t h[1];
+        float f[1];
+        void *one = dt == DIPP_DT_F32 ? (void *)f : (void *)h;
+        dipp_store(one, 0, dt, dipp_uniform_in(DIPP_F32_BELOW_ONE, dt));
+        double top = dipp_load(one, 0, dt);
+        dipp_store(one, 0, dt, dipp_uniform_in(0.0f, dt));
+        double bottom = dipp_load(one, 0, dt);
+        CHECK(top < 1.0 && bottom > 0.0, "dipp_uniform_in %s: top %.9g bottom %.3g", dt_name(dt), top, bottom);
+    }
+    /* 2^20 draws: about 256 (float16) and 2048 (bfloat16) of them lie where rounding gives 1.0 */
+    const int64_t n = 1 << 20;
+    for (int d = 1; d < 3; ++d) {
+        int dt = DTYPES[d];
+        uint16_t *out = xmalloc((size_t)n * sizeof(uint16_t));
+        dipp_fill_args a = {.out = out, .dtype = dt, .n = n, .seed = 12345, .offset = 0};
+        int ok = dipp_cpu_fill_uniform(&a) == DIPP_OK;
+        double lo = 1.0, hi = 0.0;
+        int64_t at_top = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            double v = dipp_load(out, i, dt);
+            lo = fmin(lo, v);
+            hi = fmax(hi, v);
+            at_top += v == (dt == DIPP_DT_F16 ? DIPP_F16_BELOW_ONE : DIPP_BF16_BELOW_ONE);
+        }
+        CHECK(ok && lo > 0.0 && hi < 1.0 && at_top > 0, "fill_uniform %s: min %.3g max %.9g (%lld at the top)",
+              dt_name(dt), lo, hi, (long long)at_top);
+        free(out);
+    }
 }
 
 /* ---------------------------------------------------------------- sample_sigma */
@@ -883,6 +922,7 @@ int main(void) {
     test_half_conversions();
     test_sigma_tables();
     test_fills();
+    test_uniform_bounds();
     test_sample_sigma();
     test_add_noise();
     test_cfg();

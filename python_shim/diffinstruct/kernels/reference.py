@@ -23,8 +23,16 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def below_one(dtype: torch.dtype) -> float:
+    """The largest value below 1 in dtype: where fill_uniform's draws are clamped (dipp_uniform_in)."""
+    one = torch.tensor(1.0, dtype=dtype)
+    return float(torch.nextafter(one, torch.zeros_like(one)))
+
+
 def fill(out: torch.Tensor, seed: int, offset: int, normal: bool) -> torch.Tensor:
     values = philox.stream(seed, offset, out.numel(), normal, out.device)
+    if not normal:  # a float32 draw just below 1 would round to 1.0 in float16/bfloat16
+        values = values.clamp(max=below_one(out.dtype))
     out.copy_(values.reshape(out.shape))
     return out
 

@@ -5,8 +5,12 @@
 
 Determinism: fixed seeds, one CPU thread, torch's deterministic algorithms, every random draw from a seeded
 generator, data rendered from per-step seeds; the same machine and torch version give the same bytes. Across
-CPUs or torch versions, floating-point kernels may differ in the last bits, which `--check` reports as a
-mismatch (the rebuilt weights still work; only their hashes differ).
+CPU models (AVX2 vs AVX-512, Intel vs AMD) or torch versions, floating-point kernels round differently in the
+last bits, and thousands of training steps amplify that into visibly different weights (measured on an AMD
+EPYC against the shipped build: the largest per-tensor difference was 13 % of the teacher tensor's range and
+56 % of the classifier's). So `--check` is bit-exact where the bytes agree and otherwise compares what the
+weights do, on held-out data neither network trained on: the classifier's attribute accuracy and the
+teacher's EDM denoising loss (same rebuild: 99.45 vs 99.42 % and 0.045400 vs 0.045403).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -158,7 +163,7 @@ def build(out: str | os.PathLike[str], cfg: BuildConfig, progress: bool = True) 
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
     files = {name: sha256(out / name) for name in (models.TEACHER_FILE, models.CLASSIFIER_FILE)}
-    manifest = {"build_config": asdict(cfg), "sha256": files, "torch": torch.__version__,
+    manifest = {"build_config": asdict(cfg), "sha256": files, "torch": torch.__version__, "cpu": cpu_name(),
                 "seconds": round(time.perf_counter() - start, 1)}
     tmp = out / f".{models.MANIFEST_FILE}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -174,20 +179,81 @@ def read_manifest(folder: str | os.PathLike[str] | None = None) -> dict[str, Any
     return json.loads(path.read_text())
 
 
-def check(rebuilt: dict[str, Any], shipped_dir: str | os.PathLike[str] | None = None) -> list[str]:
-    """Differences between a rebuild's manifest and the shipped one (empty: bit-identical)."""
-    shipped = read_manifest(shipped_dir)
-    problems = []
-    if shipped.get("build_config") != rebuilt["build_config"]:
-        problems.append("build settings differ from the shipped weights' (check only compares full default builds)")
+# Held-out evaluation: seeds outside the ranges the builds draw from ((seed << 32) + step, small seeds).
+HELD_OUT_SEED = 7 << 40
+HELD_OUT_IMAGES = 2000
+HELD_OUT_DENOISE = 512
+# A rebuild on another CPU must do what the shipped weights do, within margins far above the difference measured
+# between CPU models (accuracy 0.03 points, loss 0.007 %) and far below what an unfinished build shows (tested).
+MAX_ACCURACY_GAP = 0.01
+MAX_LOSS_GAP = 0.02
+
+
+def held_out_metrics(folder: str | os.PathLike[str] | None = None) -> dict[str, float]:
+    """Classifier attribute accuracy (fraction) and teacher EDM denoising loss of the weights in `folder`."""
+    cfg = BuildConfig()
+    clf, teacher = models.load_classifier(folder), models.load_teacher(folder)
+    images, attrs = data.sample_batch(HELD_OUT_IMAGES, seed=HELD_OUT_SEED)
+    gen = torch.Generator().manual_seed(HELD_OUT_SEED)
+    with torch.no_grad():
+        logits, target = clf(images), data.labels(attrs)
+        right = [logits[k].argmax(-1) == target[:, i] for i, k in enumerate(data.ATTRIBUTES)]
+        accuracy = float(torch.stack(right).float().mean())
+        x0 = data.to_data(images[:HELD_OUT_DENOISE])
+        tokens = data.tokenize([a.prompt for a in attrs[:HELD_OUT_DENOISE]])
+        sigma = torch.exp(cfg.p_mean + cfg.p_std * torch.randn(HELD_OUT_DENOISE, generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        d = teacher(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, tokens)
+        sd = teacher.sigma_data
+        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        loss = float((weight.view(-1, 1, 1, 1) * (d - x0) ** 2).mean())
+    return {"classifier_accuracy": accuracy, "teacher_loss": loss}
+
+
+def check(rebuilt_dir: str | os.PathLike[str], shipped_dir: str | os.PathLike[str] | None = None
+          ) -> tuple[list[str], list[str]]:
+    """(problems, notes) comparing a rebuild with the shipped weights; no problems: the rebuild is equivalent,
+    bit-identical when the notes say so."""
+    shipped, rebuilt = read_manifest(shipped_dir), read_manifest(rebuilt_dir)
+    if shipped.get("build_config") != rebuilt.get("build_config"):
+        return ["build settings differ from the shipped weights' (check only compares full default builds)"], []
     folder = Path(shipped_dir if shipped_dir is not None else models.WEIGHTS_DIR)
-    for name, digest in rebuilt["sha256"].items():
-        recorded = shipped.get("sha256", {}).get(name)
-        if recorded != digest:
-            problems.append(f"{name}: rebuilt sha256 {digest} != manifest {recorded}")
-        elif (folder / name).is_file() and sha256(folder / name) != recorded:
-            problems.append(f"{name}: the shipped file does not match its manifest entry")
-    return problems
+    problems = [f"{name}: the shipped file does not match its manifest entry"
+                for name, recorded in shipped.get("sha256", {}).items()
+                if not (folder / name).is_file() or sha256(folder / name) != recorded]
+    if problems:
+        return problems, []
+    if rebuilt.get("sha256") == shipped.get("sha256"):
+        return [], ["rebuilt weights are bit-identical to the shipped ones"]
+    want, got = held_out_metrics(shipped_dir), held_out_metrics(rebuilt_dir)
+    notes = [f"the rebuilt files differ from the shipped ones in their bytes (this CPU: {cpu_name()}; shipped "
+             f"build: {shipped.get('cpu', 'not recorded')}), so their behaviour on held-out data is compared",
+             f"classifier attribute accuracy: rebuilt {got['classifier_accuracy']:.4f}, shipped "
+             f"{want['classifier_accuracy']:.4f} (allowed gap {MAX_ACCURACY_GAP})",
+             f"teacher denoising loss: rebuilt {got['teacher_loss']:.6f}, shipped {want['teacher_loss']:.6f} "
+             f"(allowed relative gap {MAX_LOSS_GAP})"]
+    if abs(got["classifier_accuracy"] - want["classifier_accuracy"]) > MAX_ACCURACY_GAP:
+        problems.append("the rebuilt classifier's held-out accuracy differs from the shipped one's")
+    if abs(got["teacher_loss"] - want["teacher_loss"]) > MAX_LOSS_GAP * want["teacher_loss"]:
+        problems.append("the rebuilt teacher's held-out denoising loss differs from the shipped one's")
+    return problems, notes
+
+
+def cpu_name() -> str:
+    """The CPU model and widest vector extension, which decide the last bits of float kernels."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            info = f.read()
+    except OSError:
+        return model
+    for line in info.splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {isa}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,12 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{digest}  {Path(args.out) / name}")
         print(f"built in {manifest['seconds']} s")
         if args.check:
-            problems = check(manifest)
+            problems, notes = check(args.out)
+            for note in notes:
+                print(f"check: {note}")
             if problems:
                 for p in problems:
                     print(f"check failed: {p}", file=sys.stderr)
                 return 1
-            print("check: rebuilt weights are bit-identical to the shipped ones")
+            print("check passed")
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
