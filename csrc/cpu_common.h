@@ -105,4 +105,12 @@ static inline void dipp_combine_chunks(const float *partial, int64_t chunks, int
         for (int q = 0; q < nq; ++q) sums[q] += (double)partial[c * nq + q];
 }
 
+/* Sum over the chunks of sample b of the count pass 2 left in slot q (exact: a chunk holds
+ * at most DIPP_RED_CHUNK elements, far below float's 2^24 integer range). */
+static inline int64_t dipp_chunk_count_sum(const float *partial, int64_t chunks, int nq, int q, int64_t b) {
+    int64_t total = 0;
+    for (int64_t c = 0; c < chunks; ++c) total += (int64_t)partial[(b * chunks + c) * nq + q];
+    return total;
+}
+
 #endif /* DIPP_CPU_COMMON_H */

@@ -9,7 +9,12 @@
  * - a "batched" tensor has `batch` samples of `per_sample` elements each;
  *   per-sample vectors (sigma, diagnostics) are float32 of length `batch`;
  * - outputs never overlap inputs (optimiser state is updated in place);
- * - NaN/Inf inside tensors propagate; kernels with diagnostics count them.
+ * - NaN/Inf inside tensors propagate. Kernels with a nonfinite_out diagnostic count,
+ *   per sample, the elements at which an input term or an element-wise output, as
+ *   stored in the output dtype, is non-finite; each element counts once. So a float16
+ *   or bfloat16 output that overflows to Inf from finite inputs is counted too, and
+ *   zero means every element-wise output of the sample is finite. Per-sample outputs
+ *   (losses, W_b, sums) are not counted: they are returned for the caller to check.
  */
 #ifndef DIPP_H
 #define DIPP_H
@@ -95,7 +100,7 @@ typedef struct {
     const float *sigma;      /* [batch]; may be NULL with DIPP_TA_UNIT */
     void *grad_out;          /* d(mean_b loss_b)/d(D_TA), or NULL */
     float *loss_out;         /* [batch]: lambda_b * scale * sum_i (D_TA - x0)^2 */
-    int64_t *nonfinite_out;  /* [batch] or NULL */
+    int64_t *nonfinite_out;  /* [batch] or NULL; elements with D_TA - x0 or the stored gradient non-finite */
     int dtype;
     int64_t batch, per_sample;
     int weighting;
@@ -115,7 +120,7 @@ typedef struct {
     float *ref_dist_out;     /* [batch] mean |x0 - D_ref| */
     float *gap_out;          /* [batch] mean |D_TA - D_ref| */
     float *surrogate_out;    /* [batch] W_b <D_TA - D_ref, x0> */
-    int64_t *nonfinite_out;  /* [batch] non-finite elements among the inputs */
+    int64_t *nonfinite_out;  /* [batch] elements with x0, D_TA - D_ref, dr or the stored G non-finite */
     int dtype;
     int64_t batch, per_sample;
     float omega, alpha;
@@ -131,7 +136,7 @@ typedef struct {
     const float *sigma;      /* [batch] */
     void *a_out, *b_out, *dprime_out; /* scaled by w(sigma_b) / (sigma_b^2 batch) */
     float *ysq_out, *yr_out, *h_out, *value_out; /* [batch]; value = w (h - c) */
-    int64_t *nonfinite_out;  /* [batch] */
+    int64_t *nonfinite_out;  /* [batch] elements with y, r or a stored a, b, d' non-finite */
     int dtype;
     int64_t batch, per_sample;
     float c;

@@ -97,6 +97,20 @@ DIPP_HD void dipp_store(void *base, int64_t i, int dtype, float v) {
 
 DIPP_HD int dipp_is_finite(float v) { return (dipp_f32_bits(v) & 0x7f800000u) != 0x7f800000u; }
 
+/* dipp_store, returning whether the stored value is finite: a finite float32 result can
+ * still overflow to Inf in float16 (above 65504) or bfloat16, and the non-finite
+ * diagnostics must count what the caller reads back, not the float32 intermediate. */
+DIPP_HD int dipp_store_finite(void *base, int64_t i, int dtype, float v) {
+    if (dtype == DIPP_DT_F32) {
+        ((float *)base)[i] = v;
+        return dipp_is_finite(v);
+    }
+    uint16_t h = dtype == DIPP_DT_BF16 ? dipp_f32_to_bf16(v) : dipp_f32_to_f16(v);
+    ((uint16_t *)base)[i] = h;
+    uint16_t exp_mask = dtype == DIPP_DT_BF16 ? 0x7f80u : 0x7c00u;
+    return (h & exp_mask) != exp_mask;
+}
+
 /* ---------------------------------------------------------------- Philox */
 
 #define DIPP_PHILOX_M0 0xD2511F53u

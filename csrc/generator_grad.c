@@ -45,6 +45,19 @@ DIPP_ALWAYS_INLINE void gen_chunk_sums(const dipp_gen_args *a, int64_t base, int
     out[GEN_BAD] = dipp_fold_lanes32(bad);
 }
 
+/* Elements of [e0, e1) whose stored G is non-finite although x0, D_TA - D_ref and dr are all
+ * finite. The slow path of pass 2's count: it runs only for chunks where G overflowed. */
+static int gen_recount(const dipp_gen_args *a, int64_t e0, int64_t e1, int dt, int cfg, int reward) {
+    int bad = 0;
+    for (int64_t e = e0; e < e1; ++e) {
+        const float dr = reward ? dipp_load(a->dr, e, dt) : 0.0f;
+        const float diff = dipp_load(a->d_ta, e, dt) - gen_ref(a, e, dt, cfg);
+        bad += !dipp_is_finite(dipp_load(a->grad_out, e, dt)) && dipp_is_finite(dipp_load(a->x0, e, dt)) &&
+               dipp_is_finite(diff) && dipp_is_finite(dr);
+    }
+    return bad;
+}
+
 typedef void (*gen_pass_fn)(const dipp_gen_args *a, float *partial, int64_t chunks);
 
 /* Per-sample outputs from the chunk sums of sample b (identical whatever ran the chunks). */
@@ -70,8 +83,11 @@ static void gen_finish_sample(const dipp_gen_args *a, const float *partial, int6
                            DT, CFG, REWARD, partial + task * GEN_NQ);                                      \
         }                                                                                                 \
     }                                                                                                     \
-    DIPP_HOT static void gen_write_range_##NAME(const dipp_gen_args *a, int64_t chunks, int64_t begin,        \
-                                                int64_t end) {                                            \
+    /* Also leaves in partial[task * GEN_NQ + GEN_BAD] how many G elements of the chunk came out      \
+     * non-finite from finite inputs (pass 1 counted the others). x0 is not read here, so the     \
+     * cheap count may include elements whose x0 is non-finite; only then is the chunk recounted. */ \
+    DIPP_HOT static void gen_write_range_##NAME(const dipp_gen_args *a, float *partial, int64_t chunks,      \
+                                                int64_t begin, int64_t end) {                             \
         const int64_t n = a->per_sample;                                                                  \
         const float a_over_b = a->alpha / (float)a->batch;                                                \
         for (int64_t task = begin; task < end; ++task) {                                                  \
@@ -79,12 +95,16 @@ static void gen_finish_sample(const dipp_gen_args *a, const float *partial, int6
             const int64_t e0 = b * n + c * DIPP_RED_CHUNK;                                                \
             const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
             const float w_over_b = a->weight_out[b] / (float)a->batch;                                    \
+            int bad = 0;                                                                                  \
             for (int64_t e = e0; e < e1; ++e) {                                                           \
-                float dr = REWARD ? dipp_load(a->dr, e, DT) : 0.0f;                                       \
-                float g = dipp_generator_grad(dipp_load(a->d_ta, e, DT), gen_ref(a, e, DT, CFG), dr, w_over_b, \
-                                              a_over_b);                                                  \
-                dipp_store(a->grad_out, e, DT, g);                                                        \
+                const float dr = REWARD ? dipp_load(a->dr, e, DT) : 0.0f;                                 \
+                const float ta = dipp_load(a->d_ta, e, DT), ref = gen_ref(a, e, DT, CFG);                 \
+                const float g = dipp_generator_grad(ta, ref, dr, w_over_b, a_over_b);                     \
+                const int stored = dipp_store_finite(a->grad_out, e, DT, g);                              \
+                bad += (!stored) & dipp_is_finite(ta - ref) & dipp_is_finite(dr);                           \
             }                                                                                             \
+            if (bad) bad = gen_recount(a, e0, e1, DT, CFG, REWARD);                                       \
+            partial[task * GEN_NQ + GEN_BAD] = (float)bad;                                                \
         }                                                                                                 \
     }                                                                                                     \
     static void gen_sums_##NAME(const dipp_gen_args *a, float *partial, int64_t chunks) {                 \
@@ -92,9 +112,8 @@ static void gen_finish_sample(const dipp_gen_args *a, const float *partial, int6
                             gen_sums_range_##NAME(a, partial, chunks, begin, end));                       \
     }                                                                                                     \
     static void gen_write_##NAME(const dipp_gen_args *a, float *partial, int64_t chunks) {                \
-        (void)partial;                                                                                    \
         DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
-                            gen_write_range_##NAME(a, chunks, begin, end));                               \
+                            gen_write_range_##NAME(a, partial, chunks, begin, end));                      \
     }                                                                                                     \
     /* sample-major: both passes over one sample back to back, the second one from cache */              \
     static void gen_by_sample_##NAME(const dipp_gen_args *a, float *partial, int64_t chunks) {            \
@@ -102,7 +121,8 @@ static void gen_finish_sample(const dipp_gen_args *a, const float *partial, int6
                             for (int64_t b = begin; b < end; ++b) {                                       \
                                 gen_sums_range_##NAME(a, partial, chunks, b * chunks, (b + 1) * chunks);  \
                                 gen_finish_sample(a, partial, chunks, b);                                 \
-                                gen_write_range_##NAME(a, chunks, b * chunks, (b + 1) * chunks);          \
+                                gen_write_range_##NAME(a, partial, chunks, b * chunks, (b + 1) * chunks); \
+                                a->nonfinite_out[b] += dipp_chunk_count_sum(partial, chunks, GEN_NQ, GEN_BAD, b); \
                             });                                                                           \
     }
 
@@ -132,6 +152,8 @@ dipp_status dipp_cpu_generator_grad(const dipp_gen_args *a) {
         gen_sums[a->dtype][cfg][reward](a, partial, chunks);
         for (int64_t b = 0; b < a->batch; ++b) gen_finish_sample(a, partial, chunks, b);
         gen_write[a->dtype][cfg][reward](a, partial, chunks);
+        for (int64_t b = 0; b < a->batch; ++b)
+            a->nonfinite_out[b] += dipp_chunk_count_sum(partial, chunks, GEN_NQ, GEN_BAD, b);
     }
     free(partial);
     return DIPP_OK;

@@ -58,8 +58,11 @@ static void huber_finish_sample(const dipp_huber_args *a, const float *partial, 
                              inv_s2, DT, partial + task * HUB_NQ);                                        \
         }                                                                                                 \
     }                                                                                                     \
+    /* Also leaves in partial[task * HUB_NQ + HUB_BAD] the chunk's elements whose a, b or d'      \
+     * came out non-finite from a finite y and r (pass 1 counted the others). */                  \
     DIPP_HOT static void huber_write_range_##SUFFIX(const dipp_huber_args *a, const dipp_huber_sample_t *per, \
-                                                    int64_t chunks, int64_t begin, int64_t end) {         \
+                                                    float *partial, int64_t chunks, int64_t begin,        \
+                                                    int64_t end) {                                        \
         const int64_t n = a->per_sample;                                                                  \
         for (int64_t task = begin; task < end; ++task) {                                                  \
             const int64_t b = task / chunks, c = task % chunks;                                           \
@@ -67,24 +70,28 @@ static void huber_finish_sample(const dipp_huber_args *a, const float *partial, 
             const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
             const dipp_huber_sample_t s = per[b];                                                         \
             const float inv_s2 = 1.0f / (a->sigma[b] * a->sigma[b]);                                      \
+            int bad = 0;                                                                                  \
             for (int64_t e = e0; e < e1; ++e) {                                                           \
                 float y, r, va, vb, vd;                                                                   \
                 dipp_huber_y_r(dipp_load(a->d_p, e, DT), dipp_load(a->d_q, e, DT), dipp_load(a->x0, e, DT), \
                                inv_s2, &y, &r);                                                           \
                 dipp_huber_vectors(y, r, s.inv_h, s.yr_over_h2, &va, &vb, &vd);                          \
-                dipp_store(a->a_out, e, DT, s.scale * va);                                                \
-                dipp_store(a->b_out, e, DT, s.scale * vb);                                                \
-                dipp_store(a->dprime_out, e, DT, s.scale * vd);                                           \
+                const int stored = dipp_store_finite(a->a_out, e, DT, s.scale * va) &                    \
+                                   dipp_store_finite(a->b_out, e, DT, s.scale * vb) &                    \
+                                   dipp_store_finite(a->dprime_out, e, DT, s.scale * vd);                \
+                bad += (!stored) & dipp_is_finite(y) & dipp_is_finite(r);                                   \
             }                                                                                             \
+            partial[task * HUB_NQ + HUB_BAD] = (float)bad;                                                \
         }                                                                                                 \
     }                                                                                                     \
     static void huber_sums_##SUFFIX(const dipp_huber_args *a, float *partial, int64_t chunks) {           \
         DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
                             huber_sums_range_##SUFFIX(a, partial, chunks, begin, end));                   \
     }                                                                                                     \
-    static void huber_write_##SUFFIX(const dipp_huber_args *a, const dipp_huber_sample_t *per, int64_t chunks) { \
+    static void huber_write_##SUFFIX(const dipp_huber_args *a, const dipp_huber_sample_t *per, float *partial, \
+                                     int64_t chunks) {                                                    \
         DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
-                            huber_write_range_##SUFFIX(a, per, chunks, begin, end));                      \
+                            huber_write_range_##SUFFIX(a, per, partial, chunks, begin, end));             \
     }                                                                                                     \
     static void huber_by_sample_##SUFFIX(const dipp_huber_args *a, float *partial, dipp_huber_sample_t *per, \
                                          int64_t chunks) {                                                \
@@ -92,13 +99,15 @@ static void huber_finish_sample(const dipp_huber_args *a, const float *partial, 
                             for (int64_t b = begin; b < end; ++b) {                                       \
                                 huber_sums_range_##SUFFIX(a, partial, chunks, b * chunks, (b + 1) * chunks); \
                                 huber_finish_sample(a, partial, chunks, per, b);                          \
-                                huber_write_range_##SUFFIX(a, per, chunks, b * chunks, (b + 1) * chunks); \
+                                huber_write_range_##SUFFIX(a, per, partial, chunks, b * chunks,           \
+                                                           (b + 1) * chunks);                             \
+                                a->nonfinite_out[b] += dipp_chunk_count_sum(partial, chunks, HUB_NQ, HUB_BAD, b); \
                             });                                                                           \
     }
 DIPP_FOR_EACH_DTYPE(DEFINE_HUBER)
 
 typedef void (*huber_sums_fn)(const dipp_huber_args *, float *, int64_t);
-typedef void (*huber_write_fn)(const dipp_huber_args *, const dipp_huber_sample_t *, int64_t);
+typedef void (*huber_write_fn)(const dipp_huber_args *, const dipp_huber_sample_t *, float *, int64_t);
 static const huber_sums_fn huber_sums[3] = {huber_sums_f32, huber_sums_f16, huber_sums_bf16};
 static const huber_write_fn huber_write[3] = {huber_write_f32, huber_write_f16, huber_write_bf16};
 typedef void (*huber_by_sample_fn)(const dipp_huber_args *, float *, dipp_huber_sample_t *, int64_t);
@@ -119,7 +128,9 @@ dipp_status dipp_cpu_huber_terms(const dipp_huber_args *a) {
     } else {
         huber_sums[a->dtype](a, partial, chunks);
         for (int64_t b = 0; b < a->batch; ++b) huber_finish_sample(a, partial, chunks, per, b);
-        huber_write[a->dtype](a, per, chunks);
+        huber_write[a->dtype](a, per, partial, chunks);
+        for (int64_t b = 0; b < a->batch; ++b)
+            a->nonfinite_out[b] += dipp_chunk_count_sum(partial, chunks, HUB_NQ, HUB_BAD, b);
     }
     free(partial);
     free(per);

@@ -33,6 +33,10 @@ static void ta_finish_sample(const dipp_ta_args *a, const float *partial, int64_
     factor[b] = dipp_ta_grad_factor(weight, a->per_sample, a->batch, a->mean_over_elements);
 }
 
+static void ta_add_output_counts(const dipp_ta_args *a, const float *partial, int64_t chunks, int64_t b) {
+    if (a->nonfinite_out) a->nonfinite_out[b] += dipp_chunk_count_sum(partial, chunks, 2, 1, b);
+}
+
 #define DEFINE_TA(SUFFIX, DT)                                                                             \
     DIPP_HOT static void ta_sums_range_##SUFFIX(const dipp_ta_args *a, float *partial, int64_t chunks,        \
                                                 int64_t begin, int64_t end) {                             \
@@ -43,39 +47,49 @@ static void ta_finish_sample(const dipp_ta_args *a, const float *partial, int64_
                           partial + task * 2);                                                            \
         }                                                                                                 \
     }                                                                                                     \
-    DIPP_HOT static void ta_write_range_##SUFFIX(const dipp_ta_args *a, const float *factor, int64_t chunks,  \
-                                                 int64_t begin, int64_t end) {                            \
+    /* Also leaves in partial[task * 2 + 1] how many gradient elements of the chunk came out    \
+     * non-finite from a finite D_TA - x0 (those with a non-finite one were counted in pass 1). */  \
+    DIPP_HOT static void ta_write_range_##SUFFIX(const dipp_ta_args *a, const float *factor, float *partial,  \
+                                                 int64_t chunks, int64_t begin, int64_t end) {            \
         const int64_t n = a->per_sample;                                                                  \
         for (int64_t task = begin; task < end; ++task) {                                                  \
             const int64_t b = task / chunks, c = task % chunks;                                           \
             const int64_t e0 = b * n + c * DIPP_RED_CHUNK;                                                \
             const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
             const float f = factor[b];                                                                    \
-            for (int64_t e = e0; e < e1; ++e)                                                             \
-                dipp_store(a->grad_out, e, DT, dipp_ta_grad(dipp_load(a->d_ta, e, DT), dipp_load(a->x0, e, DT), f)); \
+            int bad = 0;                                                                                  \
+            for (int64_t e = e0; e < e1; ++e) {                                                           \
+                const float d_ta = dipp_load(a->d_ta, e, DT), x0 = dipp_load(a->x0, e, DT);               \
+                const int stored = dipp_store_finite(a->grad_out, e, DT, dipp_ta_grad(d_ta, x0, f));      \
+                bad += (!stored) & dipp_is_finite(d_ta - x0);                                               \
+            }                                                                                             \
+            partial[task * 2 + 1] = (float)bad;                                                           \
         }                                                                                                 \
     }                                                                                                     \
     static void ta_sums_##SUFFIX(const dipp_ta_args *a, float *partial, int64_t chunks) {                 \
         DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
                             ta_sums_range_##SUFFIX(a, partial, chunks, begin, end));                      \
     }                                                                                                     \
-    static void ta_write_##SUFFIX(const dipp_ta_args *a, const float *factor, int64_t chunks) {           \
+    static void ta_write_##SUFFIX(const dipp_ta_args *a, const float *factor, float *partial, int64_t chunks) { \
         DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                                  \
-                            ta_write_range_##SUFFIX(a, factor, chunks, begin, end));                      \
+                            ta_write_range_##SUFFIX(a, factor, partial, chunks, begin, end));             \
     }                                                                                                     \
     static void ta_by_sample_##SUFFIX(const dipp_ta_args *a, float *partial, float *factor, int64_t chunks) { \
         DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch,                                           \
                             for (int64_t b = begin; b < end; ++b) {                                       \
                                 ta_sums_range_##SUFFIX(a, partial, chunks, b * chunks, (b + 1) * chunks); \
                                 ta_finish_sample(a, partial, chunks, factor, b);                          \
-                                if (a->grad_out)                                                          \
-                                    ta_write_range_##SUFFIX(a, factor, chunks, b * chunks, (b + 1) * chunks); \
+                                if (a->grad_out) {                                                        \
+                                    ta_write_range_##SUFFIX(a, factor, partial, chunks, b * chunks,       \
+                                                            (b + 1) * chunks);                            \
+                                    ta_add_output_counts(a, partial, chunks, b);                          \
+                                }                                                                         \
                             });                                                                           \
     }
 DIPP_FOR_EACH_DTYPE(DEFINE_TA)
 
 typedef void (*ta_sums_fn)(const dipp_ta_args *, float *, int64_t);
-typedef void (*ta_write_fn)(const dipp_ta_args *, const float *, int64_t);
+typedef void (*ta_write_fn)(const dipp_ta_args *, const float *, float *, int64_t);
 static const ta_sums_fn ta_sums[3] = {ta_sums_f32, ta_sums_f16, ta_sums_bf16};
 static const ta_write_fn ta_write[3] = {ta_write_f32, ta_write_f16, ta_write_bf16};
 typedef void (*ta_by_sample_fn)(const dipp_ta_args *, float *, float *, int64_t);
@@ -96,7 +110,10 @@ dipp_status dipp_cpu_ta_loss(const dipp_ta_args *a) {
     } else {
         ta_sums[a->dtype](a, partial, chunks);
         for (int64_t b = 0; b < a->batch; ++b) ta_finish_sample(a, partial, chunks, factor, b);
-        if (a->grad_out) ta_write[a->dtype](a, factor, chunks);
+        if (a->grad_out) {
+            ta_write[a->dtype](a, factor, partial, chunks);
+            for (int64_t b = 0; b < a->batch; ++b) ta_add_output_counts(a, partial, chunks, b);
+        }
     }
     free(partial);
     free(factor);

@@ -90,4 +90,11 @@ __device__ __forceinline__ int64_t dipp_cuda_thread_index() {
 
 __device__ __forceinline__ int64_t dipp_cuda_thread_stride() { return (int64_t)gridDim.x * (int64_t)blockDim.x; }
 
+/* Adds one to a per-sample non-finite count from pass 2 (the per-sample finalize kernel wrote
+ * the count before, in stream order). Integer atomics commute, so the count stays deterministic,
+ * and they run only for elements whose output came out non-finite, which are rare. */
+__device__ __forceinline__ void dipp_cuda_count_one(int64_t *count) {
+    atomicAdd(reinterpret_cast<unsigned long long *>(count), 1ull);
+}
+
 #endif /* DIPP_CUDA_COMMON_CUH */

@@ -30,15 +30,31 @@ struct gen_reduce_op {
     }
 };
 
+struct gen_grad_consts {
+    float w_over_b;
+    int64_t *nonfinite; /* this sample's count */
+};
+
+/* Writes G and counts its elements that came out non-finite although x0, D_TA - D_ref and dr
+ * are finite (the others were counted in pass 1), as the CPU's gen_write_range; x0 is only
+ * read for such elements. */
 template <int DT>
 struct gen_grad_op {
     dipp_gen_args a;
     float a_over_b; /* alpha / (float)batch, computed on the host as the CPU does */
-    __device__ __forceinline__ float prepare(int64_t b) const { return a.weight_out[b] / (float)a.batch; }
-    __device__ __forceinline__ void apply(const float &w_over_b, int64_t e) const {
-        float dr = a.dr ? dipp_load(a.dr, e, DT) : 0.0f;
-        float g = dipp_generator_grad(dipp_load(a.d_ta, e, DT), gen_ref<DT>(a, e), dr, w_over_b, a_over_b);
-        dipp_store(a.grad_out, e, DT, g);
+    __device__ __forceinline__ gen_grad_consts prepare(int64_t b) const {
+        gen_grad_consts k;
+        k.w_over_b = a.weight_out[b] / (float)a.batch;
+        k.nonfinite = a.nonfinite_out + b;
+        return k;
+    }
+    __device__ __forceinline__ void apply(const gen_grad_consts &k, int64_t e) const {
+        const float dr = a.dr ? dipp_load(a.dr, e, DT) : 0.0f;
+        const float ta = dipp_load(a.d_ta, e, DT), ref = gen_ref<DT>(a, e);
+        const float g = dipp_generator_grad(ta, ref, dr, k.w_over_b, a_over_b);
+        if (!dipp_store_finite(a.grad_out, e, DT, g) && dipp_is_finite(ta - ref) && dipp_is_finite(dr) &&
+            dipp_is_finite(dipp_load(a.x0, e, DT)))
+            dipp_cuda_count_one(k.nonfinite);
     }
 };
 

@@ -26,6 +26,7 @@ struct huber_reduce_op {
 struct huber_sample_consts {
     dipp_huber_sample_t s;
     float inv_s2;
+    int64_t *nonfinite; /* this sample's count */
 };
 
 template <int DT>
@@ -34,19 +35,24 @@ struct huber_vector_op {
     const float *sigma;
     void *a_out, *b_out, *dprime_out;
     const dipp_huber_sample_t *per;
+    int64_t *nonfinite_out;
     __device__ __forceinline__ huber_sample_consts prepare(int64_t b) const {
         huber_sample_consts k;
         k.s = per[b];
         k.inv_s2 = huber_inv_s2(sigma, b);
+        k.nonfinite = nonfinite_out + b;
         return k;
     }
+    /* Also counts the elements whose a, b or d' came out non-finite from a finite y and r
+     * (pass 1 counted the others), as the CPU's huber_write_range. */
     __device__ __forceinline__ void apply(const huber_sample_consts &k, int64_t e) const {
         float y, res, va, vb, vd;
         dipp_huber_y_r(dipp_load(d_p, e, DT), dipp_load(d_q, e, DT), dipp_load(x0, e, DT), k.inv_s2, &y, &res);
         dipp_huber_vectors(y, res, k.s.inv_h, k.s.yr_over_h2, &va, &vb, &vd);
-        dipp_store(a_out, e, DT, k.s.scale * va);
-        dipp_store(b_out, e, DT, k.s.scale * vb);
-        dipp_store(dprime_out, e, DT, k.s.scale * vd);
+        const int stored = dipp_store_finite(a_out, e, DT, k.s.scale * va) &
+                           dipp_store_finite(b_out, e, DT, k.s.scale * vb) &
+                           dipp_store_finite(dprime_out, e, DT, k.s.scale * vd);
+        if (!stored && dipp_is_finite(y) && dipp_is_finite(res)) dipp_cuda_count_one(k.nonfinite);
     }
 };
 
@@ -76,9 +82,9 @@ static dipp_status huber_launch(const dipp_huber_args *a, int64_t chunks, float 
     dipp_huber_finalize_kernel<<<dipp_cuda_sample_blocks(a->batch), DIPP_CUDA_THREADS, 0, stream>>>(*a, chunks,
                                                                                                     partial, per);
     DIPP_CUDA_LAUNCH_CHECK();
-    DIPP_TRY(dipp_cuda_chunk_apply(
-        huber_vector_op<DT>{a->x0, a->d_p, a->d_q, a->sigma, a->a_out, a->b_out, a->dprime_out, per}, a->batch,
-        a->per_sample, chunks, stream));
+    DIPP_TRY(dipp_cuda_chunk_apply(huber_vector_op<DT>{a->x0, a->d_p, a->d_q, a->sigma, a->a_out, a->b_out,
+                                                       a->dprime_out, per, a->nonfinite_out},
+                                   a->batch, a->per_sample, chunks, stream));
     return DIPP_OK;
 }
 

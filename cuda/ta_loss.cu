@@ -14,14 +14,29 @@ struct ta_reduce_op {
     }
 };
 
+struct ta_grad_consts {
+    float factor;
+    int64_t *nonfinite; /* this sample's count, or NULL */
+};
+
+/* Writes the gradient and counts its elements that came out non-finite from a finite
+ * D_TA - x0 (the others were counted in pass 1), as the CPU's ta_write_range. */
 template <int DT>
 struct ta_grad_op {
     const void *d_ta, *x0;
     void *grad_out;
     const float *factor;
-    __device__ __forceinline__ float prepare(int64_t b) const { return factor[b]; }
-    __device__ __forceinline__ void apply(const float &f, int64_t e) const {
-        dipp_store(grad_out, e, DT, dipp_ta_grad(dipp_load(d_ta, e, DT), dipp_load(x0, e, DT), f));
+    int64_t *nonfinite_out;
+    __device__ __forceinline__ ta_grad_consts prepare(int64_t b) const {
+        ta_grad_consts k;
+        k.factor = factor[b];
+        k.nonfinite = nonfinite_out ? nonfinite_out + b : NULL;
+        return k;
+    }
+    __device__ __forceinline__ void apply(const ta_grad_consts &k, int64_t e) const {
+        const float ta = dipp_load(d_ta, e, DT), x = dipp_load(x0, e, DT);
+        const int stored = dipp_store_finite(grad_out, e, DT, dipp_ta_grad(ta, x, k.factor));
+        if (!stored && k.nonfinite && dipp_is_finite(ta - x)) dipp_cuda_count_one(k.nonfinite);
     }
 };
 
@@ -48,8 +63,8 @@ static dipp_status ta_launch(const dipp_ta_args *a, int64_t chunks, float *parti
                                                                                                  factor);
     DIPP_CUDA_LAUNCH_CHECK();
     if (a->grad_out)
-        DIPP_TRY(dipp_cuda_chunk_apply(ta_grad_op<DT>{a->d_ta, a->x0, a->grad_out, factor}, a->batch, a->per_sample,
-                                       chunks, stream));
+        DIPP_TRY(dipp_cuda_chunk_apply(ta_grad_op<DT>{a->d_ta, a->x0, a->grad_out, factor, a->nonfinite_out},
+                                       a->batch, a->per_sample, chunks, stream));
     return DIPP_OK;
 }
 

@@ -19,12 +19,14 @@ static PyMethodDef methods[] = {
     METHOD(add_noise, "add_noise(x0, sigma, xt_out, seed, offset=0, eps_out=None, flow=False, *, stream=0)."),
     METHOD(cfg_combine, "cfg_combine(uncond, cond, out, omega, *, stream=0): uncond + omega (cond - uncond)."),
     METHOD(ta_loss, "ta_loss(d_ta, x0, loss_out, sigma=None, grad_out=None, nonfinite_out=None, weighting='edm', "
-                    "sigma_data=0.5, reduction='mean', *, stream=0)."),
+                    "sigma_data=0.5, reduction='mean', *, stream=0); nonfinite_out counts, per sample, the elements "
+                    "with D_TA - x0 or the stored gradient non-finite."),
     METHOD(generator_grad, "generator_grad(x0, d_ta, d_cond, grad_out, weight_out, ref_dist_out, gap_out, "
                            "surrogate_out, nonfinite_out, d_uncond=None, omega=1, dr=None, alpha=0, "
                            "weighting='normalized', min_norm=1e-5, *, stream=0)."),
     METHOD(huber_terms, "huber_terms(x0, d_p, d_q, sigma, a_out, b_out, dprime_out, ysq_out, yr_out, h_out, "
-                        "value_out, nonfinite_out, c, weighting='sigma2', *, stream=0)."),
+                        "value_out, nonfinite_out, c, weighting='sigma2', *, stream=0); nonfinite_out counts the "
+                        "elements with y, r or a stored a, b, d' non-finite."),
     METHOD(ema_update, "ema_update(ema, params, decay, *, stream=0): ema <- decay ema + (1 - decay) param."),
     METHOD(adam_step, "adam_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, "
                       "step, decoupled=False, stream=0)."),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reference_np as ref
-from conftest import FLOAT_DTYPES, TOLERANCES, as64
+from conftest import FLOAT_DTYPES, TOLERANCES, as64, requires_cuda
 from diffinstruct import kernels
 from diffinstruct.kernels import reference as torch_ref
 
@@ -196,3 +196,52 @@ def test_nonfinite_inputs_propagate_and_are_counted():
     assert res.nonfinite.tolist() == [0, 2]
     assert torch.isnan(res.grad[1, 3]) and torch.isinf(res.grad[1, 7])
     assert torch.isfinite(res.grad[0]).all()
+
+
+# --------------------------------------------------------------------------- non-finite outputs
+
+
+def _overflow_cases(dtype, device="cpu"):
+    """(name, call) pairs whose outputs overflow dtype from finite inputs, in every third element."""
+    hot = (torch.arange(12, device=device) % 3 == 0).reshape(2, 6)
+    zeros = torch.zeros(2, 6, dtype=dtype, device=device)
+    ones_where_hot = hot.to(dtype)
+    # TA at a small sigma: lambda(1e-3) ~ 1e6 overflows float16; float32/bfloat16 need sigma = 1e-18 and d = 1e3
+    small = torch.full((2,), 1e-3 if dtype == torch.float16 else 1e-18, device=device)
+    d = ones_where_hot if dtype == torch.float16 else ones_where_hot * 1000
+    yield "ta_loss", lambda: kernels.ta_loss(d, zeros, small, reduction="sum")
+    # generator at the W_b floor: x0 == D_cond, so W_b = 1 / min_norm; float16 only (W_b is float32)
+    if dtype == torch.float16:
+        yield "generator_grad", lambda: kernels.generator_grad(zeros, ones_where_hot, zeros, min_norm=1e-6)
+        # DI*: y = 0, r = 1, h = c: b = r / (c B) overflows float16
+        yield "huber_terms", lambda: kernels.huber_terms(zeros, ones_where_hot, ones_where_hot,
+                                                         torch.ones(2, device=device), c=1e-6, weighting="unit")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_overflowing_outputs_are_counted_as_nonfinite(dtype):
+    """Outputs that overflow to Inf from finite inputs count in `nonfinite` (inputs alone gave 0),
+    element by element, and agree with the PyTorch reference."""
+    for name, call in _overflow_cases(dtype):
+        res = call()
+        vec = res.grad if name != "huber_terms" else res.b
+        assert not bool(torch.isfinite(vec.float()).all()), name
+        assert res.nonfinite.tolist() == [2, 2], (name, res.nonfinite.tolist())  # elements 0 and 3 of each row
+        assert res.nonfinite.tolist() == (~torch.isfinite(vec.float().reshape(2, -1))).sum(1).tolist()
+
+
+def test_overflow_counts_match_the_torch_reference():
+    """The reference (the CUDA fallback) counts the same elements."""
+    zeros = torch.zeros(2, 6, dtype=torch.float16)
+    hot = (torch.arange(12) % 3 == 0).reshape(2, 6).to(torch.float16)
+    ta = torch_ref.ta_loss(hot, zeros, torch.full((2,), 1e-3), "edm", 0.5, "sum", True)
+    gen = torch_ref.generator_grad(zeros, hot, zeros, None, 1.0, None, 0.0, "normalized", 1e-6)
+    hub = torch_ref.huber_terms(zeros, hot, hot, torch.ones(2), 1e-6, "unit")
+    assert ta.nonfinite.tolist() == gen.nonfinite.tolist() == hub.nonfinite.tolist() == [2, 2]
+
+
+@requires_cuda
+def test_overflow_counts_cpu_and_cuda_agree():
+    cases = zip(_overflow_cases(torch.float16), _overflow_cases(torch.float16, "cuda"), strict=True)
+    for (name, on_cpu), (_, on_cuda) in cases:
+        assert on_cpu().nonfinite.tolist() == on_cuda().nonfinite.cpu().tolist() == [2, 2], name

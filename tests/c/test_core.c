@@ -379,6 +379,99 @@ static void test_uniform_bounds(void) {
     }
 }
 
+/* dipp_store_finite: finiteness of the value as stored, not of the float32 argument. */
+static void test_store_finite(void) {
+    float f[1];
+    uint16_t h[1];
+    CHECK(dipp_store_finite(f, 0, DIPP_DT_F32, 3.0e38f) && !dipp_store_finite(f, 0, DIPP_DT_F32, INFINITY) &&
+              !dipp_store_finite(f, 0, DIPP_DT_F32, NAN),
+          "dipp_store_finite float32");
+    CHECK(dipp_store_finite(h, 0, DIPP_DT_F16, 65504.0f) && h[0] == 0x7bff &&
+              dipp_store_finite(h, 0, DIPP_DT_F16, 65519.0f) && !dipp_store_finite(h, 0, DIPP_DT_F16, 65520.0f) &&
+              h[0] == 0x7c00 && !dipp_store_finite(h, 0, DIPP_DT_F16, -1e5f) && h[0] == 0xfc00 &&
+              !dipp_store_finite(h, 0, DIPP_DT_F16, NAN) && dipp_store_finite(h, 0, DIPP_DT_F16, 1e-9f),
+          "dipp_store_finite float16: overflow past 65504 is not finite, the stored bits are dipp_store's");
+    CHECK(dipp_store_finite(h, 0, DIPP_DT_BF16, 3.0e38f) && !dipp_store_finite(h, 0, DIPP_DT_BF16, 3.4e38f) &&
+              h[0] == 0x7f80 && !dipp_store_finite(h, 0, DIPP_DT_BF16, NAN),
+          "dipp_store_finite bfloat16: FLT_MAX rounds past bfloat16's largest value");
+}
+
+/* Non-finite outputs from finite inputs are counted (float16 overflow), each element once, on both
+ * CPU paths: batch 1 spreads a sample over the threads, batch 3 runs sample by sample. Every third
+ * element (e % 3 == 0) overflows; the rest stay finite. */
+static void test_output_overflow_counts(void) {
+    const int64_t batches[2] = {1, 3}, sizes[2] = {5, 2500};
+    for (int kb = 0; kb < 2; ++kb)
+        for (int kn = 0; kn < 2; ++kn) {
+            const int64_t B = batches[kb], N = sizes[kn], n = B * N;
+            const int dt = DIPP_DT_F16;
+            uint16_t *x0 = xcalloc((size_t)n, 2), *ta = xcalloc((size_t)n, 2), *cond = xcalloc((size_t)n, 2);
+            uint16_t *dr = xcalloc((size_t)n, 2), *g = xcalloc((size_t)n, 2), *g2 = xcalloc((size_t)n, 2);
+            uint16_t *g3 = xcalloc((size_t)n, 2);
+            float sigma[3], loss[3], w[3], dist[3], gap[3], sur[3], ysq[3], yr[3], hh[3], val[3];
+            int64_t bad[3], want[3];
+            for (int64_t b = 0; b < B; ++b) {
+                sigma[b] = 1e-3f;
+                want[b] = 0;
+            }
+            for (int64_t e = 0; e < n; ++e) {
+                int hot = e % 3 == 0;
+                dipp_store(ta, e, dt, hot ? 1.0f : 0.0f);
+                dipp_store(dr, e, dt, hot ? -100.0f : 0.0f);
+                want[e / N] += hot;
+            }
+            /* TA: lambda(1e-3) ~ 1e6 and sum reduction, so 2 lambda d / B overflows float16 where d = 1 */
+            dipp_ta_args ta_a = {.d_ta = ta, .x0 = x0, .sigma = sigma, .grad_out = g, .loss_out = loss,
+                                 .nonfinite_out = bad, .dtype = dt, .batch = B, .per_sample = N,
+                                 .weighting = DIPP_TA_EDM, .sigma_data = 0.5f, .mean_over_elements = 0};
+            int ok = dipp_cpu_ta_loss(&ta_a) == DIPP_OK;
+            for (int64_t b = 0; b < B; ++b) ok &= bad[b] == want[b];
+            ok &= !dipp_is_finite(dipp_load(g, 0, dt)) && dipp_load(g, 1, dt) == 0.0f;
+            ta_a.nonfinite_out = NULL; /* no diagnostics: still fine */
+            ok &= dipp_cpu_ta_loss(&ta_a) == DIPP_OK;
+            CHECK(ok, "ta_loss counts float16 gradient overflow B=%lld N=%lld: %lld (want %lld)", (long long)B,
+                  (long long)N, (long long)bad[0], (long long)want[0]);
+            /* generator, normalized: mean |x0 - D_cond| = 0, so W_b = 1 / min_norm = 1e6 and G = W d / B overflows */
+            dipp_gen_args ga = {.x0 = x0, .d_ta = ta, .d_cond = cond, .grad_out = g2, .weight_out = w,
+                                .ref_dist_out = dist, .gap_out = gap, .surrogate_out = sur, .nonfinite_out = bad,
+                                .dtype = dt, .batch = B, .per_sample = N, .omega = 1.0f,
+                                .weighting = DIPP_W_NORMALIZED, .min_norm = 1e-6f};
+            ok = dipp_cpu_generator_grad(&ga) == DIPP_OK;
+            for (int64_t b = 0; b < B; ++b) ok &= bad[b] == want[b];
+            CHECK(ok, "generator_grad counts float16 G overflow at the W floor B=%lld N=%lld: %lld (want %lld)",
+                  (long long)B, (long long)N, (long long)bad[0], (long long)want[0]);
+            /* generator, unit weighting with a reward: G = -alpha dr / B = 1e6 / B overflows where dr = -100;
+             * a NaN x0 on such an element is counted once, not once as input and again as output */
+            dipp_store(x0, 0, dt, NAN);
+            ga.weighting = DIPP_W_UNIT;
+            ga.dr = dr;
+            ga.alpha = 1e4f;
+            ok = dipp_cpu_generator_grad(&ga) == DIPP_OK;
+            for (int64_t b = 0; b < B; ++b) ok &= bad[b] == want[b];
+            CHECK(ok, "generator_grad counts an element with a NaN x0 and an overflowed G once B=%lld N=%lld: %lld "
+                      "(want %lld)", (long long)B, (long long)N, (long long)bad[0], (long long)want[0]);
+            /* huber: y = 0, r = 1 where D_q = 1, h = c = 1e-6: b = r / (c B) overflows, and a with it */
+            dipp_store(x0, 0, dt, 0.0f);
+            for (int64_t b = 0; b < B; ++b) sigma[b] = 1.0f;
+            dipp_huber_args ha = {.x0 = x0, .d_p = ta, .d_q = ta, .sigma = sigma, .a_out = g, .b_out = g2,
+                                  .dprime_out = g3, .ysq_out = ysq, .yr_out = yr, .h_out = hh, .value_out = val,
+                                  .nonfinite_out = bad, .dtype = dt, .batch = B, .per_sample = N, .c = 1e-6f,
+                                  .weighting = DIPP_HUBER_W_UNIT};
+            ok = dipp_cpu_huber_terms(&ha) == DIPP_OK;
+            for (int64_t b = 0; b < B; ++b) ok &= bad[b] == want[b];
+            ok &= !dipp_is_finite(dipp_load(g2, 0, dt)) && dipp_load(g3, 0, dt) == 0.0f;
+            CHECK(ok, "huber_terms counts float16 overflow of b B=%lld N=%lld: %lld (want %lld)", (long long)B,
+                  (long long)N, (long long)bad[0], (long long)want[0]);
+            free(x0);
+            free(ta);
+            free(cond);
+            free(dr);
+            free(g);
+            free(g2);
+            free(g3);
+        }
+}
+
 /* ---------------------------------------------------------------- sample_sigma */
 
 static void test_sample_sigma(void) {
@@ -640,7 +733,9 @@ static void test_generator_grad(void) {
           "generator_grad by hand: W %g dist %g gap %g surrogate %g G %g %g", w, dist, gap, sur, g[0], g[1]);
     x0[1] = NAN;
     dipp_cpu_generator_grad(&h);
-    CHECK(bad == 1 && isnan(w) && isnan(g[0]), "generator_grad counts a NaN and propagates it through W");
+    /* both elements: x0[1] is NaN, and G[0] is NaN through W (non-finite outputs count too) */
+    CHECK(bad == 2 && isnan(w) && isnan(g[0]), "generator_grad counts a NaN and what it poisons through W: %lld",
+          (long long)bad);
 }
 
 static void test_huber(void) {
@@ -923,6 +1018,8 @@ int main(void) {
     test_sigma_tables();
     test_fills();
     test_uniform_bounds();
+    test_store_finite();
+    test_output_overflow_counts();
     test_sample_sigma();
     test_add_noise();
     test_cfg();

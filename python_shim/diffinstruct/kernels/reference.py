@@ -3,6 +3,8 @@
 The tests compare the C and CUDA kernels with it, and it stands in when a CUDA
 tensor arrives but the CUDA library was not built. Reductions run in float64,
 element-wise math in float32, so it is a reference, not a bit-exact twin.
+The `nonfinite` counts follow csrc/dipp.h: per sample, the elements at which an
+input term or an element-wise output, as stored in the output dtype, is non-finite.
 """
 
 from __future__ import annotations
@@ -103,11 +105,12 @@ def ta_loss(
         weight = torch.ones(batch, dtype=torch.float64, device=d_ta.device)
     scale = 1.0 / n if reduction == "mean" else 1.0
     loss = (weight * scale * (diff * diff).sum(dim=1)).float()
-    nonfinite = (~torch.isfinite(diff)).sum(dim=1)
+    bad = ~torch.isfinite(diff)
     grad = None
     if need_grad:
         grad = (2.0 * (weight * scale / batch)[:, None] * diff).reshape(d_ta.shape).to(d_ta.dtype)
-    return TALoss(loss, grad, nonfinite)
+        bad = bad | ~torch.isfinite(_per_sample(grad))
+    return TALoss(loss, grad, bad.sum(dim=1))
 
 
 def generator_grad(
@@ -135,10 +138,10 @@ def generator_grad(
     else:
         weight = torch.ones_like(ref_dist)
     r = _per_sample(dr).double() if dr is not None else torch.zeros_like(x)
-    grad = (weight[:, None] * diff - alpha * r) / batch
-    bad = ~(torch.isfinite(x) & torch.isfinite(diff) & torch.isfinite(r))
+    grad = ((weight[:, None] * diff - alpha * r) / batch).reshape(x0.shape).to(x0.dtype)
+    bad = ~(torch.isfinite(x) & torch.isfinite(diff) & torch.isfinite(r) & torch.isfinite(_per_sample(grad)))
     return GeneratorGrad(
-        grad.reshape(x0.shape).to(x0.dtype),
+        grad,
         weight.float(),
         ref_dist.float(),
         diff.abs().mean(dim=1).float(),
@@ -161,15 +164,18 @@ def huber_terms(
     scale = (w / (s2[:, 0] * batch))[:, None]
     dprime = y / h[:, None]
     ddr = (r - y * (yr / h**2)[:, None]) / h[:, None]
-    bad = ~(torch.isfinite(y) & torch.isfinite(r))
 
     def shaped(v: torch.Tensor) -> torch.Tensor:
         return (scale * v).reshape(x0.shape).to(x0.dtype)
 
+    a, b, d = shaped(dprime + ddr), shaped(ddr), shaped(dprime)
+    bad = ~(torch.isfinite(y) & torch.isfinite(r))
+    for v in (a, b, d):
+        bad = bad | ~torch.isfinite(_per_sample(v))
     return HuberTerms(
-        shaped(dprime + ddr),
-        shaped(ddr),
-        shaped(dprime),
+        a,
+        b,
+        d,
         ysq.float(),
         yr.float(),
         h.float(),
