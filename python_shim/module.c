@@ -23,7 +23,8 @@ static PyMethodDef methods[] = {
                     "with D_TA - x0 or the stored gradient non-finite."),
     METHOD(generator_grad, "generator_grad(x0, d_ta, d_cond, grad_out, weight_out, ref_dist_out, gap_out, "
                            "surrogate_out, nonfinite_out, d_uncond=None, omega=1, dr=None, alpha=0, "
-                           "weighting='normalized', min_norm=1e-5, *, stream=0)."),
+                           "weighting='normalized', min_norm=1e-5, *, stream=0); omega != 1 needs d_uncond; "
+                           "nonfinite_out counts the elements with x0, D_TA - D_ref, dr or the stored G non-finite."),
     METHOD(huber_terms, "huber_terms(x0, d_p, d_q, sigma, a_out, b_out, dprime_out, ysq_out, yr_out, h_out, "
                         "value_out, nonfinite_out, c, weighting='sigma2', *, stream=0); nonfinite_out counts the "
                         "elements with y, r or a stored a, b, d' non-finite."),
@@ -69,7 +70,9 @@ static PyModuleDef_Slot slots[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "diffinstruct._core",
-    .m_doc = "Fused DI++ kernels (CPU, and CUDA when built) over NumPy arrays and DLPack tensors.",
+    .m_doc = "Fused DI++ kernels (CPU, and CUDA when built) over NumPy arrays and DLPack tensors. Every bad "
+             "argument raises TypeError, ValueError or BufferError naming it; float scalars must be representable "
+             "in float32; lazily negated or conjugated torch views are refused (pass x.resolve_neg()).",
     .m_size = sizeof(module_state),
     .m_methods = methods,
     .m_slots = slots,

@@ -3,15 +3,17 @@
 
 OP_DECLARE(add_noise) {
     static char *kwlist[] = {"x0", "sigma", "xt_out", "seed", "offset", "eps_out", "flow", "stream", NULL};
-    PyObject *x0_obj, *sigma_obj, *xt_obj, *seed_obj, *offset_obj = NULL, *eps_obj = Py_None;
-    int flow = 0;
-    unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|OOp$K", kwlist, &x0_obj, &sigma_obj, &xt_obj, &seed_obj,
-                                     &offset_obj, &eps_obj, &flow, &stream))
+    PyObject *x0_obj, *sigma_obj, *xt_obj, *seed_obj, *offset_obj = NULL, *eps_obj = Py_None, *flow_obj = NULL;
+    PyObject *stream_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|OOO$O", kwlist, &x0_obj, &sigma_obj, &xt_obj, &seed_obj,
+                                     &offset_obj, &eps_obj, &flow_obj, &stream_obj))
         return NULL;
     dipp_noise_args a = {0};
-    if (arg_u64(seed_obj, "seed", &a.seed) < 0) return NULL;
-    if (offset_obj && arg_u64(offset_obj, "offset", &a.offset) < 0) return NULL;
+    int flow = 0;
+    uint64_t stream = 0;
+    if (arg_u64(seed_obj, "seed", &a.seed) < 0 || arg_u64(offset_obj, "offset", &a.offset) < 0 ||
+        arg_bool(flow_obj, "flow", &flow) < 0 || arg_u64(stream_obj, "stream", &stream) < 0)
+        return NULL;
     call_views call;
     call_init(&call);
     PyObject *result = NULL;
@@ -19,7 +21,7 @@ OP_DECLARE(add_noise) {
     tensor_view *x0 = call_tensor(&call, x0_obj, "x0", ROLE_INPUT, DTYPES_FLOAT);
     if (!x0 || check_batched(x0) < 0) goto done;
     tensor_view *sigma = call_tensor(&call, sigma_obj, "sigma", ROLE_INPUT, DTYPES_F32);
-    if (!sigma || check_per_sample(sigma, x0->shape[0]) < 0 || check_sigma_values(sigma) < 0) goto done;
+    if (!sigma || check_per_sample(sigma, x0->shape[0], "x0") < 0 || check_sigma_values(sigma) < 0) goto done;
     tensor_view *xt = call_tensor(&call, xt_obj, "xt_out", ROLE_OUTPUT, DTYPES_FLOAT);
     if (!xt || check_same_shape(x0, xt) < 0 || check_same_dtype(x0, xt) < 0) goto done;
     tensor_view *eps = call_optional(&call, eps_obj, "eps_out", ROLE_OUTPUT, DTYPES_FLOAT);
@@ -42,12 +44,15 @@ done:
 
 OP_DECLARE(cfg_combine) {
     static char *kwlist[] = {"uncond", "cond", "out", "omega", "stream", NULL};
-    PyObject *u_obj, *c_obj, *out_obj;
-    double omega;
-    unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOd|$K", kwlist, &u_obj, &c_obj, &out_obj, &omega, &stream))
+    PyObject *u_obj, *c_obj, *out_obj, *omega_obj, *stream_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$O", kwlist, &u_obj, &c_obj, &out_obj, &omega_obj,
+                                     &stream_obj))
         return NULL;
-    if (arg_finite("omega", omega) < 0) return NULL;
+    double omega = 1.0;
+    uint64_t stream = 0;
+    if (arg_double(omega_obj, "omega", &omega) < 0 || arg_f32_finite("omega", omega) < 0 ||
+        arg_u64(stream_obj, "stream", &stream) < 0)
+        return NULL;
     call_views call;
     call_init(&call);
     PyObject *result = NULL;

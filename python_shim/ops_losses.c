@@ -15,9 +15,11 @@ static tensor_view *optional_batched_like(call_views *call, PyObject *obj, const
     return batched_like(call, obj, name, role, like);
 }
 
-static tensor_view *per_sample(call_views *call, PyObject *obj, const char *name, unsigned dtypes, int64_t batch) {
+/* An output with one value per sample of `of`. */
+static tensor_view *per_sample(call_views *call, PyObject *obj, const char *name, unsigned dtypes, int64_t batch,
+                               const char *of) {
     tensor_view *v = call_tensor(call, obj, name, ROLE_OUTPUT, dtypes);
-    if (!v || check_per_sample(v, batch) < 0) return NULL;
+    if (!v || check_per_sample(v, batch, of) < 0) return NULL;
     return v;
 }
 
@@ -27,15 +29,18 @@ OP_DECLARE(ta_loss) {
     static const char *const weightings[] = {"unit", "edm", NULL};
     static const char *const reductions[] = {"sum", "mean", NULL};
     PyObject *d_obj, *x0_obj, *loss_obj, *sigma_obj = Py_None, *grad_obj = Py_None, *bad_obj = Py_None;
-    const char *weighting = "edm", *reduction = "mean";
-    double sigma_data = 0.5;
-    unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|OOOsds$K", kwlist, &d_obj, &x0_obj, &loss_obj, &sigma_obj,
-                                     &grad_obj, &bad_obj, &weighting, &sigma_data, &reduction, &stream))
+    PyObject *weighting_obj = NULL, *sigma_data_obj = NULL, *reduction_obj = NULL, *stream_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|OOOOOO$O", kwlist, &d_obj, &x0_obj, &loss_obj, &sigma_obj,
+                                     &grad_obj, &bad_obj, &weighting_obj, &sigma_data_obj, &reduction_obj,
+                                     &stream_obj))
         return NULL;
-    int w = arg_choice("weighting", weighting, weightings);
-    int r = arg_choice("reduction", reduction, reductions);
-    if (w < 0 || r < 0 || arg_positive("sigma_data", sigma_data) < 0) return NULL;
+    double sigma_data = 0.5;
+    uint64_t stream = 0;
+    int w = arg_choice(weighting_obj, "weighting", weightings, DIPP_TA_EDM);
+    int r = w < 0 ? -1 : arg_choice(reduction_obj, "reduction", reductions, 1);
+    if (r < 0 || arg_double(sigma_data_obj, "sigma_data", &sigma_data) < 0 ||
+        arg_f32_positive("sigma_data", sigma_data) < 0 || arg_u64(stream_obj, "stream", &stream) < 0)
+        return NULL;
     if (w == DIPP_TA_EDM && sigma_obj == Py_None) {
         PyErr_SetString(PyExc_ValueError, "sigma is required with weighting='edm'");
         return NULL;
@@ -49,14 +54,15 @@ OP_DECLARE(ta_loss) {
     int64_t batch = d->shape[0];
     tensor_view *x0 = batched_like(&call, x0_obj, "x0", ROLE_INPUT, d);
     if (!x0) goto done;
-    tensor_view *loss = per_sample(&call, loss_obj, "loss_out", DTYPES_F32, batch);
+    tensor_view *loss = per_sample(&call, loss_obj, "loss_out", DTYPES_F32, batch, "d_ta");
     if (!loss) goto done;
     tensor_view *sigma = call_optional(&call, sigma_obj, "sigma", ROLE_INPUT, DTYPES_F32);
-    if (PyErr_Occurred() || (sigma && (check_per_sample(sigma, batch) < 0 || check_sigma_values(sigma) < 0)))
+    if (PyErr_Occurred() || (sigma && (check_per_sample(sigma, batch, "d_ta") < 0 || check_sigma_values(sigma) < 0)))
         goto done;
     tensor_view *grad = optional_batched_like(&call, grad_obj, "grad_out", ROLE_OUTPUT, d);
     if (PyErr_Occurred()) goto done;
-    tensor_view *bad = bad_obj == Py_None ? NULL : per_sample(&call, bad_obj, "nonfinite_out", DTYPES_I64, batch);
+    tensor_view *bad =
+        bad_obj == Py_None ? NULL : per_sample(&call, bad_obj, "nonfinite_out", DTYPES_I64, batch, "d_ta");
     if (PyErr_Occurred() || call_check_devices_and_overlap(&call) < 0) goto done;
     dipp_ta_args a = {0};
     a.d_ta = d->data;
@@ -83,18 +89,29 @@ OP_DECLARE(generator_grad) {
                              "gap_out",     "surrogate_out", "nonfinite_out", "d_uncond", "omega", "dr",
                              "alpha",       "weighting", "min_norm", "stream", NULL};
     static const char *const weightings[] = {"unit", "normalized", NULL};
-    PyObject *o[9], *uncond_obj = Py_None, *dr_obj = Py_None;
+    PyObject *o[9], *uncond_obj = Py_None, *dr_obj = Py_None, *omega_obj = NULL, *alpha_obj = NULL;
+    PyObject *weighting_obj = NULL, *min_norm_obj = NULL, *stream_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO|OOOOOO$O", kwlist, &o[0], &o[1], &o[2], &o[3], &o[4],
+                                     &o[5], &o[6], &o[7], &o[8], &uncond_obj, &omega_obj, &dr_obj, &alpha_obj,
+                                     &weighting_obj, &min_norm_obj, &stream_obj))
+        return NULL;
     double omega = 1.0, alpha = 0.0, min_norm = 1e-5;
-    const char *weighting = "normalized";
-    unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOO|OdOdsd$K", kwlist, &o[0], &o[1], &o[2], &o[3], &o[4],
-                                     &o[5], &o[6], &o[7], &o[8], &uncond_obj, &omega, &dr_obj, &alpha, &weighting,
-                                     &min_norm, &stream))
+    uint64_t stream = 0;
+    int w = arg_choice(weighting_obj, "weighting", weightings, DIPP_W_NORMALIZED);
+    if (w < 0 || arg_double(omega_obj, "omega", &omega) < 0 || arg_double(alpha_obj, "alpha", &alpha) < 0 ||
+        arg_double(min_norm_obj, "min_norm", &min_norm) < 0 || arg_u64(stream_obj, "stream", &stream) < 0)
         return NULL;
-    int w = arg_choice("weighting", weighting, weightings);
-    if (w < 0 || arg_finite("omega", omega) < 0 || arg_finite("alpha", alpha) < 0 ||
-        arg_positive("min_norm", min_norm) < 0)
+    if (arg_f32_finite("omega", omega) < 0 || arg_f32_finite("alpha", alpha) < 0 ||
+        arg_f32_positive("min_norm", min_norm) < 0)
         return NULL;
+    /* the kernel ignores omega without d_uncond; a guidance scale that silently acts as 1 is a bug */
+    if (uncond_obj == Py_None && omega != 1.0) {
+        raise_error(PyExc_ValueError,
+                    "omega = %g needs d_uncond (the unconditional prediction for the CFG reference); "
+                    "without d_uncond omega must be 1 (no guidance)",
+                    omega);
+        return NULL;
+    }
     call_views call;
     call_init(&call);
     PyObject *result = NULL;
@@ -109,11 +126,11 @@ OP_DECLARE(generator_grad) {
     tensor_view *dr = optional_batched_like(&call, dr_obj, "dr", ROLE_INPUT, x0);
     if (PyErr_Occurred()) goto done;
     tensor_view *grad = batched_like(&call, o[3], "grad_out", ROLE_OUTPUT, x0);
-    tensor_view *weight = grad ? per_sample(&call, o[4], "weight_out", DTYPES_F32, batch) : NULL;
-    tensor_view *dist = weight ? per_sample(&call, o[5], "ref_dist_out", DTYPES_F32, batch) : NULL;
-    tensor_view *gap = dist ? per_sample(&call, o[6], "gap_out", DTYPES_F32, batch) : NULL;
-    tensor_view *sur = gap ? per_sample(&call, o[7], "surrogate_out", DTYPES_F32, batch) : NULL;
-    tensor_view *bad = sur ? per_sample(&call, o[8], "nonfinite_out", DTYPES_I64, batch) : NULL;
+    tensor_view *weight = grad ? per_sample(&call, o[4], "weight_out", DTYPES_F32, batch, "x0") : NULL;
+    tensor_view *dist = weight ? per_sample(&call, o[5], "ref_dist_out", DTYPES_F32, batch, "x0") : NULL;
+    tensor_view *gap = dist ? per_sample(&call, o[6], "gap_out", DTYPES_F32, batch, "x0") : NULL;
+    tensor_view *sur = gap ? per_sample(&call, o[7], "surrogate_out", DTYPES_F32, batch, "x0") : NULL;
+    tensor_view *bad = sur ? per_sample(&call, o[8], "nonfinite_out", DTYPES_I64, batch, "x0") : NULL;
     if (!bad || call_check_devices_and_overlap(&call) < 0) goto done;
     dipp_gen_args a = {0};
     a.x0 = x0->data;
@@ -146,15 +163,17 @@ OP_DECLARE(huber_terms) {
                              "ysq_out", "yr_out", "h_out", "value_out", "nonfinite_out", "c",         "weighting",
                              "stream", NULL};
     static const char *const weightings[] = {"unit", "sigma2", NULL};
-    PyObject *o[12];
-    double c;
-    const char *weighting = "sigma2";
-    unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOOOOd|s$K", kwlist, &o[0], &o[1], &o[2], &o[3], &o[4],
-                                     &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &c, &weighting, &stream))
+    PyObject *o[12], *c_obj, *weighting_obj = NULL, *stream_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOOOOO|O$O", kwlist, &o[0], &o[1], &o[2], &o[3], &o[4],
+                                     &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &c_obj, &weighting_obj,
+                                     &stream_obj))
         return NULL;
-    int w = arg_choice("weighting", weighting, weightings);
-    if (w < 0 || arg_positive("c", c) < 0) return NULL;
+    double c = 0.0;
+    uint64_t stream = 0;
+    int w = arg_choice(weighting_obj, "weighting", weightings, DIPP_HUBER_W_SIGMA2);
+    if (w < 0 || arg_double(c_obj, "c", &c) < 0 || arg_f32_positive("c", c) < 0 ||
+        arg_u64(stream_obj, "stream", &stream) < 0)
+        return NULL;
     call_views call;
     call_init(&call);
     PyObject *result = NULL;
@@ -165,15 +184,15 @@ OP_DECLARE(huber_terms) {
     tensor_view *dp = batched_like(&call, o[1], "d_p", ROLE_INPUT, x0);
     tensor_view *dq = dp ? batched_like(&call, o[2], "d_q", ROLE_INPUT, x0) : NULL;
     tensor_view *sigma = dq ? call_tensor(&call, o[3], "sigma", ROLE_INPUT, DTYPES_F32) : NULL;
-    if (!sigma || check_per_sample(sigma, batch) < 0 || check_sigma_values(sigma) < 0) goto done;
+    if (!sigma || check_per_sample(sigma, batch, "x0") < 0 || check_sigma_values(sigma) < 0) goto done;
     tensor_view *av = batched_like(&call, o[4], "a_out", ROLE_OUTPUT, x0);
     tensor_view *bv = av ? batched_like(&call, o[5], "b_out", ROLE_OUTPUT, x0) : NULL;
     tensor_view *dv = bv ? batched_like(&call, o[6], "dprime_out", ROLE_OUTPUT, x0) : NULL;
-    tensor_view *ysq = dv ? per_sample(&call, o[7], "ysq_out", DTYPES_F32, batch) : NULL;
-    tensor_view *yr = ysq ? per_sample(&call, o[8], "yr_out", DTYPES_F32, batch) : NULL;
-    tensor_view *h = yr ? per_sample(&call, o[9], "h_out", DTYPES_F32, batch) : NULL;
-    tensor_view *val = h ? per_sample(&call, o[10], "value_out", DTYPES_F32, batch) : NULL;
-    tensor_view *bad = val ? per_sample(&call, o[11], "nonfinite_out", DTYPES_I64, batch) : NULL;
+    tensor_view *ysq = dv ? per_sample(&call, o[7], "ysq_out", DTYPES_F32, batch, "x0") : NULL;
+    tensor_view *yr = ysq ? per_sample(&call, o[8], "yr_out", DTYPES_F32, batch, "x0") : NULL;
+    tensor_view *h = yr ? per_sample(&call, o[9], "h_out", DTYPES_F32, batch, "x0") : NULL;
+    tensor_view *val = h ? per_sample(&call, o[10], "value_out", DTYPES_F32, batch, "x0") : NULL;
+    tensor_view *bad = val ? per_sample(&call, o[11], "nonfinite_out", DTYPES_I64, batch, "x0") : NULL;
     if (!bad || call_check_devices_and_overlap(&call) < 0) goto done;
     dipp_huber_args a = {0};
     a.x0 = x0->data;

@@ -21,9 +21,10 @@ OP_DECLARE(threads) {
 
 static PyObject *stream_probe(PyObject *args, PyObject *kwargs, int triad) {
     static char *kwlist[] = {"a", "b", "c", "scalar", NULL};
-    PyObject *a_obj, *b_obj, *c_obj = Py_None;
+    PyObject *a_obj, *b_obj, *c_obj = Py_None, *scalar_obj = NULL;
     double scalar = 3.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|Od", kwlist, &a_obj, &b_obj, &c_obj, &scalar)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OO", kwlist, &a_obj, &b_obj, &c_obj, &scalar_obj)) return NULL;
+    if (arg_double(scalar_obj, "scalar", &scalar) < 0 || arg_f32_finite("scalar", scalar) < 0) return NULL;
     call_views call;
     call_init(&call);
     PyObject *result = NULL;
@@ -59,8 +60,10 @@ OP_DECLARE(stream_triad) {
 /* (loaded, path, reason): does not load anything unless load=True. */
 OP_DECLARE(cuda_status) {
     static char *kwlist[] = {"load", NULL};
+    PyObject *load_obj = NULL;
     int load = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|p", kwlist, &load)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O", kwlist, &load_obj) || arg_bool(load_obj, "load", &load) < 0)
+        return NULL;
     module_state *state = PyModule_GetState(module);
     if (load && !cuda_backend_get(&state->cuda, module)) PyErr_Clear();
     PyObject *path = cuda_backend_path(module);

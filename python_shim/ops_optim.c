@@ -30,12 +30,14 @@ static tensor_view *item(call_views *call, PyObject *seq, const char *name, Py_s
 
 OP_DECLARE(ema_update) {
     static char *kwlist[] = {"ema", "params", "decay", "stream", NULL};
-    PyObject *ema_obj, *param_obj;
-    double decay;
-    unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOd|$K", kwlist, &ema_obj, &param_obj, &decay, &stream))
+    PyObject *ema_obj, *param_obj, *decay_obj, *stream_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$O", kwlist, &ema_obj, &param_obj, &decay_obj, &stream_obj))
         return NULL;
-    if (arg_in_range("decay", decay, 0.0, 1.0, 0, 0) < 0) return NULL;
+    double decay = 0.0;
+    uint64_t stream = 0;
+    if (arg_double(decay_obj, "decay", &decay) < 0 || arg_in_range("decay", decay, 0.0, 1.0, 0, 0) < 0 ||
+        arg_u64(stream_obj, "stream", &stream) < 0)
+        return NULL;
     PyObject *emas = tensor_list(ema_obj, "ema"), *params = emas ? tensor_list(param_obj, "params") : NULL;
     call_views call;
     call_init(&call);
@@ -74,22 +76,25 @@ done:
 OP_DECLARE(adam_step) {
     static char *kwlist[] = {"params", "grads", "exp_avgs", "exp_avg_sqs", "lr",       "beta1",  "beta2",
                              "eps",    "weight_decay", "step", "decoupled",   "stream", NULL};
-    PyObject *objs[4];
-    double lr, beta1, beta2, eps, weight_decay;
-    long long step;
+    PyObject *objs[4], *lr_obj, *beta1_obj, *beta2_obj, *eps_obj, *wd_obj, *step_obj, *decoupled_obj = NULL;
+    PyObject *stream_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOO|O$O", kwlist, &objs[0], &objs[1], &objs[2], &objs[3],
+                                     &lr_obj, &beta1_obj, &beta2_obj, &eps_obj, &wd_obj, &step_obj, &decoupled_obj,
+                                     &stream_obj))
+        return NULL;
+    double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+    int64_t step = 0;
     int decoupled = 0;
-    unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOdddddL|p$K", kwlist, &objs[0], &objs[1], &objs[2], &objs[3],
-                                     &lr, &beta1, &beta2, &eps, &weight_decay, &step, &decoupled, &stream))
+    uint64_t stream = 0;
+    if (arg_double(lr_obj, "lr", &lr) < 0 || arg_double(beta1_obj, "beta1", &beta1) < 0 ||
+        arg_double(beta2_obj, "beta2", &beta2) < 0 || arg_double(eps_obj, "eps", &eps) < 0 ||
+        arg_double(wd_obj, "weight_decay", &weight_decay) < 0 || arg_i64(step_obj, "step", 1, INT64_MAX, &step) < 0 ||
+        arg_bool(decoupled_obj, "decoupled", &decoupled) < 0 || arg_u64(stream_obj, "stream", &stream) < 0)
         return NULL;
     if (arg_in_range("lr", lr, 0.0, 1e6, 0, 0) < 0 || arg_in_range("beta1", beta1, 0.0, 1.0, 0, 1) < 0 ||
-        arg_in_range("beta2", beta2, 0.0, 1.0, 0, 1) < 0 || arg_positive("eps", eps) < 0 ||
+        arg_in_range("beta2", beta2, 0.0, 1.0, 0, 1) < 0 || arg_f32_positive("eps", eps) < 0 ||
         arg_in_range("weight_decay", weight_decay, 0.0, 1e6, 0, 0) < 0)
         return NULL;
-    if (step < 1) {
-        PyErr_Format(PyExc_ValueError, "step must be >= 1 (the count after this update), got %lld", step);
-        return NULL;
-    }
     static const char *const names[4] = {"params", "grads", "exp_avgs", "exp_avg_sqs"};
     PyObject *seqs[4] = {NULL, NULL, NULL, NULL};
     call_views call;
@@ -130,7 +135,7 @@ OP_DECLARE(adam_step) {
         pairs[i] = (dipp_tensor_pair){p->data, g->data, m ? m->data : NULL, v->data, p->dtype, g->dtype, p->numel};
     }
     if (call_check_devices_and_overlap(&call) < 0) goto done;
-    dipp_adam_args a = {pairs, n, lr, beta1, beta2, eps, weight_decay, decoupled, (int64_t)step};
+    dipp_adam_args a = {pairs, n, lr, beta1, beta2, eps, weight_decay, decoupled, step};
     RUN_KERNEL(module, call.views[0]->device_type == kDLCUDA, adam_step, a, stream, status, done);
     if (raise_status(status) == 0) result = Py_NewRef(Py_None);
 done:

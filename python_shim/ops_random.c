@@ -8,13 +8,14 @@
 
 static PyObject *fill(PyObject *module, PyObject *args, PyObject *kwargs, int normal) {
     static char *kwlist[] = {"out", "seed", "offset", "stream", NULL};
-    PyObject *out_obj, *seed_obj, *offset_obj = NULL;
-    unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O$K", kwlist, &out_obj, &seed_obj, &offset_obj, &stream))
+    PyObject *out_obj, *seed_obj, *offset_obj = NULL, *stream_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O$O", kwlist, &out_obj, &seed_obj, &offset_obj, &stream_obj))
         return NULL;
     dipp_fill_args a = {0};
-    if (arg_u64(seed_obj, "seed", &a.seed) < 0) return NULL;
-    if (offset_obj && arg_u64(offset_obj, "offset", &a.offset) < 0) return NULL;
+    uint64_t stream = 0;
+    if (arg_u64(seed_obj, "seed", &a.seed) < 0 || arg_u64(offset_obj, "offset", &a.offset) < 0 ||
+        arg_u64(stream_obj, "stream", &stream) < 0)
+        return NULL;
     call_views call;
     call_init(&call);
     PyObject *result = NULL;
@@ -60,17 +61,23 @@ static int check_table(const tensor_view *t) {
 OP_DECLARE(sample_sigma) {
     static char *kwlist[] = {"sigma_out", "seed", "offset", "p_mean", "p_std", "sigma_min", "sigma_max",
                              "table",     "index_out", "snap", "stream", NULL};
-    PyObject *out_obj, *seed_obj, *offset_obj, *table_obj = Py_None, *index_obj = Py_None;
-    double p_mean, p_std, sigma_min, sigma_max;
-    int snap = 0;
-    unsigned long long stream = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOdddd|OOp$K", kwlist, &out_obj, &seed_obj, &offset_obj, &p_mean,
-                                     &p_std, &sigma_min, &sigma_max, &table_obj, &index_obj, &snap, &stream))
+    PyObject *out_obj, *seed_obj, *offset_obj, *p_mean_obj, *p_std_obj, *min_obj, *max_obj;
+    PyObject *table_obj = Py_None, *index_obj = Py_None, *snap_obj = NULL, *stream_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOO|OOO$O", kwlist, &out_obj, &seed_obj, &offset_obj,
+                                     &p_mean_obj, &p_std_obj, &min_obj, &max_obj, &table_obj, &index_obj, &snap_obj,
+                                     &stream_obj))
         return NULL;
     dipp_sigma_args a = {0};
-    if (arg_u64(seed_obj, "seed", &a.seed) < 0 || arg_u64(offset_obj, "offset", &a.offset) < 0) return NULL;
-    if (arg_finite("p_mean", p_mean) < 0 || arg_in_range("p_std", p_std, 0.0, 1e6, 0, 0) < 0 ||
-        arg_positive("sigma_min", sigma_min) < 0 || arg_positive("sigma_max", sigma_max) < 0)
+    double p_mean = 0, p_std = 0, sigma_min = 0, sigma_max = 0;
+    int snap = 0;
+    uint64_t stream = 0;
+    if (arg_u64(seed_obj, "seed", &a.seed) < 0 || arg_u64(offset_obj, "offset", &a.offset) < 0 ||
+        arg_double(p_mean_obj, "p_mean", &p_mean) < 0 || arg_double(p_std_obj, "p_std", &p_std) < 0 ||
+        arg_double(min_obj, "sigma_min", &sigma_min) < 0 || arg_double(max_obj, "sigma_max", &sigma_max) < 0 ||
+        arg_bool(snap_obj, "snap", &snap) < 0 || arg_u64(stream_obj, "stream", &stream) < 0)
+        return NULL;
+    if (arg_f32_finite("p_mean", p_mean) < 0 || arg_in_range("p_std", p_std, 0.0, 1e6, 0, 0) < 0 ||
+        arg_f32_positive("sigma_min", sigma_min) < 0 || arg_f32_positive("sigma_max", sigma_max) < 0)
         return NULL;
     if (sigma_max < sigma_min) {
         raise_error(PyExc_ValueError, "sigma_max (%g) must be >= sigma_min (%g)", sigma_max, sigma_min);
@@ -89,11 +96,11 @@ OP_DECLARE(sample_sigma) {
     PyObject *result = NULL;
     dipp_status status = DIPP_OK;
     tensor_view *out = call_tensor(&call, out_obj, "sigma_out", ROLE_OUTPUT, DTYPES_F32);
-    if (!out || check_per_sample(out, out->numel) < 0) goto done;
+    if (!out || check_per_sample(out, out->numel, NULL) < 0) goto done;
     tensor_view *table = call_optional(&call, table_obj, "table", ROLE_INPUT, DTYPES_F32);
     if (PyErr_Occurred() || (table && check_table(table) < 0)) goto done;
     tensor_view *index = call_optional(&call, index_obj, "index_out", ROLE_OUTPUT, DTYPES_I64);
-    if (PyErr_Occurred() || (index && check_per_sample(index, out->numel) < 0)) goto done;
+    if (PyErr_Occurred() || (index && check_per_sample(index, out->numel, "sigma_out") < 0)) goto done;
     if (call_check_devices_and_overlap(&call) < 0) goto done;
     a.sigma_out = out->data;
     a.index_out = index ? index->data : NULL;
@@ -115,36 +122,26 @@ done:
 OP_DECLARE(sigma_table) {
     static char *kwlist[] = {"kind", "steps", "beta_start", "beta_end", "clip", NULL};
     static const char *const kinds[] = {"iddpm_linear", "scaled_linear", NULL};
-    const char *kind;
-    Py_ssize_t steps = 1000;
-    PyObject *start_obj = Py_None, *end_obj = Py_None;
-    double clip = 1e-3;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "s|nOOd", kwlist, &kind, &steps, &start_obj, &end_obj, &clip))
+    PyObject *kind_obj, *steps_obj = NULL, *start_obj = Py_None, *end_obj = Py_None, *clip_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OOOO", kwlist, &kind_obj, &steps_obj, &start_obj, &end_obj,
+                                     &clip_obj))
         return NULL;
     (void)module;
-    int which = arg_choice("kind", kind, kinds);
+    int which = arg_choice(kind_obj, "kind", kinds, 0);
     if (which < 0) return NULL;
     /* None (or not given) picks the schedule's default; anything else is range-checked
      * below, so a negative beta is an error instead of silently becoming the default */
-    double beta_start = which == 0 ? 1e-4 : 0.00085, beta_end = which == 0 ? 0.02 : 0.012;
-    if (start_obj != Py_None && (beta_start = PyFloat_AsDouble(start_obj)) == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "beta_start must be a real number, got %s", Py_TYPE(start_obj)->tp_name);
+    double beta_start = which == 0 ? 1e-4 : 0.00085, beta_end = which == 0 ? 0.02 : 0.012, clip = 1e-3;
+    int64_t steps = 1000;
+    if (arg_i64(steps_obj, "steps", 2, 100000000, &steps) < 0 ||
+        arg_double(start_obj == Py_None ? NULL : start_obj, "beta_start", &beta_start) < 0 ||
+        arg_double(end_obj == Py_None ? NULL : end_obj, "beta_end", &beta_end) < 0 ||
+        arg_double(clip_obj, "clip", &clip) < 0)
         return NULL;
-    }
-    if (end_obj != Py_None && (beta_end = PyFloat_AsDouble(end_obj)) == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "beta_end must be a real number, got %s", Py_TYPE(end_obj)->tp_name);
-        return NULL;
-    }
-    if (steps < 2 || steps > 100000000) {
-        PyErr_Format(PyExc_ValueError, "steps must be in [2, 1e8], got %zd", steps);
-        return NULL;
-    }
     if (arg_in_range("beta_start", beta_start, 0.0, 1.0, 1, 1) < 0 ||
         arg_in_range("beta_end", beta_end, 0.0, 1.0, 1, 1) < 0 || arg_in_range("clip", clip, 0.0, 1.0, 1, 0) < 0)
         return NULL;
-    npy_intp dims[1] = {steps};
+    npy_intp dims[1] = {(npy_intp)steps};
     PyObject *out = PyArray_SimpleNew(1, dims, NPY_FLOAT64);
     if (!out) return NULL;
     double *data = PyArray_DATA((PyArrayObject *)out);
@@ -161,15 +158,16 @@ OP_DECLARE(sigma_table) {
 OP_DECLARE(precond) {
     static char *kwlist[] = {"sigma", "c_skip", "c_out", "c_in", "c_noise", "weight", "kind", "sigma_data", NULL};
     static const char *const kinds[] = {"edm", "eps", "v", NULL};
-    PyObject *objs[6];
-    const char *kind = "edm";
+    PyObject *objs[6], *kind_obj = NULL, *sigma_data_obj = NULL;
     double sigma_data = 0.5;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|sd", kwlist, &objs[0], &objs[1], &objs[2], &objs[3],
-                                     &objs[4], &objs[5], &kind, &sigma_data))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOO|OO", kwlist, &objs[0], &objs[1], &objs[2], &objs[3],
+                                     &objs[4], &objs[5], &kind_obj, &sigma_data_obj))
         return NULL;
     (void)module;
-    int which = arg_choice("kind", kind, kinds);
-    if (which < 0 || arg_positive("sigma_data", sigma_data) < 0) return NULL;
+    int which = arg_choice(kind_obj, "kind", kinds, 0);
+    if (which < 0 || arg_double(sigma_data_obj, "sigma_data", &sigma_data) < 0 ||
+        arg_f32_positive("sigma_data", sigma_data) < 0)
+        return NULL;
     static const char *const names[6] = {"sigma", "c_skip", "c_out", "c_in", "c_noise", "weight"};
     call_views call;
     call_init(&call);
@@ -177,7 +175,7 @@ OP_DECLARE(precond) {
     tensor_view *v[6];
     for (int i = 0; i < 6; ++i) {
         v[i] = call_tensor(&call, objs[i], names[i], i ? ROLE_OUTPUT : ROLE_INPUT, DTYPES_F32);
-        if (!v[i] || check_per_sample(v[i], v[0]->numel) < 0) goto done;
+        if (!v[i] || check_per_sample(v[i], v[0]->numel, i ? "sigma" : NULL) < 0) goto done;
     }
     if (call_check_devices_and_overlap(&call) < 0) goto done;
     if (v[0]->device_type != kDLCPU) {

@@ -4,6 +4,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include "tensor_arg.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -266,6 +267,46 @@ static int query_device(PyObject *obj, const char *name, int *device_type, int *
     return 0;
 }
 
+/* torch keeps a lazy negation (torch._neg_view, or the real view z.conj().imag of a complex z)
+ * or conjugation as a bit on the tensor, which DLPack cannot express: the capsule describes the
+ * memory without the sign, so an input would be read as -x and an output would read back
+ * negated. torch's __dlpack__ refuses only the conjugate bit, so both are checked here. Objects
+ * without these methods (NumPy arrays, other producers) carry no such bits. */
+static int check_no_lazy_bits(PyObject *obj, const char *name) {
+    static const char *const methods[2] = {"is_neg", "is_conj"};
+    static const char *const calls[2] = {"is_neg()", "is_conj()"};
+    static const char *const what[2] = {"negated view (is_neg(), e.g. torch._neg_view or z.conj().imag); "
+                                        "pass x.resolve_neg()",
+                                        "conjugated view; pass x.resolve_conj()"};
+    for (int i = 0; i < 2; ++i) {
+        PyObject *method = PyObject_GetAttrString(obj, methods[i]);
+        if (!method) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                wrap_producer_error(name, calls[i]);
+                return -1;
+            }
+            PyErr_Clear();
+            continue;
+        }
+        PyObject *flag = PyCallable_Check(method) ? PyObject_CallNoArgs(method) : Py_NewRef(Py_False);
+        Py_DECREF(method);
+        int set = flag ? PyObject_IsTrue(flag) : -1;
+        Py_XDECREF(flag);
+        if (set < 0) {
+            wrap_producer_error(name, calls[i]);
+            return -1;
+        }
+        if (set) {
+            PyErr_Format(PyExc_BufferError,
+                         "%s: a lazily %s instead (DLPack cannot carry the view's sign, so it would be read or "
+                         "written negated)",
+                         name, what[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int contiguous_strides(const DLTensor *t) {
     if (!t->strides) return 1;
     for (int d = 0; d < t->ndim; ++d)
@@ -293,6 +334,7 @@ static int from_dlpack(PyObject *obj, tensor_view *v, unsigned dtypes) {
                          v->name, Py_TYPE(obj)->tp_name);
             return -1;
         }
+        if (check_no_lazy_bits(obj, v->name) < 0) return -1;
         if (query_device(obj, v->name, &device_type, &device_id) < 0) return -1;
         if (device_type != kDLCPU && device_type != kDLCUDA) {
             PyErr_Format(PyExc_ValueError, "%s: unsupported device type %d (only CPU and CUDA tensors)", v->name,
@@ -513,12 +555,16 @@ int check_same_dtype(const tensor_view *a, const tensor_view *b) {
     return -1;
 }
 
-int check_per_sample(const tensor_view *v, int64_t batch) {
+int check_per_sample(const tensor_view *v, int64_t batch, const char *of) {
     if (v->ndim == 1 && v->shape[0] == batch) return 0;
     char s[128];
     shape_text(v, s, sizeof s);
-    PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld,) (one value per sample), got %s", v->name,
-                 (long long)batch, s);
+    if (of)
+        PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld,) (one value per sample of %s), got %s", v->name,
+                     (long long)batch, of, s);
+    else
+        PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld,) (one value per sample), got %s", v->name,
+                     (long long)batch, s);
     return -1;
 }
 
@@ -528,15 +574,27 @@ int check_batched(const tensor_view *v) {
     return -1;
 }
 
-int arg_finite(const char *name, double value) {
-    if (isfinite(value)) return 0;
-    raise_error(PyExc_ValueError, "%s must be finite, got %g", name, value);
+int arg_f32_finite(const char *name, double value) {
+    if (!isfinite(value)) {
+        raise_error(PyExc_ValueError, "%s must be finite, got %g", name, value);
+        return -1;
+    }
+    if (fabs(value) <= FLT_MAX) return 0;
+    raise_error(PyExc_ValueError, "%s must be at most %.8g in magnitude (the float32 range), got %g", name,
+                (double)FLT_MAX, value);
     return -1;
 }
 
-int arg_positive(const char *name, double value) {
-    if (isfinite(value) && value > 0.0) return 0;
-    raise_error(PyExc_ValueError, "%s must be a finite number > 0, got %g", name, value);
+int arg_f32_positive(const char *name, double value) {
+    if (!(isfinite(value) && value > 0.0)) {
+        raise_error(PyExc_ValueError, "%s must be a finite number > 0, got %g", name, value);
+        return -1;
+    }
+    /* the range check comes first: converting a double beyond FLT_MAX to float is undefined in C */
+    if (value <= FLT_MAX && (float)value > 0.0f) return 0;
+    raise_error(PyExc_ValueError,
+                "%s must be representable in float32 (> 0 after conversion: about %.2g to %.8g), got %g", name,
+                (double)FLT_TRUE_MIN, (double)FLT_MAX, value);
     return -1;
 }
 
@@ -548,19 +606,132 @@ int arg_in_range(const char *name, double value, double lo, double hi, int lo_op
     return -1;
 }
 
-int arg_u64(PyObject *obj, const char *name, uint64_t *out) {
-    /* any integer type (NumPy's included, via __index__), but not bool */
-    PyObject *index = PyBool_Check(obj) ? NULL : PyNumber_Index(obj);
-    if (!index) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be an int, got %s", name, Py_TYPE(obj)->tp_name);
+/* An exception from a scalar's own __float__ / __index__ gets replaced by one naming the
+ * argument, unless it is not an Exception (KeyboardInterrupt, SystemExit): 1 to replace. */
+static int replaceable_error(void) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return 0;
+    PyErr_Clear();
+    return 1;
+}
+
+/* bool is an int subclass and numpy.bool_ converts to float: a flag passed where a
+ * number belongs is a mistake, not 0 or 1. */
+static int is_bool(PyObject *obj) { return PyBool_Check(obj) || PyArray_IsScalar(obj, Bool); }
+
+int arg_double(PyObject *obj, const char *name, double *out) {
+    if (!obj) return 0;
+    if (PyFloat_Check(obj)) {
+        *out = PyFloat_AS_DOUBLE(obj);
+        return 0;
+    }
+    const PyNumberMethods *nb = Py_TYPE(obj)->tp_as_number;
+    if (is_bool(obj) || PyComplex_Check(obj) || PyArray_IsScalar(obj, ComplexFloating) || !nb ||
+        (!nb->nb_float && !nb->nb_index)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a real number, got %s", name, Py_TYPE(obj)->tp_name);
         return -1;
     }
+    double value = PyFloat_AsDouble(obj);
+    if (value == -1.0 && PyErr_Occurred()) {
+        int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+        if (!replaceable_error()) return -1;
+        if (overflow)
+            PyErr_Format(PyExc_ValueError, "%s must be a finite number, got an int too large for a float", name);
+        else
+            PyErr_Format(PyExc_TypeError, "%s must be a real number, got %s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
+/* obj as a new reference to a Python int (ints and NumPy integers, not bools); NULL with
+ * TypeError naming the argument otherwise. */
+static PyObject *as_index(PyObject *obj, const char *name, const char *expected) {
+    PyObject *index = is_bool(obj) ? NULL : PyNumber_Index(obj);
+    if (!index) {
+        if (PyErr_Occurred() && !replaceable_error()) return NULL;
+        PyErr_Format(PyExc_TypeError, "%s must be %s, got %s", name, expected, Py_TYPE(obj)->tp_name);
+    }
+    return index;
+}
+
+/* How an out-of-range int reads in a message, without str() of a huge int (which fails
+ * beyond sys.get_int_max_str_digits()). */
+static void int_text(PyObject *index, char *buf, size_t size) {
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+    if (overflow > 0) snprintf(buf, size, "an int >= 2**63");
+    else if (overflow < 0) snprintf(buf, size, "an int < -2**63");
+    else snprintf(buf, size, "%lld", v);
+}
+
+int arg_bool(PyObject *obj, const char *name, int *out) {
+    if (!obj) return 0;
+    if (obj == Py_True || obj == Py_False) {
+        *out = obj == Py_True;
+        return 0;
+    }
+    if (PyArray_IsScalar(obj, Bool)) {
+        *out = PyObject_IsTrue(obj);
+        return *out < 0 ? -1 : 0;
+    }
+    if (!PyLong_Check(obj) && !PyArray_IsScalar(obj, Integer)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a bool, got %s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *index = as_index(obj, name, "a bool");
+    if (!index) return -1;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+    if (!overflow && (v == 0 || v == 1)) {
+        Py_DECREF(index);
+        *out = (int)v;
+        return 0;
+    }
+    char text[48];
+    int_text(index, text, sizeof text);
+    Py_DECREF(index);
+    PyErr_Format(PyExc_ValueError, "%s must be True or False (or 0 or 1), got %s", name, text);
+    return -1;
+}
+
+int arg_i64(PyObject *obj, const char *name, int64_t lo, int64_t hi, int64_t *out) {
+    if (!obj) return 0;
+    PyObject *index = as_index(obj, name, "an int");
+    if (!index) return -1;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+    if (!overflow && v >= lo && v <= hi) {
+        Py_DECREF(index);
+        *out = (int64_t)v;
+        return 0;
+    }
+    char text[48];
+    int_text(index, text, sizeof text);
+    Py_DECREF(index);
+    if (hi == INT64_MAX && !overflow)
+        PyErr_Format(PyExc_ValueError, "%s must be >= %lld, got %s", name, (long long)lo, text);
+    else if (hi == INT64_MAX)
+        PyErr_Format(PyExc_ValueError, "%s must be in [%lld, 2**63), got %s", name, (long long)lo, text);
+    else
+        PyErr_Format(PyExc_ValueError, "%s must be in [%lld, %lld], got %s", name, (long long)lo, (long long)hi, text);
+    return -1;
+}
+
+int arg_u64(PyObject *obj, const char *name, uint64_t *out) {
+    if (!obj) return 0;
+    PyObject *index = as_index(obj, name, "an int");
+    if (!index) return -1;
     unsigned long long value = PyLong_AsUnsignedLongLong(index);
     if (value == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%s must be in [0, 2**64), got %S", name, index);
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
         Py_DECREF(index);
+        char text[48];
+        if (overflow) snprintf(text, sizeof text, overflow > 0 ? "an int >= 2**64" : "an int < -2**63");
+        else snprintf(text, sizeof text, "%lld", v);
+        PyErr_Format(PyExc_ValueError, "%s must be in [0, 2**64), got %s", name, text);
         return -1;
     }
     Py_DECREF(index);
@@ -568,15 +739,21 @@ int arg_u64(PyObject *obj, const char *name, uint64_t *out) {
     return 0;
 }
 
-int arg_choice(const char *name, const char *value, const char *const *choices) {
-    for (int i = 0; choices[i]; ++i)
-        if (strcmp(value, choices[i]) == 0) return i;
+int arg_choice(PyObject *obj, const char *name, const char *const *choices, int fallback) {
+    if (!obj) return fallback;
     char allowed[160] = "";
     for (int i = 0; choices[i]; ++i) {
         if (i) strncat(allowed, ", ", sizeof allowed - strlen(allowed) - 1);
         strncat(allowed, choices[i], sizeof allowed - strlen(allowed) - 1);
     }
-    PyErr_Format(PyExc_ValueError, "%s must be one of %s, got '%s'", name, allowed, value);
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a str (one of %s), got %s", name, allowed, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    /* compares the whole str: an embedded NUL or a lone surrogate simply does not match */
+    for (int i = 0; choices[i]; ++i)
+        if (PyUnicode_CompareWithASCIIString(obj, choices[i]) == 0) return i;
+    PyErr_Format(PyExc_ValueError, "%s must be one of %s, got %R", name, allowed, obj);
     return -1;
 }
 

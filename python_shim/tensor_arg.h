@@ -61,15 +61,29 @@ int call_check_devices_and_overlap(call_views *call);
 
 int check_same_shape(const tensor_view *a, const tensor_view *b);
 int check_same_dtype(const tensor_view *a, const tensor_view *b);
-int check_per_sample(const tensor_view *v, int64_t batch);
+/* v must have shape (batch,); `of` names the tensor that batch came from (NULL: none). */
+int check_per_sample(const tensor_view *v, int64_t batch, const char *of);
 int check_batched(const tensor_view *v); /* ndim >= 1 */
 
-int arg_finite(const char *name, double value);
-int arg_positive(const char *name, double value);
+/*
+ * Scalar arguments. Every entry point takes them as plain objects ("O") and converts
+ * them here rather than with PyArg_Parse's d/s/p/n/K codes, whose errors do not name
+ * the argument ("must be real number, not str", "embedded null character"). A NULL
+ * object (argument not given) leaves *out unchanged, i.e. keeps the caller's default.
+ * Wrong types raise TypeError, bad values ValueError; all return 0 or -1.
+ */
+int arg_double(PyObject *obj, const char *name, double *out); /* a real number, not bool */
+int arg_bool(PyObject *obj, const char *name, int *out);      /* bool, numpy.bool_, or the ints 0 and 1 */
+int arg_i64(PyObject *obj, const char *name, int64_t lo, int64_t hi, int64_t *out); /* an int in [lo, hi] */
+int arg_u64(PyObject *obj, const char *name, uint64_t *out);  /* an int in [0, 2**64) */
+/* Index of the str obj among the NULL-terminated choices (obj NULL: `fallback`); -1 on error. */
+int arg_choice(PyObject *obj, const char *name, const char *const *choices, int fallback);
+
+/* Checks of values the kernels take as float32: finite, and inside float32's range so the
+ * conversion neither overflows to Inf nor, where 0 is invalid, underflows to 0. */
+int arg_f32_finite(const char *name, double value);
+int arg_f32_positive(const char *name, double value);
 int arg_in_range(const char *name, double value, double lo, double hi, int lo_open, int hi_open);
-int arg_u64(PyObject *obj, const char *name, uint64_t *out);
-/* Picks choice index of value among NULL-terminated names; -1 with ValueError. */
-int arg_choice(const char *name, const char *value, const char *const *choices);
 /* On CPU: every element of a float32 per-sample vector finite and > 0. */
 int check_sigma_values(const tensor_view *sigma);
 

@@ -654,7 +654,7 @@ CASES = [
         r"^kind must be one of iddpm_linear, scaled_linear, got 'cosine'",
         lambda kw: {"kind": "cosine"},
     ),
-    case("table-steps-1", "sigma_table", VE, r"^steps must be in \[2, 1e8\], got 1", lambda kw: {"steps": 1}),
+    case("table-steps-1", "sigma_table", VE, r"^steps must be in \[2, 100000000\], got 1", lambda kw: {"steps": 1}),
     case("table-steps-negative", "sigma_table", VE, r"^steps must be in", lambda kw: {"steps": -10}),
     case(
         "table-beta_start-zero", "sigma_table", VE, r"^beta_start must be in \(0, 1\)", lambda kw: {"beta_start": 0.0}
@@ -756,7 +756,7 @@ CASES = [
         "noise-sigma-length",
         "add_noise",
         VE,
-        r"^sigma: expected shape \(2,\) \(one value per sample\), got \(3,\)",
+        r"^sigma: expected shape \(2,\) \(one value per sample of x0\), got \(3,\)",
         lambda kw: {"sigma": vec(1, 1, 1)},
     ),
     case(
@@ -1195,7 +1195,7 @@ CASES = [
     case("adam-lr-negative", "adam_step", VE, r"^lr must be in \[0, 1e\+06\], got -0.1", lambda kw: {"lr": -0.1}),
     case("adam-lr-nan", "adam_step", VE, r"^lr must be in", lambda kw: {"lr": float("nan")}),
     case("adam-weight_decay-negative", "adam_step", VE, r"^weight_decay must be in", lambda kw: {"weight_decay": -1.0}),
-    case("adam-step-zero", "adam_step", VE, r"^step must be >= 1 .*got 0", lambda kw: {"step": 0}),
+    case("adam-step-zero", "adam_step", VE, r"^step must be >= 1, got 0", lambda kw: {"step": 0}),
     case("adam-step-negative", "adam_step", VE, r"^step must be >= 1", lambda kw: {"step": -3}),
     case(
         "adam-grads-length",
@@ -1510,6 +1510,100 @@ CASES = [
         r"^out: expected a C-contiguous",
         lambda kw: {"out": Forged(shape=(3,), strides=(2,))},
     ),
+    # ---- scalar parsing: every conversion error names the argument (issue 10, item 6)
+    case("cfg-omega-str", "cfg_combine", TE, r"^omega must be a real number, got str", lambda kw: {"omega": "1.5"}),
+    case("cfg-omega-none", "cfg_combine", TE, r"^omega must be a real number, got NoneType",
+         lambda kw: {"omega": None}),
+    case("cfg-omega-bool", "cfg_combine", TE, r"^omega must be a real number, got bool", lambda kw: {"omega": True}),
+    case("cfg-omega-complex", "cfg_combine", TE, r"^omega must be a real number, got complex",
+         lambda kw: {"omega": 1j}),
+    case(
+        "cfg-omega-numpy-complex",
+        "cfg_combine",
+        TE,
+        r"^omega must be a real number, got numpy\.complex128",
+        lambda kw: {"omega": np.complex128(2.0)},
+    ),
+    case(
+        "cfg-omega-array",
+        "cfg_combine",
+        TE,
+        r"^omega must be a real number, got numpy\.ndarray",
+        lambda kw: {"omega": np.ones(3)},
+    ),
+    case(
+        "cfg-omega-huge-int",
+        "cfg_combine",
+        VE,
+        r"^omega must be a finite number, got an int too large for a float",
+        lambda kw: {"omega": 10**400},
+    ),
+    case(
+        "ta-weighting-none",
+        "ta_loss",
+        TE,
+        r"^weighting must be a str \(one of unit, edm\), got NoneType",
+        lambda kw: {"weighting": None},
+    ),
+    case("ta-reduction-int", "ta_loss", TE, r"^reduction must be a str .*got int", lambda kw: {"reduction": 1}),
+    case(
+        "ta-weighting-embedded-nul",
+        "ta_loss",
+        VE,
+        r"^weighting must be one of unit, edm, got 'edm\\x00'",
+        lambda kw: {"weighting": "edm\0"},
+    ),
+    case(
+        "gen-weighting-surrogate",
+        "generator_grad",
+        VE,
+        r"^weighting must be one of unit, normalized, got '\\ud800'",
+        lambda kw: {"weighting": "\ud800"},
+    ),
+    case("table-kind-bytes", "sigma_table", TE, r"^kind must be a str .*got bytes",
+         lambda kw: {"kind": b"iddpm_linear"}),
+    case(
+        "table-steps-huge",
+        "sigma_table",
+        VE,
+        r"^steps must be in \[2, 100000000\], got an int >= 2\*\*63",
+        lambda kw: {"steps": 10**30},
+    ),
+    case("table-steps-float", "sigma_table", TE, r"^steps must be an int, got float", lambda kw: {"steps": 16.0}),
+    case("table-steps-bool", "sigma_table", TE, r"^steps must be an int, got bool", lambda kw: {"steps": True}),
+    case(
+        "table-beta-str", "sigma_table", TE, r"^beta_start must be a real number, got str",
+        lambda kw: {"beta_start": "0.1"},
+    ),
+    case("precond-kind-none", "precond", TE, r"^kind must be a str", lambda kw: {"kind": None}),
+    case("noise-flow-str", "add_noise", TE, r"^flow must be a bool, got str", lambda kw: {"flow": "False"}),
+    case("noise-flow-two", "add_noise", VE, r"^flow must be True or False \(or 0 or 1\)", lambda kw: {"flow": 2}),
+    case("noise-flow-none", "add_noise", TE, r"^flow must be a bool, got NoneType", lambda kw: {"flow": None}),
+    case("sample-snap-list", "sample_sigma", TE, r"^snap must be a bool, got list", lambda kw: {"snap": [1]}),
+    case("adam-decoupled-str", "adam_step", TE, r"^decoupled must be a bool", lambda kw: {"decoupled": "yes"}),
+    case(
+        "adam-step-huge",
+        "adam_step",
+        VE,
+        r"^step must be in \[1, 2\*\*63\), got an int >= 2\*\*63",
+        lambda kw: {"step": 2**70},
+    ),
+    case("adam-step-float", "adam_step", TE, r"^step must be an int, got float", lambda kw: {"step": 1.0}),
+    case("adam-lr-str", "adam_step", TE, r"^lr must be a real number, got str", lambda kw: {"lr": "1e-3"}),
+    case("ema-decay-none", "ema_update", TE, r"^decay must be a real number, got NoneType", lambda kw: {"decay": None}),
+    case("fill-stream-negative", "fill_uniform", VE, r"^stream must be in \[0, 2\*\*64\), got -1",
+         lambda kw: {"stream": -1}),
+    case("fill-stream-str", "fill_normal", TE, r"^stream must be an int, got str", lambda kw: {"stream": "0"}),
+    case("triad-scalar-str", "stream_triad", TE, r"^scalar must be a real number", lambda kw: {"scalar": "3"}),
+    # ---- omega without d_uncond would silently act as omega = 1 (item 8)
+    case(
+        "gen-omega-without-uncond",
+        "generator_grad",
+        VE,
+        r"^omega = 4.5 needs d_uncond .*without d_uncond omega must be 1",
+        lambda kw: {"d_uncond": None, "omega": 4.5},
+    ),
+
 ]
 
 
@@ -1527,6 +1621,72 @@ def test_bad_input(c: Case):
     kwargs.update(c.make(kwargs))
     with pytest.raises(c.exc, match=c.match):
         getattr(_core, c.fn)(**kwargs)
+
+
+# --------------------------------------------------------------------------- float scalars and float32 (item 7)
+
+# Every float scalar argument of every entry point, and whether 0 is invalid for it (then a
+# value that underflows to 0 in float32 must be rejected too). The kernels take them as float32.
+FLOAT_SCALARS = [
+    ("sample_sigma", "p_mean", False),
+    ("sample_sigma", "p_std", False),
+    ("sample_sigma", "sigma_min", True),
+    ("sample_sigma", "sigma_max", True),
+    ("sigma_table", "beta_start", False),
+    ("sigma_table", "beta_end", False),
+    ("sigma_table", "clip", False),
+    ("precond", "sigma_data", True),
+    ("cfg_combine", "omega", False),
+    ("ta_loss", "sigma_data", True),
+    ("generator_grad", "omega", False),
+    ("generator_grad", "alpha", False),
+    ("generator_grad", "min_norm", True),
+    ("huber_terms", "c", True),
+    ("ema_update", "decay", False),
+    ("adam_step", "lr", False),
+    ("adam_step", "beta1", False),
+    ("adam_step", "beta2", False),
+    ("adam_step", "eps", True),
+    ("adam_step", "weight_decay", False),
+    ("stream_triad", "scalar", False),
+]
+
+
+@pytest.mark.parametrize("fn,arg,positive", FLOAT_SCALARS, ids=[f"{f}-{a}" for f, a, _ in FLOAT_SCALARS])
+@pytest.mark.parametrize("value", [1e39, -1e39, 3.5e38])
+def test_float_scalars_beyond_float32_are_rejected(fn, arg, positive, value):
+    """1e39 is a finite double but Inf in float32: before the fix omega = 1e39 ran and produced Inf/NaN."""
+    kwargs = valid_kwargs(fn)
+    kwargs[arg] = value
+    with pytest.raises(ValueError, match=rf"^{arg} must "):
+        getattr(_core, fn)(**kwargs)
+
+
+@pytest.mark.parametrize("fn,arg,positive", FLOAT_SCALARS, ids=[f"{f}-{a}" for f, a, _ in FLOAT_SCALARS])
+def test_float_scalars_underflowing_float32(fn, arg, positive):
+    """1e-50 becomes 0 in float32: rejected where 0 is invalid (sigma_data = 1e-50 gave Inf), else accepted."""
+    kwargs = valid_kwargs(fn)
+    kwargs[arg] = 1e-50
+    if positive:
+        with pytest.raises(ValueError, match=rf"^{arg} must be representable in float32"):
+            getattr(_core, fn)(**kwargs)
+    else:
+        getattr(_core, fn)(**kwargs)
+
+
+def test_float_scalars_cover_every_entry_point():
+    with_floats = {fn for fn, _, _ in FLOAT_SCALARS}
+    assert with_floats == set(FUNCTIONS) - {"fill_uniform", "fill_normal", "add_noise", "stream_copy"}
+
+
+def test_omega_one_without_d_uncond_and_any_omega_with_it_are_fine():
+    kwargs = valid_kwargs("generator_grad")
+    _core.generator_grad(**{**kwargs, "d_uncond": None, "omega": 1.0})
+    _core.generator_grad(**{k: v for k, v in kwargs.items() if k not in ("omega", "d_uncond")})  # omega = 1
+    _core.generator_grad(**{**kwargs, "omega": 4.5})
+    x = torch.ones(2, 3)
+    K.generator_grad(x, x, x, omega=1)
+    K.generator_grad(x, x, x, d_uncond=x, omega=4.5)
 
 
 # --------------------------------------------------------------------------- DLPack ownership
