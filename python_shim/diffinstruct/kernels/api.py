@@ -1,12 +1,22 @@
 """Public kernel functions over torch tensors or NumPy arrays; outputs match the inputs' kind.
 
 Each allocates its outputs unless `out=` is given, checks what the C binding
-cannot (CUDA sigma values), and runs the C/CUDA kernel or, for CUDA tensors
-without a CUDA build, the PyTorch reference.
+cannot (CUDA sigma values, the Python-only arguments, the kind of every tensor
+argument), and runs the C/CUDA kernel or, for CUDA tensors without a CUDA build,
+the PyTorch reference. Every rejection names the argument: TypeError for a wrong
+kind of value, ValueError for a bad value, BufferError for a tensor DLPack cannot
+carry. Lazily negated inputs (torch._neg_view) are resolved; outputs must be plain.
+
+The `nonfinite` diagnostic of ta_loss, generator_grad and huber_terms counts, per
+sample, the elements at which an input term or an element-wise output (in the output
+dtype) is non-finite, each element once: a float16/bfloat16 output that overflows to
+Inf from finite inputs counts, and 0 means the sample's element-wise outputs are all
+finite. Per-sample outputs (loss, weight, h, ...) are not counted.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +27,88 @@ from .backend import check_cuda_sigma, core, is_torch, plain, plain_out, stream_
 from .types import GeneratorGrad, HuberTerms, TALoss
 
 Array = Any  # torch.Tensor or numpy.ndarray
+
+
+def _tensor(x: Any, name: str, *, optional: bool = False) -> Any:
+    """x itself once it is a dense CPU/CUDA torch.Tensor or a numpy.ndarray (None if optional)."""
+    if x is None:
+        if optional:
+            return None
+        raise TypeError(f"{name}: a tensor is required, got None")
+    if is_torch(x):
+        if x.is_nested or x.layout != torch.strided:
+            layout = "nested" if x.is_nested else str(x.layout)
+            raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {layout}")
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}: expected a CPU or CUDA tensor, got device {x.device}")
+        return x
+    if isinstance(x, np.ndarray):
+        return x
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _tensors(seq: Any, name: str) -> list[Any]:
+    if not isinstance(seq, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    return [_tensor(x, f"{name}[{i}]") for i, x in enumerate(seq)]
+
+
+def _flag(value: Any, name: str) -> bool:
+    """True/False (NumPy's too) or the ints 0 and 1; anything else would be read by its truthiness."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        if value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{name} must be True or False (or 0 or 1), got an int other than 0 and 1")
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _device(device: Any) -> Any:
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device must be a str, int or torch.device (or None for NumPy), got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ValueError(f"device: {error}") from error
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {dev}")
+    return dev
+
+
+def _real_value(value: Any) -> float | None:
+    """value as a finite float if it is one (ints and NumPy scalars too), else None: the binding
+    then rejects it with the message that names the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _sigma_values(values: Any, name: str) -> np.ndarray:
+    """A float32 NumPy copy of a tensor or sequence of sigma values (a table, precond's sigma); a single
+    number, whether a Python, NumPy or 0-d torch scalar, becomes a vector of one."""
+    if is_torch(values):
+        _tensor(values, name)
+    if (values.is_complex() if is_torch(values) else np.iscomplexobj(values)):
+        raise TypeError(f"{name}: expected real values, got complex ones")  # float32 would drop the imaginary part
+    try:
+        if is_torch(values):
+            return np.ascontiguousarray(values.detach().resolve_neg().to("cpu", torch.float32).numpy())
+        return np.ascontiguousarray(values, dtype=np.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name}: expected a tensor or a sequence of real numbers ({error})") from error
 
 
 def _empty_like(x: Array) -> Array:
@@ -32,13 +124,20 @@ def _per_sample(x: Array, batch: int, integer: bool = False, rows: int = 0) -> A
 
 
 def _batch(x: Array, name: str) -> int:
+    _tensor(x, name)
     if len(x.shape) < 1:
         raise ValueError(f"{name}: expected a batch (at least one dimension), got a scalar")
     return int(x.shape[0])
 
 
 def fill_uniform(out: Array, seed: int, offset: int = 0) -> Array:
-    """Fill `out` with Philox uniforms in (0, 1); element i is lane i%4 of block offset + i//4."""
+    """Fill `out` with Philox uniforms in the open interval (0, 1); element i is lane i%4 of block offset + i//4.
+
+    The bounds hold in every dtype: values are >= 2**-24 and <= the dtype's largest value below 1
+    (1 - 2**-24, 1 - 2**-11, 1 - 2**-8 for float32, float16, bfloat16), so a float32 draw that
+    would round up to 1.0 in float16/bfloat16 gives that largest value instead.
+    """
+    _tensor(out, "out")
     if use_reference(out):
         return reference.fill(out, seed, offset, normal=False)
     core.fill_uniform(plain_out(out), seed, offset, stream=stream_of(out))
@@ -47,6 +146,7 @@ def fill_uniform(out: Array, seed: int, offset: int = 0) -> Array:
 
 def fill_normal(out: Array, seed: int, offset: int = 0) -> Array:
     """Fill `out` with Philox standard normals (Box-Muller on lane pairs)."""
+    _tensor(out, "out")
     if use_reference(out):
         return reference.fill(out, seed, offset, normal=True)
     core.fill_normal(plain_out(out), seed, offset, stream=stream_of(out))
@@ -75,32 +175,40 @@ def sample_sigma(
 
     Returns torch tensors on `device` (NumPy arrays if device is None).
     """
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    if device is None:
-        sigma = np.empty(batch, np.float32)
-        index = np.empty(batch, np.int64) if table is not None else None
-        tab = None if table is None else np.ascontiguousarray(table, dtype=np.float32)
-    else:
-        sigma = torch.empty(batch, dtype=torch.float32, device=device)
-        index = torch.empty(batch, dtype=torch.int64, device=device) if table is not None else None
-        tab = None if table is None else torch.as_tensor(np.asarray(table, dtype=np.float32), device=device)
-        if tab is not None and tab.is_cuda and not bool(torch.all(tab[1:] > tab[:-1])):
-            raise ValueError("table must be strictly ascending")
+    batch = _count(batch, "batch")
+    snap = _flag(snap, "snap")
+    dev = None if device is None else _device(device)
+    tab = None if table is None else _sigma_values(table, "table")
+    try:
+        if dev is None:
+            sigma = np.empty(batch, np.float32)
+            index = np.empty(batch, np.int64) if tab is not None else None
+        else:
+            sigma = torch.empty(batch, dtype=torch.float32, device=dev)
+            index = torch.empty(batch, dtype=torch.int64, device=dev) if tab is not None else None
+            tab = None if tab is None else torch.as_tensor(tab, device=dev)
+    except (RuntimeError, AssertionError, MemoryError, ValueError, OverflowError, TypeError) as error:
+        # a batch too large to allocate, or a CUDA device that this torch or machine lacks
+        what = f"batch = {batch}" if dev is None or dev.type == "cpu" else f"batch = {batch} on device {dev}"
+        raise ValueError(f"{what}: cannot allocate the per-sample outputs ({error})") from error
+    if tab is not None and is_torch(tab) and tab.is_cuda and not bool(torch.all(tab[1:] > tab[:-1])):
+        raise ValueError("table must be strictly ascending")
     if use_reference(sigma):
-        return reference.sample_sigma(batch, seed, offset, p_mean, p_std, sigma_min, sigma_max, tab, snap, device)
-    core.sample_sigma(plain(sigma), seed, offset, p_mean, p_std, sigma_min, sigma_max, plain(tab), plain(index), snap,
-                      stream=stream_of(sigma))
+        return reference.sample_sigma(batch, seed, offset, p_mean, p_std, sigma_min, sigma_max, tab, snap, dev)
+    core.sample_sigma(plain(sigma, "sigma_out"), seed, offset, p_mean, p_std, sigma_min, sigma_max, plain(tab, "table"),
+                      plain(index, "index_out"), snap, stream=stream_of(sigma))
     return sigma, index
 
 
 def precond(sigma: Array, kind: str = "edm", sigma_data: float = 0.5) -> dict[str, Array]:
     """c_skip, c_out, c_in, c_noise and loss weight per sample (computed on the CPU)."""
-    s = sigma.detach().float().cpu().contiguous() if is_torch(sigma) else np.ascontiguousarray(sigma, np.float32)
+    if sigma is None:
+        raise TypeError("sigma: a tensor is required, got None")
+    s = _sigma_values(sigma, "sigma")
     outs = {k: _empty_like(s) for k in ("c_skip", "c_out", "c_in", "c_noise", "weight")}
     core.precond(s, *outs.values(), kind=kind, sigma_data=sigma_data)
     if is_torch(sigma):
-        return {k: v.to(sigma.device) for k, v in outs.items()}
+        return {k: torch.from_numpy(v).to(sigma.device) for k, v in outs.items()}
     return outs
 
 
@@ -114,8 +222,14 @@ def add_noise(
     return_eps: bool = False,
     out: Array | None = None,
 ) -> Array | tuple[Array, Array]:
-    """x_t = x0 + sigma_b eps (or (1 - sigma_b) x0 + sigma_b eps with flow=True), eps from Philox."""
+    """x_t = x0 + sigma_b eps (or (1 - sigma_b) x0 + sigma_b eps with flow=True), eps from Philox.
+
+    out: where x_t goes (the kernel's xt_out); same shape and dtype as x0.
+    """
     _batch(x0, "x0")
+    _tensor(sigma, "sigma")
+    _tensor(out, "out", optional=True)
+    flow, return_eps = _flag(flow, "flow"), _flag(return_eps, "return_eps")
     check_cuda_sigma(sigma)
     if use_reference(x0, sigma):
         xt, eps = reference.add_noise(x0, sigma, seed, offset, flow)
@@ -125,17 +239,21 @@ def add_noise(
         return (xt, eps) if return_eps else xt
     xt = _empty_like(x0) if out is None else out
     eps = _empty_like(x0) if return_eps else None
-    core.add_noise(plain(x0), plain(sigma), plain_out(xt), seed, offset, plain(eps), flow, stream=stream_of(x0))
+    core.add_noise(plain(x0, "x0"), plain(sigma, "sigma"), plain_out(xt), seed, offset, plain(eps, "eps_out"), flow,
+                   stream=stream_of(x0))
     return (xt, eps) if return_eps else xt
 
 
 def cfg_combine(uncond: Array, cond: Array, omega: float, *, out: Array | None = None) -> Array:
     """D_uncond + omega (D_cond - D_uncond); omega = 1 is no guidance."""
+    _tensor(uncond, "uncond")
+    _tensor(cond, "cond")
+    _tensor(out, "out", optional=True)
     if use_reference(uncond, cond):
         result = reference.cfg_combine(uncond, cond, omega)
         return result if out is None else out.copy_(result)
     result = _empty_like(uncond) if out is None else out
-    core.cfg_combine(plain(uncond), plain(cond), plain_out(result), omega, stream=stream_of(uncond))
+    core.cfg_combine(plain(uncond, "uncond"), plain(cond, "cond"), plain_out(result), omega, stream=stream_of(uncond))
     return result
 
 
@@ -149,8 +267,14 @@ def ta_loss(
     reduction: str = "mean",
     need_grad: bool = True,
 ) -> TALoss:
-    """Per-sample lambda(sigma) * mean (or sum) (D_TA - x0)^2 and d(mean_b loss_b)/d(D_TA)."""
+    """Per-sample lambda(sigma) * mean (or sum) (D_TA - x0)^2 and d(mean_b loss_b)/d(D_TA).
+
+    nonfinite: per sample, the elements with D_TA - x0 or the gradient (as stored) non-finite.
+    """
     batch = _batch(d_ta, "d_ta")
+    _tensor(x0, "x0")
+    _tensor(sigma, "sigma", optional=True)
+    need_grad = _flag(need_grad, "need_grad")
     if sigma is not None:
         check_cuda_sigma(sigma)
     if use_reference(d_ta, x0, sigma):
@@ -160,8 +284,8 @@ def ta_loss(
     loss = _per_sample(d_ta, batch)
     bad = _per_sample(d_ta, batch, integer=True)
     grad = _empty_like(d_ta) if need_grad else None
-    core.ta_loss(plain(d_ta), plain(x0), plain(loss), plain(sigma), plain(grad), plain(bad), weighting, sigma_data,
-                 reduction, stream=stream_of(d_ta))
+    core.ta_loss(plain(d_ta, "d_ta"), plain(x0, "x0"), plain(loss), plain(sigma, "sigma"), plain(grad), plain(bad),
+                 weighting, sigma_data, reduction, stream=stream_of(d_ta))
     return TALoss(loss, grad, bad)
 
 
@@ -178,8 +302,22 @@ def generator_grad(
     min_norm: float = 1e-5,
     out: Array | None = None,
 ) -> GeneratorGrad:
-    """DI++ generator gradient G = (W_b (D_TA - D_ref^w) - alpha dr/dx0) / B; then x0.backward(G)."""
+    """DI++ generator gradient G = (W_b (D_TA - D_ref^w) - alpha dr/dx0) / B; then x0.backward(G).
+
+    D_ref^w = D_uncond + omega (D_cond - D_uncond) with d_uncond, else D_cond; so omega other
+    than 1 (no guidance) needs d_uncond and raises ValueError without it. out: where G goes
+    (the kernel's grad_out). nonfinite: per sample, the elements with x0, D_TA - D_ref, dr or
+    the stored G non-finite (G overflowing float16 when W_b sits at its floor counts too).
+    """
     batch = _batch(x0, "x0")
+    _tensor(d_ta, "d_ta")
+    _tensor(d_cond, "d_cond")
+    _tensor(d_uncond, "d_uncond", optional=True)
+    _tensor(dr, "dr", optional=True)
+    _tensor(out, "out", optional=True)
+    if d_uncond is None and _real_value(omega) not in (1.0, None):
+        raise ValueError(f"omega = {float(omega):g} needs d_uncond (the unconditional prediction for the CFG "
+                         "reference); without d_uncond omega must be 1 (no guidance)")
     if use_reference(x0, d_ta, d_cond, d_uncond, dr):
         if weighting not in ("normalized", "unit"):
             raise ValueError(f"weighting must be one of unit, normalized, got '{weighting}'")
@@ -188,33 +326,42 @@ def generator_grad(
     grad = _empty_like(x0) if out is None else out
     diag = list(_per_sample(x0, batch, rows=4))
     bad = _per_sample(x0, batch, integer=True)
-    core.generator_grad(plain(x0), plain(d_ta), plain(d_cond), plain_out(grad), *map(plain, diag), plain(bad),
-                        plain(d_uncond), omega, plain(dr), alpha, weighting, min_norm, stream=stream_of(x0))
+    core.generator_grad(plain(x0, "x0"), plain(d_ta, "d_ta"), plain(d_cond, "d_cond"), plain_out(grad),
+                        *map(plain, diag), plain(bad), plain(d_uncond, "d_uncond"), omega, plain(dr, "dr"), alpha,
+                        weighting, min_norm, stream=stream_of(x0))
     return GeneratorGrad(grad, *diag, bad)
 
 
 def huber_terms(
     x0: Array, d_p: Array, d_q: Array, sigma: Array, c: float, *, weighting: str = "sigma2"
 ) -> HuberTerms:
-    """DI* pseudo-Huber pieces; the surrogate sum <a, D_p> - <b, D_q> - <d', x0> has the exact gradient."""
+    """DI* pseudo-Huber pieces; the surrogate sum <a, D_p> - <b, D_q> - <d', x0> has the exact gradient.
+
+    nonfinite: per sample, the elements with y, r or a stored a, b, d' non-finite.
+    """
     batch = _batch(x0, "x0")
+    _tensor(d_p, "d_p")
+    _tensor(d_q, "d_q")
+    _tensor(sigma, "sigma")
     check_cuda_sigma(sigma)
     if use_reference(x0, d_p, d_q, sigma):
         return reference.huber_terms(x0, d_p, d_q, sigma, c, weighting)
     vecs = [_empty_like(x0) for _ in range(3)]
     sums = list(_per_sample(x0, batch, rows=4))
     bad = _per_sample(x0, batch, integer=True)
-    core.huber_terms(plain(x0), plain(d_p), plain(d_q), plain(sigma), *map(plain, vecs), *map(plain, sums),
-                     plain(bad), c, weighting, stream=stream_of(x0))
+    core.huber_terms(plain(x0, "x0"), plain(d_p, "d_p"), plain(d_q, "d_q"), plain(sigma, "sigma"), *map(plain, vecs),
+                     *map(plain, sums), plain(bad), c, weighting, stream=stream_of(x0))
     return HuberTerms(*vecs, *sums, bad)
 
 
 def ema_update(ema: Sequence[Array], params: Sequence[Array], decay: float) -> None:
     """In place, over all tensors in one call: ema <- decay ema + (1 - decay) param."""
+    ema, params = _tensors(ema, "ema"), _tensors(params, "params")
     if use_reference(*ema, *params):
         reference.ema_update(list(ema), list(params), decay)
         return
-    core.ema_update([plain_out(e, "ema") for e in ema], [plain(p) for p in params], decay, stream=stream_of(*ema))
+    core.ema_update([plain_out(e, f"ema[{i}]") for i, e in enumerate(ema)],
+                    [plain(p, f"params[{i}]") for i, p in enumerate(params)], decay, stream=stream_of(*ema))
 
 
 def adam_step(
@@ -235,12 +382,17 @@ def adam_step(
 
     exp_avgs=None (only with beta1 = 0) keeps no first moment: torch's is the gradient then.
     """
+    params, grads = _tensors(params, "params"), _tensors(grads, "grads")
+    exp_avgs = None if exp_avgs is None else _tensors(exp_avgs, "exp_avgs")
+    exp_avg_sqs = _tensors(exp_avg_sqs, "exp_avg_sqs")
+    decoupled = _flag(decoupled, "decoupled")
     if use_reference(*params):
         reference.adam_step(list(params), list(grads), None if exp_avgs is None else list(exp_avgs),
                             list(exp_avg_sqs), lr, beta1, beta2, eps, weight_decay, step, decoupled)
         return
-    core.adam_step([plain_out(p, "params") for p in params], [plain(g) for g in grads],
-                   None if exp_avgs is None else [plain_out(m, "exp_avgs") for m in exp_avgs],
-                   [plain_out(v, "exp_avg_sqs") for v in exp_avg_sqs],
+    core.adam_step([plain_out(p, f"params[{i}]") for i, p in enumerate(params)],
+                   [plain(g, f"grads[{i}]") for i, g in enumerate(grads)],
+                   None if exp_avgs is None else [plain_out(m, f"exp_avgs[{i}]") for i, m in enumerate(exp_avgs)],
+                   [plain_out(v, f"exp_avg_sqs[{i}]") for i, v in enumerate(exp_avg_sqs)],
                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
                    decoupled=decoupled, stream=stream_of(*params))

@@ -111,24 +111,30 @@ def stream_of(*tensors: Any) -> int:
     return 0
 
 
-def plain(x: Any) -> Any:
+def plain(x: Any, name: str = "tensor") -> Any:
     """What the binding may read: tensors leave autograd (same storage); lazy negation/conjugation
-    views, which DLPack cannot express, are materialised; CPU tensors become DLPack capsules
-    through torch's C entry point (~1 us, where Tensor.__dlpack__ costs ~7 us)."""
+    views, which DLPack cannot express (the binding would read them with the wrong sign), are
+    materialised; CPU tensors become DLPack capsules through torch's C entry point (~1 us, where
+    Tensor.__dlpack__ costs ~7 us). A tensor DLPack cannot carry raises BufferError naming `name`."""
     if torch is None or not isinstance(x, torch.Tensor):
         return x
     if x.requires_grad:
         x = x.detach()
     if x.is_neg() or x.is_conj():
         x = x.resolve_neg().resolve_conj()
-    return _to_dlpack(x) if x.is_cpu else x
+    if not x.is_cpu:
+        return x
+    try:
+        return _to_dlpack(x)
+    except (RuntimeError, BufferError, TypeError, ValueError) as error:  # quantized, opaque storage, ...
+        raise BufferError(f"{name}: cannot be passed through DLPack ({error})") from error
 
 
 def plain_out(x: Any, name: str = "out") -> Any:
     """What the binding may write: the caller's own storage, never a copy."""
     if is_torch(x) and (x.is_neg() or x.is_conj()):
         raise ValueError(f"{name}: a lazily negated/conjugated view cannot be written in place; pass a plain tensor")
-    return plain(x)
+    return plain(x, name)
 
 
 def check_cuda_sigma(sigma: Any, name: str = "sigma") -> None:
