@@ -1,4 +1,4 @@
-"""Training configuration: defaults from ALGORITHM.md "Project decisions", validated up front."""
+"""Training configuration: defaults from docs/ALGORITHM.md section 10 (Project decisions), validated up front."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ class VPDenoiser(nn.Module):
 
     The network takes (x / sqrt(1 + sigma^2), timestep, cond) and predicts eps or v.
     Only the timestep is snapped to the table (nearest sigma); the coefficients use the
-    continuous sigma (ALGORITHM.md section 2).
+    continuous sigma (docs/ALGORITHM.md section 2).
     """
 
     process: Process = "ve"

@@ -12,7 +12,7 @@ from .lora import RoleSwitch
 
 
 def default_sigma_init(denoiser: Denoiser) -> float:
-    """2.5 for VE/VP models (ALGORITHM.md decision 5); just under 1 for flow models."""
+    """2.5 for VE/VP models (docs/ALGORITHM.md section 10, decision 5); just under 1 for flow models."""
     return min(2.5, denoiser.sigma_max)
 
 

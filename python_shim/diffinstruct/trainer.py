@@ -103,7 +103,7 @@ def distar_surrogate(x0: torch.Tensor, d_p: torch.Tensor, d_q: torch.Tensor, sig
     """DI*'s tractable pseudo-loss: (w/sigma^2)(<sg a, D_p> - <sg b, D_q> - <sg d', x0>) / B.
 
     x0, D_p (the CFG teacher) and D_q (the TA) carry the autograd graph through x_t;
-    its gradient equals the gradient of the pseudo-Huber score divergence (ALGORITHM.md section 6).
+    its gradient equals the gradient of the pseudo-Huber score divergence (docs/ALGORITHM.md section 6).
     sample_weight (per sample, default 1) weighs samples, e.g. quadrature weights.
     """
     res = kernels.huber_terms(x0.detach().contiguous(), d_p.detach().contiguous(), d_q.detach().contiguous(), sigma,

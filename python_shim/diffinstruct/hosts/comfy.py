@@ -3,10 +3,10 @@
 Every function also accepts the package's own objects (a `Denoiser` module for MODEL, a prompt -> tensor
 callable for CLIP, a latents -> images module for VAE; see comfy_tiny.py), so the node pack runs and is
 tested without ComfyUI. `comfy` is imported lazily, inside functions that only run when ComfyUI objects
-are passed (COMFYUI.md: the pack must import without it).
+are passed (docs/COMFYUI.md section 1: the pack must import without it).
 
 A ComfyUI MODEL (ModelPatcher) is trained on a private copy of its network: the patcher's module is
-shared by every clone in the graph (COMFYUI.md section 2), and attaching LoRA layers to it would change
+shared by every clone in the graph (docs/COMFYUI.md section 2), and attaching LoRA layers to it would change
 the model for every other node. The copy is made outside inference mode, so its weights are ordinary
 tensors that autograd can cross.
 """
@@ -292,7 +292,7 @@ def differentiable_decoder(vae: Any, device: torch.device | None = None) -> Deco
     """Call outside inference mode: the copy's weights must be ordinary tensors for gradients to cross them.
 
     ComfyUI's own VAE.decode is not used: its OOM fallback (tiled decode) runs under inference mode and
-    would silently cut the reward gradient (COMFYUI.md section 4).
+    would silently cut the reward gradient (docs/COMFYUI.md section 4).
     """
     if is_comfy_vae(vae):
         import comfy.model_management as mm

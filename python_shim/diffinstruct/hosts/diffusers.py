@@ -7,7 +7,7 @@
     SD3Transformer2DModel                            -> FlowDenoiser, timestep = num_train_timesteps * sigma
 
 VP models: the table index that `VPDenoiser.timestep` snaps sigma to *is* the DDPM timestep (the
-tables are ascending in timestep), so it goes to the network unchanged (ALGORITHM.md section 2).
+tables are ascending in timestep), so it goes to the network unchanged (docs/ALGORITHM.md section 2).
 
 Conditioning is a dict of tensors, batch first (a bare tensor is taken as encoder_hidden_states):
     encoder_hidden_states   [B, L, D]  every model
