@@ -1,4 +1,4 @@
-"""Float64 NumPy references of every kernel, written from ALGORITHM.md, independent of the C code
+"""Float64 NumPy references of every kernel, written from docs/ALGORITHM.md, independent of the C code
 and of diffinstruct.kernels.reference (which is PyTorch)."""
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ def test_pixart_uses_iddpm_table_and_drops_learned_sigma(saved):
     x = torch.randn(1, *LATENT)
     s = 2.5
     t = int(d.timestep(torch.tensor([s])))
-    assert t == 440  # ALGORITHM.md section 3: sigma_init 2.5 -> DDPM t = 440 on PixArt's table
+    assert t == 440  # docs/ALGORITHM.md section 3: sigma_init 2.5 -> DDPM t = 440 on PixArt's table
     with torch.no_grad():
         full = model(x / math.sqrt(1 + s * s), encoder_hidden_states=cond["encoder_hidden_states"],
                      timestep=torch.tensor([t]), added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
@@ -306,7 +306,7 @@ def test_timestep_is_the_snapped_table_index(saved, name):
     assert seen[-1].dtype == torch.int64 and seen[-1].tolist() == want
     assert want[0] == 0 and want[-1] == len(table) - 1  # out-of-range sigmas clamp to the ends
     if CONFIGS[name][0] == "unet":
-        assert want[2] == 625  # ALGORITHM.md section 2: SD1.5 sigma 2.5 is DDPM t = 625
+        assert want[2] == 625  # docs/ALGORITHM.md section 2: SD1.5 sigma 2.5 is DDPM t = 625
 
 
 def test_sd3_timestep_is_scaled_sigma(saved):

@@ -6,7 +6,7 @@
 3. DI++ with r(x) = -|x - a|^2 moves the generator's mean toward a, monotonically in alpha;
    alpha = 0 stays at the reference.
 4. DI*'s surrogate (through the fused kernel) has the gradient of the exact pseudo-Huber
-   score divergence (finite differences, shared/checks/sim_grad_2d_huber.py).
+   score divergence (central finite differences of the closed-form divergence; docs/ALGORITHM.md section 6).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Theorem 3.4 (CFG is an implicit reward) through the fused generator-gradient kernel.
 
-Port of shared/checks/thm34_cfg_is_reward.py: reference p(x0|+-) = N(+-1.5, 0.25), class "+";
+A self-contained check (docs/ALGORITHM.md section 5): reference p(x0|+-) = N(+-1.5, 0.25), class "+";
 generator q = N(m, v); exact TA score. The kernel, fed the analytic denoisers on a quadrature
 grid of (z, eps), must reproduce the finite-difference gradient of KL(q_sigma || p*_sigma),
 p* ~ p(x|c)^w p(x)^(1-w), to 1e-5 -- once as DI with an omega-CFG teacher and once as DI++

@@ -55,7 +55,7 @@ def host(tmp_path_factory):
     try:
         from comfy.cli_args import args
 
-        args.cpu = True  # before comfy.model_management is imported (COMFYUI.md section 5)
+        args.cpu = True  # before comfy.model_management is imported (docs/COMFYUI.md section 5)
         import comfy.model_management
         import comfy.utils
         import execution

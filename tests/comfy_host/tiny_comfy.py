@@ -1,4 +1,4 @@
-"""Tiny ComfyUI objects for host tests, built with ComfyUI's own classes and no downloads (COMFYUI.md section 7).
+"""Tiny ComfyUI objects for host tests, built with ComfyUI's own classes and no downloads (docs/COMFYUI.md section 7).
 
 MODEL: a real SD1.5 `BaseModel` (EPS, ModelSamplingDiscrete, SD15 latent format) with a shallow UNet;
 CLIP: a real `comfy.sd.CLIP` (SD1 tokenizer files shipped with ComfyUI) over a 1-layer, 64-wide text model;
