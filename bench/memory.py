@@ -146,17 +146,18 @@ def choose_dtype(size: str, requested: str, available: int) -> tuple[str, str, i
 # ---------------------------------------------------------------------------------------------- the child
 def child(mode: str, size: str, dtype_name: str, steps: int, rank: int, seed: int, threads: int = 0) -> None:
     """Runs in a fresh process: prints one JSON line per finished iteration, then a final one."""
-    import math
-
     import torch
     from diffusers import UNet2DConditionModel  # noqa: F401 - diffusers imports lazily: count its modules here
 
-    from diffinstruct.assembly import build_models
+    # engine imports these on first use: import them before the baseline so their modules do not count as the run's
+    import diffinstruct.assembly  # noqa: F401
+    import diffinstruct.runner  # noqa: F401
+    import diffinstruct.trainer  # noqa: F401
+    from diffinstruct import engine
     from diffinstruct.config import DIConfig
     from diffinstruct.hosts import diffusers as H
     from diffinstruct.prompts import PromptList
     from diffinstruct.rewards import TargetReward
-    from diffinstruct.trainer import DITrainer
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -179,13 +180,13 @@ def child(mode: str, size: str, dtype_name: str, steps: int, rank: int, seed: in
         unet = H.build_model("unet", spec["config"], dtype=dtype, seed=seed)
         teacher = H.unet_denoiser(unet)  # SD1.5: scaled_linear table, eps prediction
         latent = (4, spec["latent"], spec["latent"])
-        models = build_models(teacher, latent, mode=mode, rank=rank, target=H.attention_and_conv_target)
+        models = engine.assemble(teacher, latent, mode=mode, rank=rank, target=H.attention_and_conv_target)
         g = torch.Generator().manual_seed(seed)
         table = {"a photograph of an astronaut riding a horse": torch.randn(1, *spec["text"], generator=g),
                  "": torch.randn(1, *spec["text"], generator=g)}
         prompts = PromptList([next(iter(table))], encode=table.__getitem__)
         config = DIConfig(batch_size=1, omega=OMEGA, alpha=ALPHA, seed=seed)
-        trainer = DITrainer(config, models, prompts, reward=TargetReward(torch.zeros(latent)))
+        trainer = engine.build_engine(models, prompts, config, TargetReward(torch.zeros(latent)))
         info.update(build_s=time.perf_counter() - t0, params=sum(p.numel() for p in unet.parameters()),
                     generator_trainable=sum(p.numel() for p in models.generator_params),
                     ta_trainable=sum(p.numel() for p in models.ta_params),
@@ -193,22 +194,49 @@ def child(mode: str, size: str, dtype_name: str, steps: int, rank: int, seed: in
     except (RuntimeError, MemoryError) as exc:
         emit({**info, "error": f"building: {type(exc).__name__}: {str(exc)[:300]}"})
         return
-    iterations = []
-    for step in range(steps):
-        try:
-            m = trainer.train_step(step)
-        except (RuntimeError, MemoryError) as exc:
-            info["error"] = f"iteration {step + 1}: {type(exc).__name__}: {str(exc)[:300]}"
-            break
-        record = {k: float(m[k]) for k in ("time_total", "time_kernels", "time_networks", "ta_loss", "ta_ok",
-                                          "generator_ok", "generator_grad_norm", "reward")}
-        record["finite"] = all(math.isfinite(record[k]) for k in ("ta_loss", "generator_grad_norm", "reward"))
-        record["peak_mib"] = (status_bytes("VmHWM") - baseline) / MIB
-        record["rss_mib"] = (status_bytes("VmRSS") - baseline) / MIB
-        record["vm_peak_mib"] = (status_bytes("VmPeak") - vm_baseline) / MIB  # address space, against the cap
-        iterations.append(record)
-        emit({**info, "iterations": iterations})
+    iterations = run_iterations(trainer, steps, info, emit, baseline, vm_baseline)
     emit({**info, "iterations": iterations, "done": True})
+
+
+def run_iterations(trainer: Any, steps: int, info: dict[str, Any], emit: Any, baseline: int,
+                   vm_baseline: int) -> list[dict[str, Any]]:
+    """Train `steps` iterations through the package's loop (runner.run, no run folder), recording each one.
+
+    An iteration that fails (RuntimeError, MemoryError: the address-space cap) ends the run with its error in
+    info["error"]; the iterations before it are kept.
+    """
+    import math
+
+    from diffinstruct import runner
+
+    class Recorder(runner.RunHooks):
+        def __init__(self) -> None:
+            self.iterations: list[dict[str, Any]] = []
+            self.in_step = False
+
+        def after_step(self, completed: int, m: dict[str, Any]) -> None:
+            record = {k: float(m[k]) for k in ("time_total", "time_kernels", "time_networks", "ta_loss", "ta_ok",
+                                              "generator_ok", "generator_grad_norm", "reward")}
+            record["finite"] = all(math.isfinite(record[k]) for k in ("ta_loss", "generator_grad_norm", "reward"))
+            record["peak_mib"] = (status_bytes("VmHWM") - baseline) / MIB
+            record["rss_mib"] = (status_bytes("VmRSS") - baseline) / MIB
+            record["vm_peak_mib"] = (status_bytes("VmPeak") - vm_baseline) / MIB  # address space, against the cap
+            self.iterations.append(record)
+            emit({**info, "iterations": self.iterations})
+
+        def interrupted(self, exc: BaseException, completed: int, in_step: bool, written: Any,
+                        resume_from: str | None) -> None:
+            self.in_step = in_step
+
+    hooks = Recorder()
+    if steps > 0:  # the loop wants at least one step; --steps 0 reports the build alone, as it always has
+        try:
+            runner.run(trainer, runner.RunOptions(steps, None, steps, curves=False), hooks)
+        except (RuntimeError, MemoryError) as exc:
+            if not hooks.in_step:
+                raise
+            info["error"] = f"iteration {len(hooks.iterations) + 1}: {type(exc).__name__}: {str(exc)[:300]}"
+    return hooks.iterations
 
 
 def kernel_child(size: str, dtype_name: str) -> None:

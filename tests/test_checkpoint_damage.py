@@ -244,7 +244,8 @@ def test_every_checkpoint_damaged_raises_no_usable_checkpoint(run_dir):
     trainer = make_trainer()
     before = full_state(trainer)
     with pytest.warns(CheckpointDamagedWarning), pytest.raises(NoUsableCheckpoint):
-        runner.run(trainer, 4, run_dir, checkpoint_every=2, resume=True, progress=False, curves=False)
+        runner.run(trainer, runner.RunOptions(4, run_dir, 2, resume=True, curves=False),
+                   runner.ConsoleHooks(progress=False))
     assert all(torch.equal(v, before[k]) for k, v in full_state(trainer).items())  # nothing ran
     assert not (run_dir / runner.METRICS_FILE).exists()
 
@@ -278,21 +279,24 @@ def test_without_resume_a_damaged_run_is_not_taken_for_an_empty_folder(run_dir):
         (run_dir / step / GEN).unlink()
     assert ckpt.list_checkpoints(run_dir) == []
     with pytest.raises(ConfigError, match="already holds a run .newest checkpoint step-000002"):
-        runner.run(make_trainer(), 4, run_dir, checkpoint_every=2, resume=False, progress=False, curves=False)
+        runner.run(make_trainer(), runner.RunOptions(4, run_dir, 2, resume=False, curves=False),
+                   runner.ConsoleHooks(progress=False))
     assert sorted(p.name for p in run_dir.iterdir()) == ["latest", "step-000001", "step-000002"]
 
 
 def test_comfy_resume_skips_damaged_and_stops_when_none_is_usable(run_dir, pristine):
     edit_meta(run_dir / "step-000002", setter("step", -5))
     trainer = make_trainer()
+    hooks = comfy_train.ComfyHooks()
+    resume, fresh = (runner.RunOptions(4, run_dir, 2, resume=flag) for flag in (True, False))
     with pytest.warns(CheckpointDamagedWarning, match="step must be an integer >= 0, got -5"):
-        assert comfy_train._checkpoint_start(trainer, run_dir, 4, resume=True) == 1
+        assert runner.start_point(trainer, resume, hooks) == (1, run_dir / "step-000001")
     assert all(torch.equal(v, pristine[1][k]) for k, v in full_state(trainer).items())
     (run_dir / "step-000001" / GEN).unlink()
     with pytest.warns(CheckpointDamagedWarning), pytest.raises(NoUsableCheckpoint, match="no usable checkpoint"):
-        comfy_train._checkpoint_start(make_trainer(), run_dir, 4, resume=True)
-    with pytest.raises(ConfigError, match="already holds a run"):
-        comfy_train._checkpoint_start(make_trainer(), run_dir, 4, resume=False)
+        runner.start_point(make_trainer(), resume, hooks)
+    with pytest.raises(ConfigError, match="checkpoint folder .* already holds a run .newest step-000002.; enable"):
+        runner.start_point(make_trainer(), fresh, hooks)
 
 
 # ============================================================================================== the command line

@@ -129,6 +129,30 @@ class DIConfig:
         return cls(**data).validate()
 
 
+# Hosts describe a run in their own words (the ComfyUI LossSpec, the nodes' TrainOptions); a field of such a spec
+# that is a training option says which DIConfig option it is in its metadata, so engine.trainer_config turns any
+# spec into a DIConfig without a hand-written copy that would drift when DIConfig gains an option.
+TRAIN_OPTION = "diffinstruct.train_option"
+NESTED = "*"  # the field holds a spec whose own fields name options (e.g. LossSpec.reference)
+
+
+def train_option(name: str, **kwargs: Any) -> Any:
+    """A dataclass field (dataclasses.field(**kwargs)) that sets DIConfig option `name`, or NESTED."""
+    return field(metadata={TRAIN_OPTION: name}, **kwargs)
+
+
+def train_options(spec: Any) -> dict[str, Any]:
+    """The DIConfig options the train_option fields of the dataclass instance `spec` set, nested specs included."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(spec):
+        name = f.metadata.get(TRAIN_OPTION)
+        if name == NESTED:
+            out.update(train_options(getattr(spec, f.name)))
+        elif name is not None:
+            out[name] = getattr(spec, f.name)
+    return out
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= low."""
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import METHODS, ConfigError
+from ..config import METHODS, NESTED, ConfigError, train_option
 from ..rewards.registry import NAMES as REWARD_NAMES
 
 TA_MODES = ("lora", "full")
@@ -42,7 +42,7 @@ class ReferenceSpec:
     model: Any
     positive: Any
     negative: Any
-    omega: float
+    omega: float = train_option("omega")
 
     def __post_init__(self) -> None:
         self.omega = check_omega(self.omega)
@@ -54,7 +54,7 @@ class TASpec:
 
     mode: str = "lora"
     rank: int = 8
-    learning_rate: float = 1e-4
+    learning_rate: float = train_option("lr_ta", default=1e-4)
     model: Any = None  # the MODEL it starts from (must be the reference's); None: the reference's
 
     def __post_init__(self) -> None:
@@ -107,14 +107,14 @@ class RewardSpec:
 class LossSpec:
     """The generator objective: reference score + TA + reward (alpha), weighting and sigma distribution."""
 
-    reference: ReferenceSpec
-    ta: TASpec
+    reference: ReferenceSpec = train_option(NESTED)
+    ta: TASpec = train_option(NESTED)
     reward: RewardSpec | None
-    alpha: float
-    method: str = "dipp"
-    weighting: str = "normalized"
-    p_mean: float = -2.0
-    p_std: float = 2.0
+    alpha: float = train_option("alpha")
+    method: str = train_option("method", default="dipp")
+    weighting: str = train_option("generator_weighting", default="normalized")
+    p_mean: float = train_option("p_mean", default=-2.0)
+    p_std: float = train_option("p_std", default=2.0)
 
     def __post_init__(self) -> None:
         self.method = METHOD_LABELS.get(self.method, self.method)

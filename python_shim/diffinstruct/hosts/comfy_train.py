@@ -1,10 +1,11 @@
 """Training, sampling and evaluation for the node pack, over ComfyUI objects or the package's own.
 
 `train` is what the Train and Align nodes run: it copies the MODEL (comfy.trainable_copy), builds the
-engine (assembly.build_models + DITrainer), resumes from the checkpoint folder, trains with ComfyUI's
-progress bar and Cancel button honoured between steps, checkpoints atomically (checkpoint.py), and
-returns the aligned MODEL, its weights (LoRA in ComfyUI's format, or full weights), the curves and a
-preview. Everything runs outside inference mode (ComfyUI executes nodes inside it).
+engine (engine.assemble + engine.build_engine, the config from the LossSpec and TrainOptions), trains it with
+runner.run under ComfyHooks (ComfyUI's progress bar; its Cancel button honoured between steps, after a
+checkpoint of the completed steps; resume from the checkpoint folder), and returns the aligned MODEL, its
+weights (LoRA in ComfyUI's format, or full weights), the curves and a preview. Everything runs outside
+inference mode (ComfyUI executes nodes inside it).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint as ckpt
+from .. import engine, runner
 from .. import metrics as mlog
-from ..config import ConfigError, DIConfig
+from ..config import ConfigError, train_option
 from ..generator import OneStepGenerator, default_sigma_init
 from ..prompts import PromptList, _cat
 from ..rewards import LatentToImageReward, load_spec
@@ -31,7 +32,6 @@ from . import comfy as host
 from .comfy_io import curves_image, lora_for_host, merge_lora
 from .comfy_specs import LossSpec, RewardSpec, TrainedWeights
 
-METRICS_FILE = "metrics.jsonl"
 NULL = ""  # PromptList's null prompt: the negative conditioning
 
 
@@ -39,15 +39,15 @@ NULL = ""  # PromptList's null prompt: the negative conditioning
 class TrainOptions:
     steps: int
     checkpoint_dir: str
-    batch_size: int = 1
-    lr_generator: float = 1e-4
-    seed: int = 0
+    batch_size: int = train_option("batch_size", default=1)
+    lr_generator: float = train_option("lr_generator", default=1e-4)
+    seed: int = train_option("seed", default=0)
     width: int = 512
     height: int = 512
     checkpoint_every: int = 50
     resume: bool = True
     use_ema: bool = True
-    bf16: bool = False
+    bf16: bool = train_option("bf16", default=False)
     preview_count: int = 4
     node_id: str | None = None
 
@@ -124,26 +124,35 @@ def build_reward(spec: RewardSpec | None, model: Any, vae: Any, device: torch.de
 
 
 # ============================================================================================== training
-def _checkpoint_start(trainer: Any, out: Path, steps: int, resume: bool) -> int:
-    """The step training starts at: 0 in a new folder, else that of the newest usable checkpoint, loaded.
+class ComfyHooks(runner.RunHooks):
+    """runner.run's hooks inside ComfyUI: its progress bar, and its Cancel button checked before every step.
 
-    Damaged checkpoints are skipped with a warning (in ComfyUI's console); when every one is damaged,
-    ckpt.NoUsableCheckpoint names each with its reason, and ComfyUI shows that message as the node's error."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"checkpoint folder {out} exists and is not a folder")
-    dirs = ckpt.checkpoint_dirs(out)
-    if not dirs:
-        return 0
-    if not resume:  # damaged ones too: a fresh run would mix its files with theirs
-        raise ConfigError(f"checkpoint folder {out} already holds a run (newest {dirs[-1][1].name}); enable resume "
-                          "to continue it, or choose another folder")
-    found = ckpt.latest_checkpoint(out, verify=True)
-    if found is None:  # the step folders were removed since `dirs` was read
-        return 0
-    info = ckpt.load_checkpoint(trainer, found, verify=False)  # its hashes were just checked
-    if info.step > steps:
-        raise ConfigError(f"the run in {out} is at step {info.step}, beyond steps = {steps}; raise steps")
-    return info.step
+    Any exception between steps (Cancel's InterruptProcessingException above all) first checkpoints the completed
+    steps, so the run resumes from there. Outside ComfyUI (host.HostHooks finds no comfy) both do nothing."""
+
+    not_a_folder = "checkpoint folder {out} exists and is not a folder"
+    holds_a_run = ("checkpoint folder {out} already holds a run (newest {newest}); enable resume to continue it, "
+                   "or choose another folder")
+    beyond_steps = "the run in {out} is at step {step}, beyond steps = {steps}; raise steps"
+
+    def __init__(self, node_id: str | None = None) -> None:
+        self.node_id = node_id
+        self._host: host.HostHooks | None = None
+
+    def started(self, start: int, steps: int) -> None:
+        self._host = host.HostHooks(steps, self.node_id)
+        self._host.progress(start)
+
+    def before_step(self, step: int) -> None:
+        if self._host is not None:
+            self._host.check_interrupt()
+
+    def after_step(self, completed: int, record: dict[str, Any]) -> None:
+        if self._host is not None:
+            self._host.progress(completed)
+
+    def checkpoint_on(self, exc: BaseException) -> bool:
+        return True
 
 
 def train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any = None,
@@ -164,8 +173,6 @@ def train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any = N
 
 def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, prompts: Sequence[str] | None,
            clip: Any) -> TrainResult:
-    from ..assembly import build_models
-
     ref = loss.reference
     process, label = host.model_family(ref.model)
     host.model_family(generator_model)
@@ -186,71 +193,27 @@ def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, p
         teacher = host.trainable_copy(ref.model, device=device)
         gen_init = None if same else host.trainable_copy(generator_model, device=device)
         sigma_init = default_sigma_init(teacher)
-        with torch.random.fork_rng(devices=[]):  # LoRA init from the run's seed, without touching the host's RNG
-            torch.manual_seed(opts.seed)
-            models = build_models(teacher, latent_shape, mode="shared" if shared else "full", rank=loss.ta.rank,
-                                  sigma_init=sigma_init, generator_init=gen_init)
-        for module in models.modules:  # new adapter layers are created on the CPU
-            module.to(device)
+        # LoRA init from the run's seed, without touching the host's RNG
+        models = engine.assemble(teacher, latent_shape, mode="shared" if shared else "full", rank=loss.ta.rank,
+                                 sigma_init=sigma_init, generator_init=gen_init, seed=opts.seed, device=device)
         prompt_list = PromptList(labels, encode=lambda p: table[p], null=NULL)
         reward = build_reward(loss.reward, ref.model, vae, device)
-        cfg = DIConfig(method=loss.method, alpha=loss.alpha, omega=ref.omega, p_mean=loss.p_mean, p_std=loss.p_std,
-                       generator_weighting=loss.weighting, lr_generator=opts.lr_generator, lr_ta=loss.ta.learning_rate,
-                       batch_size=opts.batch_size, seed=opts.seed, bf16=opts.bf16, sigma_init=sigma_init)
-        from ..trainer import DITrainer
-
-        trainer = DITrainer(cfg, models, prompt_list, reward, device=device)
+        config = engine.trainer_config(loss, opts, sigma_init=sigma_init)
+        trainer = engine.build_engine(models, prompt_list, config, reward, device=device)
         out = Path(opts.checkpoint_dir).expanduser()
-        start = _checkpoint_start(trainer, out, opts.steps, opts.resume)
         meta = {"base_model": label, "host": "comfyui" if host.is_comfy_model(ref.model) else "package",
                 "ta_mode": loss.ta.mode, "rank": loss.ta.rank, "reward": loss.reward.spec_string() if loss.reward
                 else "", "width": opts.width, "height": opts.height}
-        _loop(trainer, out, start, opts, meta)
+        run = runner.run(trainer, runner.RunOptions(opts.steps, out, opts.checkpoint_every, resume=opts.resume,
+                                                    metadata=meta, curves=False), ComfyHooks(opts.node_id))
         result = _finish(trainer, loss, generator_model, models, teacher, labels, table, vae, opts, label)
-        result.summary.update(start_step=start, wall_seconds=time.perf_counter() - started, checkpoint_dir=str(out),
-                              process=process)
+        result.summary.update(start_step=run["start_step"], wall_seconds=time.perf_counter() - started,
+                              checkpoint_dir=str(out), process=process)
     return result
-
-
-def _loop(trainer: Any, out: Path, start: int, opts: TrainOptions, meta: dict[str, Any]) -> None:
-    """Steps [start, steps): checkpoint every `checkpoint_every` and at the end; an interrupt raised between
-    steps (ComfyUI's Cancel) first checkpoints the completed steps, so the run resumes from there."""
-    out.mkdir(parents=True, exist_ok=True)
-    hooks = host.HostHooks(opts.steps, opts.node_id)
-    hooks.progress(start)
-    log = mlog.open_log(out / METRICS_FILE, start)
-    saved = done = start
-    in_step = False
-
-    def save() -> None:
-        nonlocal saved
-        ckpt.save_checkpoint(trainer, out, done, metadata=meta, base_model=str(meta["base_model"]),
-                             total_steps=opts.steps)
-        saved = done
-
-    try:
-        for step in range(start, opts.steps):
-            hooks.check_interrupt()
-            in_step = True
-            record = trainer.train_step(step)
-            in_step = False
-            done = step + 1
-            log.write(record)
-            if done % opts.checkpoint_every == 0 or done == opts.steps:
-                save()
-            hooks.progress(done)
-    except BaseException:
-        if not in_step and done > saved:
-            save()
-        raise
-    finally:
-        log.close()
 
 
 def _finish(trainer: Any, loss: LossSpec, generator_model: Any, models: Any, teacher: Any, labels: list[str],
             table: dict[str, Any], vae: Any, opts: TrainOptions, label: str) -> TrainResult:
-    from ..runner import ema_weights
-
     cfg = trainer.cfg
     comfy = host.is_comfy_model(generator_model)
     metadata = {"diffinstruct.method": cfg.method, "diffinstruct.alpha": f"{cfg.alpha:g}",
@@ -258,7 +221,7 @@ def _finish(trainer: Any, loss: LossSpec, generator_model: Any, models: Any, tea
                 "diffinstruct.base_model": label, "diffinstruct.sigma_init": f"{models.generator.sigma_init:g}",
                 "diffinstruct.reward": loss.reward.spec_string() if loss.reward else "",
                 "diffinstruct.ema": str(bool(opts.use_ema))}
-    scope = ema_weights(trainer) if opts.use_ema else contextlib.nullcontext()
+    scope = runner.ema_weights(trainer) if opts.use_ema else contextlib.nullcontext()
     with scope, torch.no_grad():
         if loss.ta.mode == "lora":
             tensors = lora_for_host(teacher, "generator", comfy_prefix=comfy)
@@ -270,7 +233,7 @@ def _finish(trainer: Any, loss: LossSpec, generator_model: Any, models: Any, tea
                                      comfy_format=comfy)
         preview = _preview(models.generator, labels, table, vae, generator_model, opts, models.latent_shape)
     aligned = aligned_model(generator_model, weights, models.generator.sigma_init)
-    records = mlog.read_jsonl(Path(opts.checkpoint_dir).expanduser() / METRICS_FILE)
+    records = mlog.read_jsonl(Path(opts.checkpoint_dir).expanduser() / runner.METRICS_FILE)
     last = records[-1] if records else {}
     summary = {"steps": opts.steps, "last": mlog.jsonable(last),
                "reward_first": _first_finite(records, "reward"), "reward_last": _first_finite(records[::-1], "reward")}

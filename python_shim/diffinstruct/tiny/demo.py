@@ -9,8 +9,8 @@ Stage 2  reward modelling: a simulated rater with a hidden taste (darker backgro
 Stage 3  DI++ alignment from the stage-1 generator with that reward, for each alpha of a sweep (alpha = 0 is
          DI for as many steps, the baseline), then the report: report.md, grid.png, curves.png, metrics.json.
 
-Every stage trains with the engine (DITrainer through runner.run: checkpoints, metrics.jsonl, resume), so running
-the demo again on the same --out reuses finished stages.
+Every stage trains with the engine (engine.build_engine, then runner.run: checkpoints, metrics.jsonl, resume), so
+running the demo again on the same --out reuses finished stages.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from .. import runner
-from ..assembly import build_models
+from .. import engine, runner
 from ..checkpoint import write_text_atomic
 from ..config import ConfigError, DIConfig
 from ..denoisers import EDMDenoiser
@@ -162,13 +161,14 @@ def _train(teacher: EDMDenoiser, cfg: DemoConfig, out: Path, steps: int, alpha: 
     if start is not None:
         init = copy.deepcopy(teacher)
         init.load_state_dict(start[0])
-    m = build_models(teacher, (3, data.SIZE, data.SIZE), mode="full", sigma_init=2.5, generator_init=init)
+    m = engine.assemble(teacher, (3, data.SIZE, data.SIZE), mode="full", sigma_init=2.5, generator_init=init)
     if start is not None:
         m.ta.load_state_dict(start[1])  # the stage-1 TA already tracks the generator's distribution
-    trainer = DITrainer(di_config(cfg, alpha), m, prompt_list(), reward=reward)
+    trainer = engine.build_engine(m, prompt_list(), di_config(cfg, alpha), reward)
     print(f"{label}: {steps} steps -> {out}", file=sys.stderr, flush=True)
-    summary = runner.run(trainer, steps, out, checkpoint_every=steps, resume=True, keep=1, curves=True,
-                         metadata={"base_model": "diffinstruct.tiny teacher", "demo_stage": label})
+    options = runner.RunOptions(steps, out, checkpoint_every=steps, resume=True, keep=1, curves=True,
+                                metadata={"base_model": "diffinstruct.tiny teacher", "demo_stage": label})
+    summary = runner.run(trainer, options, runner.ConsoleHooks())
     return _ema_state(trainer), copy.deepcopy(m.ta.state_dict()), summary
 
 
