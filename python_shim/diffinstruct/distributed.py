@@ -26,11 +26,28 @@ together (the non-finite counts are summed over ranks). Only rank 0 writes check
 The process group: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from torchrun; "gloo" on the
 CPU, "nccl" on CUDA devices (one per rank: cuda:LOCAL_RANK). Without WORLD_SIZE > 1 nothing is initialised and
 every helper here is a no-op, so single-process runs are untouched.
+
+Teardown (`cleanup`, called in a `finally` on every rank): the process group must be gone, its threads joined,
+before the interpreter shuts down. A gloo worker thread drops its reference to a finished collective only after
+the caller's wait() has returned; when that is the last reference to a tensor with a Python object, the drop needs
+the GIL, and once Python is finalising a thread that asks for the GIL is made to exit (pthread_exit), a forced
+unwind through the work's noexcept destructor: std::terminate, "terminate called without an active exception",
+SIGABRT and torchrun exit 1 after a run that had finished. The ProcessGroupGloo destructor would join those
+threads, but it never ran while Python was alive: destroy_process_group only drops c10d's references (gloo's
+shutdown() does nothing), and two more kept the group alive: the DDP wrappers (module and reducer), and the
+defaults `group=group.WORLD` of torch.distributed.nn.functional, bound at its first import, which DDP triggers
+after the group exists. Hence init_from_env imports that module before creating the group, and cleanup releases
+the DDP wrappers and then destroys the group, so that its last reference goes there, through c10d's holder that
+releases the GIL while the destructor waits for the worker threads.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
+import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -122,6 +139,10 @@ def init_from_env(device: torch.device | str | None = None) -> DistEnv:
             if key not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world} but {key} is not set; launch with "
                                    "`python -m torch.distributed.run --nproc_per_node N ...`")
+        # before the group exists, so that the defaults `group=group.WORLD` this module binds at import are None
+        # rather than a reference that keeps the group (and its threads) alive after destroy_process_group
+        import torch.distributed.nn as _bind_defaults_now  # noqa: F401
+
         dist.init_process_group(backend=backend, init_method="env://", rank=rank_, world_size=world)
         owns = True
     else:
@@ -132,11 +153,41 @@ def init_from_env(device: torch.device | str | None = None) -> DistEnv:
     return DistEnv(rank_, world, local, dev, backend, owns)
 
 
-def cleanup(env: DistEnv) -> None:
-    """Destroy the process group if init_from_env created it."""
-    if env.owns_group and dist.is_initialized():
+def cleanup(env: DistEnv, synchronize: bool | None = None) -> None:
+    """Destroy the process group if init_from_env created it, and its communication threads with it.
+
+    Call it in a `finally` around the run, on every rank. synchronize: meet the other ranks at a barrier first;
+    by default only when no exception is propagating (a rank that failed may be alone: a barrier there would
+    wait for the others until the timeout, or pair with a barrier they are at for another reason). The barrier
+    makes the normal end symmetric; what prevents the abort at exit is that the group is gone before cleanup
+    returns (see the module docstring). The DDP wrappers of every trainer wrapped meanwhile are released (the
+    plain modules stay), so those trainers cannot train data-parallel any more.
+    """
+    if not (env.owns_group and dist.is_initialized()):
+        return
+    if synchronize is None:
+        synchronize = sys.exc_info()[0] is None
+    try:
+        if synchronize:
+            barrier()
+    finally:
+        # DDP first, while c10d still references the group: its last reference must go in
+        # destroy_process_group, whose holder releases the GIL before the destructor joins the worker threads
+        # (one of them may need the GIL to drop its last work); gc for wrappers held only by reference cycles
+        _release_ddp_wrappers()
+        gc.collect()
+        group = dist.group.WORLD
+        try:
+            alive: weakref.ref[Any] | None = weakref.ref(group) if group is not None else None
+        except TypeError:
+            alive = None
+        del group
         dist.destroy_process_group()
         env.owns_group = False
+    if alive is not None and alive() is not None:
+        warnings.warn("the process group is still referenced after destroy_process_group, so its communication "
+                      "threads outlive it and may abort the process (std::terminate, SIGABRT) at interpreter exit",
+                      RuntimeWarning, stacklevel=2)
 
 
 def _comm_device() -> torch.device:
@@ -228,6 +279,13 @@ class DDPState:
     def mode(self, role: str) -> str:
         return "manual" if role in self.manual else "ddp"
 
+    def release(self) -> None:
+        """Replace the DDP wrappers by the modules they wrap (the wrappers and their reducers hold the group)."""
+        if isinstance(self.generator, DistributedDataParallel):
+            self.generator = self.generator.module
+        if isinstance(self.ta, DistributedDataParallel):
+            self.ta = self.ta.module
+
     @contextmanager
     def micro(self, role: str, micro: int, count: int) -> Iterator[None]:
         """Around one micro-batch's forward and backward: DDP synchronises only on the last one."""
@@ -245,6 +303,19 @@ class DDPState:
         t = torch.tensor([float(bad)], dtype=torch.float64, device=_comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return int(round(float(t.item())))
+
+
+# every DDPState made over the running group, so that cleanup can release its wrappers even when a caller
+# still holds the state or the trainer
+_wrapped: list[weakref.ref[DDPState]] = []
+
+
+def _release_ddp_wrappers() -> None:
+    for ref in _wrapped:
+        state = ref()
+        if state is not None:
+            state.release()
+    _wrapped.clear()
 
 
 def wrap_trainer(trainer: DITrainer, find_unused_parameters: bool = False) -> DDPState | None:
@@ -285,4 +356,5 @@ def wrap_trainer(trainer: DITrainer, find_unused_parameters: bool = False) -> DD
     state = DDPState(generator=wrapped["generator"], ta=wrapped["ta"], manual=manual,
                      world_size=dist.get_world_size())
     trainer.ddp = state
+    _wrapped.append(weakref.ref(state))
     return state
