@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffinstruct import cli
+from diffinstruct import cli, run
 from diffinstruct.rewards import BrightnessReward, SaturationReward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
 
 
 def test_example_config_is_valid():
-    spec = cli.load_config(ROOT / "examples" / "toy2d.toml")
+    spec = run.load_config(ROOT / "examples" / "toy2d.toml")
     assert spec.problem == "toy2d" and spec.reward["name"] == "target"
     assert spec.train.seed == spec.seed  # [train] seed defaults to [run] seed
 
@@ -176,9 +176,9 @@ def test_train_reward_spec_overrides_the_config(tmp_path, capsys):
     from diffinstruct.checkpoint import read_meta
     from diffinstruct.rewards import WeightedRewards
 
-    spec = cli.load_config(pixel_config(tmp_path), reward="2*brightness+ -0.5*saturation")
+    spec = run.load_config(pixel_config(tmp_path), reward="2*brightness+ -0.5*saturation")
     assert spec.reward == {"name": "image", "spec": "2*brightness+ -0.5*saturation", "models_dir": ""}
-    reward = cli.build_reward(spec)
+    reward = run.build_reward(spec)
     combo = reward.pixel.score
     assert isinstance(combo, WeightedRewards) and combo.weights == [2.0, -0.5]
     x = torch.rand(4, 48) * 2 - 1
@@ -231,13 +231,13 @@ def test_init_generator_starts_from_the_checkpoint(tmp_path, capsys):
     second = tmp_path / "second"
     second.mkdir()
     config = write_config(second, with_line("run", "seed = 7"))
-    spec = cli.load_config(config, generator_init=str(tmp_path / "out"))
-    trainer, built = cli.build_trainer(spec)
+    spec = run.load_config(config, generator_init=str(tmp_path / "out"))
+    trainer, built = run.build_trainer(spec)
     params = built.models.generator_params
     assert len(params) == len(ema)
     assert all(torch.equal(p.detach(), ema[str(i)]) for i, p in enumerate(params))
     assert all(torch.equal(s, ema[str(i)]) for i, s in enumerate(trainer.ema.shadow))  # the EMA starts there too
-    fresh, _ = cli.build_trainer(cli.load_config(config))
+    fresh, _ = run.build_trainer(run.load_config(config))
     assert not torch.equal(fresh.generator_params[0].detach(), ema["0"])  # not a coincidence of seeds
     # through the command line, and via [run] generator_init; the checkpoint records where it started
     assert cli.main(["train", "--config", str(config), "--no-progress", "--steps", "2", "--init-generator",
@@ -245,10 +245,10 @@ def test_init_generator_starts_from_the_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert read_meta(second / "out")["metadata"]["run_config"]["run"]["generator_init"].endswith("step-000005")
     toml_init = write_config(second, with_line("run", f'generator_init = "{tmp_path / "out"}"'))
-    assert cli.load_config(toml_init).generator_init == str(tmp_path / "out")
+    assert run.load_config(toml_init).generator_init == str(tmp_path / "out")
     # resuming restores the run's own weights: the init checkpoint is not read (it may be gone)
-    run = with_line("run", "seed = 7")["run"] + f'\ngenerator_init = "{tmp_path / "gone"}"'
-    gone = write_config(second, {**GOOD, "run": run})
+    run_table = with_line("run", "seed = 7")["run"] + f'\ngenerator_init = "{tmp_path / "gone"}"'
+    gone = write_config(second, {**GOOD, "run": run_table})
     assert cli.main(["train", "--config", str(gone), "--no-progress", "--steps", "3", "--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["start_step"] == 2
 

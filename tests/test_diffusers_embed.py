@@ -1,6 +1,7 @@
-"""`python -m diffinstruct.hosts.diffusers_embed` on tiny random SD1.5 / SDXL pipeline folders: the file it writes
-holds every prompt and "", each entry equals what diffusers' own pipeline (encode_prompt) computes, a short
-`train` run of the "diffusers" problem works on it, and bad input is a named error with exit status 2."""
+"""`diffinstruct embed` (`python -m diffinstruct.hosts.diffusers_embed`) on tiny random SD1.5 / SDXL pipeline
+folders: the file it writes holds every prompt and "", each entry equals what diffusers' own pipeline
+(encode_prompt) computes, a short `train` run of the "diffusers" problem works on it, and bad input is a named
+error with exit status 2."""
 
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def reference_pipeline(folder: Path, sdxl: bool):
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = E.main(argv)
+    code = cli.main(["embed", *argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

@@ -19,7 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from test_diffusers_adapter import SD15_SCHEDULER, UNET, cond_for  # noqa: E402
 
-from diffinstruct import cli  # noqa: E402
+from diffinstruct import cli, run  # noqa: E402
 from diffinstruct.hosts import diffusers as H  # noqa: E402
 from diffinstruct.rewards import BrightnessReward, ColorMatchReward, LatentToImageReward  # noqa: E402
 
@@ -154,8 +154,8 @@ def test_load_vae_folder_file_and_taesd(tmp_path):
 
 # ============================================================================================== through the CLI
 def test_reward_gradient_reaches_the_generator_not_the_vae(root):
-    spec = cli.load_config(write_config(root, "grad"), reward="brightness")
-    trainer, built = cli.build_trainer(spec)
+    spec = run.load_config(write_config(root, "grad"), reward="brightness")
+    trainer, built = run.build_trainer(spec)
     reward = built.reward
     assert isinstance(reward, LatentToImageReward) and isinstance(reward.decode, H.VAEDecoder)
     assert built.extras["vae_decoder"] is reward.decode
@@ -195,9 +195,9 @@ def test_train_reward_direction_and_evaluate(root, capsys):
     reports = {name: evaluate(capsys, root / name, prompts) for name in ("bright", "dark")}
     means = {name: rep["metrics"]["brightness"]["mean"] for name, rep in reports.items()}
     # the common start (LoRA B = 0: the teacher at sigma_init), through the same generate_images as `evaluate`
-    spec = cli.load_config(root / "bright.toml", reward="brightness")
-    built = cli.build(spec)
-    start = cli.PROBLEMS["diffusers"].generate_images(built, spec, list(PROMPTS), 0)
+    spec = run.load_config(root / "bright.toml", reward="brightness")
+    built = run.build(spec)
+    start = run.PROBLEMS["diffusers"].generate_images(built, spec, list(PROMPTS), 0)
     means["start"] = float(BrightnessReward()(start).mean())
     with capsys.disabled():
         print(f"\ndecoded brightness after {steps} steps: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
@@ -222,14 +222,14 @@ def test_train_reward_direction_and_evaluate(root, capsys):
 def test_vae_options_dtype_and_taesd(root, tmp_path):
     torch.manual_seed(3)
     diffusers.AutoencoderTiny(**TAESD).save_pretrained(tmp_path / "taesd")
-    spec = cli.load_config(write_config(root, "taesd", extra=f'vae = "taesd:{tmp_path / "taesd"}"\n'
+    spec = run.load_config(write_config(root, "taesd", extra=f'vae = "taesd:{tmp_path / "taesd"}"\n'
                                                              'dtype = "bfloat16"\nvae_gradient_checkpointing = true'),
                            reward="0.5*brightness+color_match")
-    built = cli.build(spec)
+    built = run.build(spec)
     decoder = built.reward.decode
     assert type(decoder.vae).__name__ == "AutoencoderTiny" and decoder.vae.decoder.gradient_checkpointing
     assert next(decoder.vae.parameters()).dtype == torch.bfloat16
-    images = cli.PROBLEMS["diffusers"].generate_images(built, spec, list(PROMPTS), 0)
+    images = run.PROBLEMS["diffusers"].generate_images(built, spec, list(PROMPTS), 0)
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     x0 = torch.randn(2, *LATENT, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
@@ -241,8 +241,8 @@ def test_vae_options_dtype_and_taesd(root, tmp_path):
     torch.testing.assert_close(r.detach(), want)
     assert x0.grad.dtype == torch.float32 and bool(torch.isfinite(x0.grad).all()) and float(x0.grad.abs().sum()) > 0
     # a float16 run keeps a VAE whose config says force_upcast (SDXL's) in float32
-    spec = cli.load_config(write_config(root, "fp16", extra='dtype = "float16"'), reward="brightness")
-    assert next(cli.build(spec).reward.decode.vae.parameters()).dtype == torch.float32
+    spec = run.load_config(write_config(root, "fp16", extra='dtype = "float16"'), reward="brightness")
+    assert next(run.build(spec).reward.decode.vae.parameters()).dtype == torch.float32
 
 
 # ============================================================================================== errors
@@ -276,16 +276,16 @@ def test_missing_vae_is_named(root, tmp_path, capsys):
     assert cli.main(["train", "--config", str(toml), "--reward", "brightness"]) == 2
     assert "16-channel" in capsys.readouterr().err
     # without a reward the run needs no VAE, but generating images for `evaluate` does
-    spec = cli.load_config(write_config(root, "novae", model=tmp_path / "alone", alpha=0.0))
-    built = cli.build(spec)
-    with pytest.raises(cli.ConfigError, match="vae"):
-        cli.PROBLEMS["diffusers"].generate_images(built, spec, list(PROMPTS), 0)
+    spec = run.load_config(write_config(root, "novae", model=tmp_path / "alone", alpha=0.0))
+    built = run.build(spec)
+    with pytest.raises(run.ConfigError, match="vae"):
+        run.PROBLEMS["diffusers"].generate_images(built, spec, list(PROMPTS), 0)
 
 
 def test_prompts_without_conditioning_are_named_and_builds_repeat(root):
-    spec = cli.load_config(write_config(root, "noprompt"), reward="brightness")
-    built = cli.build(spec)
-    again = cli.build(spec).models.generator_params  # LoRA's random init comes from [run] seed
+    spec = run.load_config(write_config(root, "noprompt"), reward="brightness")
+    built = run.build(spec)
+    again = run.build(spec).models.generator_params  # LoRA's random init comes from [run] seed
     assert all(torch.equal(a, b) for a, b in zip(built.models.generator_params, again, strict=True))
-    with pytest.raises(cli.ConfigError, match="a green tree.*embeddings"):
-        cli.PROBLEMS["diffusers"].generate_images(built, spec, [PROMPTS[0], "a green tree"], 0)
+    with pytest.raises(run.ConfigError, match="a green tree.*embeddings"):
+        run.PROBLEMS["diffusers"].generate_images(built, spec, [PROMPTS[0], "a green tree"], 0)

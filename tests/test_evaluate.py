@@ -1,5 +1,6 @@
-"""`python -m diffinstruct evaluate`: prompt sets, image folders and generator checkpoints scored by every available
-metric; missing weights are skipped with the reason; numbers checked against direct computation."""
+"""`diffinstruct eval --images / --prompts` (and its old spelling `evaluate`): prompt sets, image folders and
+generator checkpoints scored by every available metric; missing weights are skipped with the reason; numbers
+checked against direct computation."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from diffinstruct import cli, evaluate
+from diffinstruct import cli, prompt_sets, run
 from diffinstruct.rewards import BrightnessReward, PixelReward, SaturationReward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ class FlatPixelReward(nn.Module):
         return self.pixel(x0.reshape(-1, 3, SIDE, SIDE), prompts)
 
 
-class PixelToy(cli.Toy2D):
+class PixelToy(run.Toy2D):
     """toy2d's exact Gaussian-mixture teacher in 3*SIDE*SIDE dimensions, read as flat-colour RGB images in [-1, 1]:
     a real problem (exact reference, trained generator and TA) whose samples are images, so it takes image rewards
     and can generate images for `evaluate`, as a pixel-space plugin problem does."""
@@ -60,7 +61,7 @@ class PixelToy(cli.Toy2D):
         colours = torch.rand(k, 3, 1, 1, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.6
         mixture = toy.GaussianMixture(colours.expand(k, 3, SIDE, SIDE).reshape(k, -1), s2=opts["s2"])
         models = toy.build_models(mixture, hidden=opts["hidden"], seed=spec.seed, sigma_init=self._sigma_init(spec))
-        return cli.Built(models=models, prompts=toy.class_prompts(k), reward=cli.build_reward(spec),
+        return run.Built(models=models, prompts=toy.class_prompts(k), reward=run.build_reward(spec),
                          extras={"mixture": mixture})
 
     def image_reward(self, scorer, spec):
@@ -75,8 +76,8 @@ class PixelToy(cli.Toy2D):
 
 
 def register_pixel_problem() -> None:
-    if "pixel_toy" not in cli.PROBLEMS:
-        cli.register_problem(PixelToy())
+    if "pixel_toy" not in run.PROBLEMS:
+        run.register_problem(PixelToy())
 
 
 def pixel_config(tmp_path: Path, out: str = "out", steps: int = 6, alpha: float = 0.0, extra_run: str = "") -> Path:
@@ -91,38 +92,38 @@ def pixel_config(tmp_path: Path, out: str = "out", steps: int = 6, alpha: float 
 
 # ============================================================================================== prompt sets
 def test_packaged_prompt_sets_match_their_attribution():
-    readme = (evaluate.DATA_DIR / "README.md").read_text()
-    for name in evaluate.PROMPT_SETS.values():
-        digest = hashlib.sha256((evaluate.DATA_DIR / name).read_bytes()).hexdigest()
+    readme = (prompt_sets.DATA_DIR / "README.md").read_text()
+    for name in prompt_sets.PROMPT_SETS.values():
+        digest = hashlib.sha256((prompt_sets.DATA_DIR / name).read_bytes()).hexdigest()
         assert re.search(rf"^{digest}  {re.escape(name)}$", readme, re.M), name
-    coco = evaluate.load_prompts("coco1k")
+    coco = prompt_sets.load_prompts("coco1k")
     assert len(coco) == 1000 and len({it.prompt for it in coco}) == 1000
     assert coco[0].prompt == "A woman stands in the dining area at the table."
-    hps = evaluate.load_prompts("hpsv2")
-    assert len(hps) == 3200 and [it.group for it in hps[::800]] == list(evaluate.HPSV2_STYLES)
-    photo = evaluate.load_prompts("hpsv2:photo")
+    hps = prompt_sets.load_prompts("hpsv2")
+    assert len(hps) == 3200 and [it.group for it in hps[::800]] == list(prompt_sets.HPSV2_STYLES)
+    photo = prompt_sets.load_prompts("hpsv2:photo")
     assert len(photo) == 800 and all(it.group == "photo" for it in photo) and photo == hps[2400:]
     # packaged: the package-data globs of pyproject.toml cover both files
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["diffinstruct"]
-    pkg = evaluate.DATA_DIR.parents[1]
-    for name in [*evaluate.PROMPT_SETS.values(), "README.md"]:
-        assert any((evaluate.DATA_DIR / name) in set(pkg.glob(g)) for g in globs), name
+    pkg = prompt_sets.DATA_DIR.parents[1]
+    for name in [*prompt_sets.PROMPT_SETS.values(), "README.md"]:
+        assert any((prompt_sets.DATA_DIR / name) in set(pkg.glob(g)) for g in globs), name
 
 
 def test_prompt_files(tmp_path):
     (tmp_path / "p.txt").write_text("a red car\n\n  a blue boat \n")
-    assert [it.prompt for it in evaluate.load_prompts(str(tmp_path / "p.txt"))] == ["a red car", "a blue boat"]
+    assert [it.prompt for it in prompt_sets.load_prompts(str(tmp_path / "p.txt"))] == ["a red car", "a blue boat"]
     (tmp_path / "p.tsv").write_text('Prompt\tCategory\n"quoted" thing\tx\nplain\ty\n')
-    assert [it.prompt for it in evaluate.load_prompts(str(tmp_path / "p.tsv"))] == ['"quoted" thing', "plain"]
+    assert [it.prompt for it in prompt_sets.load_prompts(str(tmp_path / "p.tsv"))] == ['"quoted" thing', "plain"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a", "group": "g1"}\n{"prompt": "b", "group": "g2"}\n')
-    assert [(it.prompt, it.group) for it in evaluate.load_prompts(str(tmp_path / "p.jsonl"))] == [("a", "g1"),
+    assert [(it.prompt, it.group) for it in prompt_sets.load_prompts(str(tmp_path / "p.jsonl"))] == [("a", "g1"),
                                                                                                   ("b", "g2")]
     for bad, needle in ((tmp_path / "nope.txt", "does not exist"), (tmp_path / "p.csv", "unknown prompt file type")):
         bad.touch() if bad.suffix == ".csv" else None
-        with pytest.raises(cli.ConfigError, match=needle):
-            evaluate.load_prompts(str(bad))
-    with pytest.raises(cli.ConfigError, match="unknown HPSv2 style"):
-        evaluate.load_prompts("hpsv2:cartoon")
+        with pytest.raises(run.ConfigError, match=needle):
+            prompt_sets.load_prompts(str(bad))
+    with pytest.raises(run.ConfigError, match="unknown HPSv2 style"):
+        prompt_sets.load_prompts("hpsv2:cartoon")
 
 
 # ============================================================================================== image folders
@@ -218,9 +219,8 @@ def test_checkpoint_over_prompt_file(tmp_path, capsys):
     assert rep["step"] == 4 and rep["problem"] == "pixel_toy" and rep["n_images"] == 10
     assert set(rep["metrics"]["brightness"]["groups"]) == {"c0", "c1", "c2"}
     # the generated images, as the problem generates them from the EMA weights with seed + batch offset
-    _, spec, _, built = cli._load_weights(type("A", (), {"checkpoint": str(tmp_path / "out"), "config": None,
-                                                          "weights": "ema"})())
-    problem = cli.PROBLEMS["pixel_toy"]
+    _, spec, _, built = run.load_weights(tmp_path / "out", weights="ema")
+    problem = run.PROBLEMS["pixel_toy"]
     labels = [f"class {i % 3}" for i in range(10)]
     images = torch.cat([problem.generate_images(built, spec, labels[s:s + 4], s) for s in (0, 4, 8)])
     expect = BrightnessReward()(images).double().numpy()

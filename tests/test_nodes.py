@@ -338,7 +338,7 @@ def test_save_failure_leaves_no_file(objects, tmp_path, monkeypatch):
 
 # ============================================================================================== installer
 def test_installer_writes_a_loader_that_registers_the_nodes(tmp_path):
-    from diffinstruct import comfyui
+    from diffinstruct import cli, comfyui
 
     (tmp_path / "main.py").write_text("")
     path = comfyui.install(tmp_path)
@@ -349,8 +349,8 @@ def test_installer_writes_a_loader_that_registers_the_nodes(tmp_path):
     spec.loader.exec_module(module)
     assert sorted(module.NODE_CLASS_MAPPINGS) == sorted(NODES)
     assert comfyui.install(tmp_path) == path  # idempotent
-    assert comfyui.main(["uninstall", "--comfyui", str(tmp_path)]) == 0 and not path.exists()
+    assert cli.main(["comfyui", "uninstall", "--comfyui", str(tmp_path)]) == 0 and not path.exists()
     (path.parent / "diffinstruct_loader.py").write_text("# someone else's file\n")
     with pytest.raises(comfyui.InstallError, match="not written by this installer"):
         comfyui.install(tmp_path)
-    assert comfyui.main(["install", "--comfyui", str(tmp_path / "nowhere")]) == 2
+    assert cli.main(["comfyui", "install", "--comfyui", str(tmp_path / "nowhere")]) == 2

@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from diffinstruct.cli import main as cli_main  # noqa: E402
 from diffinstruct.rewards import (  # noqa: E402
     AestheticHead,
     LatentToImageReward,
@@ -21,7 +22,6 @@ from diffinstruct.rewards import (  # noqa: E402
     load_state_dict,
 )
 from diffinstruct.rewards.clip import load_aesthetic, load_aesthetic_head, load_clip_score, load_pickscore  # noqa: E402
-from diffinstruct.rewards.convert import main as convert_main  # noqa: E402
 from diffinstruct.rewards.paths import ENV_MODELS_DIR  # noqa: E402
 from diffinstruct.rewards.tiny import write_tiny_aesthetic_head, write_tiny_clip  # noqa: E402
 
@@ -192,7 +192,7 @@ def test_aesthetic_head_dim_mismatch(models, tmp_path):
 def test_legacy_pth_loads_weights_only_and_converts(tmp_path, capsys):
     pth = write_tiny_aesthetic_head(tmp_path / "head.pth", input_size=16, fmt="pth", seed=2)
     st = tmp_path / "head.safetensors"
-    assert convert_main([str(pth), str(st)]) == 0
+    assert cli_main(["convert", str(pth), str(st)]) == 0
     assert "wrote 10 tensors" in capsys.readouterr().out
     a, b = load_aesthetic_head(pth), load_aesthetic_head(st)
     for k, v in a.state_dict().items():
@@ -214,7 +214,8 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         load_state_dict(tmp_path / "evil.pth")
     assert "code ran" not in capsys.readouterr().out
-    assert convert_main([str(tmp_path / "evil.pth"), str(tmp_path / "evil.safetensors")]) == 1
+    # refused input: exit status 2 (bad input), as for every command
+    assert cli_main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "evil.safetensors")]) == 2
 
 
 # ------------------------------------------------------------------------------------------- missing files

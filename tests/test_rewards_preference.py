@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from diffinstruct.cli import main as cli_main
 from diffinstruct.rewards import PreferenceModel, load_scorer
-from diffinstruct.rewards.preference import Pairs, accuracy, bt_loss, load_pairs, main, train
+from diffinstruct.rewards.preference import Pairs, accuracy, bt_loss, load_pairs, train
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["preference", *argv])
 
 
 def _synthetic(n: int, seed: int, size: int = 16) -> Pairs:
@@ -99,7 +104,8 @@ def test_bad_inputs(tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text(json.dumps({"image_a": "x.png"}) + "\n")
     with pytest.raises(ValueError, match="image_b"):
         load_pairs(tmp_path / "p.jsonl")
-    assert main(["train", "--pairs", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.safetensors")]) == 1
+    # a missing input is bad input: exit status 2, as for every command
+    assert main(["train", "--pairs", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.safetensors")]) == 2
     assert "pairs not found" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="train one with"):
         PreferenceModel.load(tmp_path / "nope.safetensors")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from diffinstruct import cli
 from diffinstruct.tiny import demo
 
 # DI++'s learned reward must beat DI's (same start, same steps) by at least this much: the reward model's
@@ -15,7 +16,7 @@ TASTE_MARGIN = 0.03  # the hidden taste (1 - median luma), which the generator n
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert demo.main(["--out", str(out), "--quick"]) == 0
+    assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
     return out, json.loads((out / "metrics.json").read_text())
 
 
@@ -46,7 +47,7 @@ def test_report_files(quick_run):
 
 def test_rerun_reuses_the_finished_stages(quick_run, capsys):
     out, m = quick_run
-    assert demo.main(["--out", str(out), "--quick"]) == 0
+    assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["dipp"]["reward"] == pytest.approx(m["dipp"]["reward"], abs=1e-6)
     assert again["timing"]["stage1"] < m["timing"]["stage1"]
@@ -61,16 +62,16 @@ def test_rerun_reuses_the_finished_stages(quick_run, capsys):
     (["--threads", "0"], "threads must be an integer >= 1"),
 ])
 def test_bad_arguments(tmp_path, capsys, args, message):
-    assert demo.main(["--out", str(tmp_path / "d"), "--quick", *args]) == 2
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--quick", *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 
 def test_missing_weights_and_bad_out(tmp_path, capsys):
-    assert demo.main(["--out", str(tmp_path / "d"), "--quick", "--weights", str(tmp_path / "none")]) == 2
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--quick", "--weights", str(tmp_path / "none")]) == 2
     assert "teacher.safetensors" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
-    assert demo.main(["--out", str(tmp_path / "file"), "--quick"]) == 2
+    assert cli.main(["demo", "--out", str(tmp_path / "file"), "--quick"]) == 2
     assert "not a folder" in capsys.readouterr().err
 
 
@@ -78,5 +79,5 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, capsys):
     out = tmp_path / "d"
     out.mkdir()
     (out / "demo_config.json").write_text(json.dumps({"di_steps": 1}))
-    assert demo.main(["--out", str(out), "--quick"]) == 2
+    assert cli.main(["demo", "--out", str(out), "--quick"]) == 2
     assert "other settings" in capsys.readouterr().err

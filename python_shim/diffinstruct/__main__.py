@@ -1,4 +1,4 @@
-"""`python -m diffinstruct train | sample | eval` (see cli.py)."""
+"""`python -m diffinstruct train | sample | eval | ...`, the same as the `diffinstruct` command (cli.py)."""
 
 from .cli import main
 

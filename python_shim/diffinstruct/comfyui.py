@@ -1,7 +1,7 @@
 """ComfyUI integration for an installed wheel: a loader file in custom_nodes/ that registers the nodes.
 
-    python -m diffinstruct.comfyui install --comfyui /path/to/ComfyUI
-    python -m diffinstruct.comfyui uninstall --comfyui /path/to/ComfyUI
+    diffinstruct comfyui install --comfyui /path/to/ComfyUI      (or python -m diffinstruct.comfyui install ...)
+    diffinstruct comfyui uninstall --comfyui /path/to/ComfyUI
 
 ComfyUI only discovers node packs in its custom_nodes folders (not pip packages), so `install` writes
 custom_nodes/diffinstruct_loader.py (atomically), which imports the node classes from this package.
@@ -17,7 +17,6 @@ import importlib.util
 import os
 import sys
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -106,24 +105,19 @@ def uninstall(comfyui: str | os.PathLike[str]) -> Path | None:
     return target
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffinstruct.comfyui",
-                                     description="Register the diffinstruct nodes with a ComfyUI installation.")
-    parser.add_argument("action", choices=("install", "uninstall"))
-    parser.add_argument("--comfyui", required=True, help="the ComfyUI folder (or its custom_nodes/ folder)")
-    args = parser.parse_args(argv)
-    try:
-        if args.action == "install":
-            path = install(args.comfyui)
-            print(f"wrote {path}; restart ComfyUI to load the Diff-Instruct++ nodes")
-        else:
-            removed = uninstall(args.comfyui)
-            print(f"removed {removed}" if removed else "nothing to remove")
-    except (InstallError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def command(args: argparse.Namespace) -> int:
+    """`diffinstruct comfyui install | uninstall --comfyui DIR` (arguments parsed by cli.py). A folder that is
+    not ComfyUI's raises InstallError (bad input, exit status 2); failing to write there is an OSError (1)."""
+    if args.action == "install":
+        path = install(args.comfyui)
+        print(f"wrote {path}; restart ComfyUI to load the Diff-Instruct++ nodes")
+    else:
+        removed = uninstall(args.comfyui)
+        print(f"removed {removed}" if removed else "nothing to remove")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m diffinstruct.comfyui ...` is `diffinstruct comfyui ...`
+    from diffinstruct.cli import main
+
+    raise SystemExit(main(["comfyui", *sys.argv[1:]]))

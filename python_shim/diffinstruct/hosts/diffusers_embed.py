@@ -1,8 +1,9 @@
 """Write the "diffusers" problem's prompt-embeddings file from a local pipeline's text encoder(s).
 
-    python -m diffinstruct.hosts.diffusers_embed --model PIPELINE_DIR --prompts coco1k|hpsv2|hpsv2:STYLE|FILE
-        [--prompts ...] --out FILE.safetensors [--kind auto|unet|pixart|sd3] [--dtype float32|bfloat16]
+    diffinstruct embed --model PIPELINE_DIR --prompts coco1k|hpsv2|hpsv2:STYLE|FILE [--prompts ...]
+        --out FILE.safetensors [--kind auto|unet|pixart|sd3] [--dtype float32|bfloat16]
         [--batch N] [--size PIXELS] [--device cpu|cuda] [--no-progress]
+    (`python -m diffinstruct.hosts.diffusers_embed ...` is the same command)
 
 The conditioning is what diffusers' own pipelines compute (without clip-skip), so a run trained or evaluated on
 the file sees the prompts as the pipeline would:
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, int_at_least
+from ..config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SUPPORTED = "SD1.5-style (unet/ + text_encoder/) and SDXL (unet/ + text_encoder/ + text_encoder_2/) pipelines"
@@ -43,7 +44,7 @@ TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
 # ============================================================================================== prompts
 def gather_prompts(specs: Sequence[str]) -> list[str]:
     """"" first, then the prompts of every --prompts (a named set or a file), deduplicated in order."""
-    from ..evaluate import PROMPT_SETS, load_prompts
+    from ..prompt_sets import PROMPT_SETS, load_prompts
 
     out: dict[str, None] = {"": None}
     for spec in specs:
@@ -222,27 +223,6 @@ def embed(pipeline: Path, prompts: list[str], *, kind: str = "auto", dtype: torc
 
 
 # ============================================================================================== command line
-_positive = int_at_least(1)
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffinstruct.hosts.diffusers_embed",
-                                description="Write a prompt-embeddings file ([diffusers] embeddings) from a local "
-                                            "pipeline's text encoder(s). " + SUPPORTED + ".")
-    p.add_argument("--model", required=True, help="local diffusers pipeline folder")
-    p.add_argument("--prompts", action="append", required=True,
-                   help="coco1k, hpsv2, hpsv2:STYLE, or a .txt/.json/.jsonl/.tsv prompt file (repeatable)")
-    p.add_argument("--out", required=True, help="the .safetensors file to write")
-    p.add_argument("--kind", default="auto", choices=("auto", "unet", "pixart", "sd3"))
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    p.add_argument("--batch", type=_positive, default=16, help="prompts per text-encoder call")
-    p.add_argument("--size", type=_positive, default=None,
-                   help="SDXL only: image size in pixels for time_ids (default: the UNet's sample_size * 8)")
-    p.add_argument("--device", default="cpu", help="torch device for the text encoders (cpu, cuda, ...)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out).expanduser()
     if not out.parent.is_dir():
@@ -259,19 +239,13 @@ def _keys(cond: dict[str, Any], prefix: str = "") -> list[str]:
             for k in (_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0 written, 2 bad input (the error names the file or option), 130 interrupted."""
-    args = make_parser().parse_args(argv)
-    try:
-        print(json.dumps(run(args)))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def command(args: argparse.Namespace) -> int:
+    """`diffinstruct embed ...` (arguments parsed by cli.py); prints what was written, as JSON."""
+    print(json.dumps(run(args)))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m diffinstruct.hosts.diffusers_embed ...` is `diffinstruct embed ...`
+    from diffinstruct.cli import main
+
+    sys.exit(main(["embed", *sys.argv[1:]]))

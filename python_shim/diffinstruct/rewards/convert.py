@@ -1,6 +1,6 @@
 """Loading state dicts safely, and converting legacy pickled checkpoints to safetensors.
 
-    python -m diffinstruct.rewards.convert IN.pth OUT.safetensors [--key state_dict]
+    diffinstruct convert IN.pth OUT.safetensors [--key state_dict]     (or python -m diffinstruct.rewards.convert)
 
 Pickles are read with `torch.load(weights_only=True)`: plain tensors and containers load, arbitrary code does not
 run. A checkpoint that needs more than that is refused with the error torch gives.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,22 +67,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], key: str |
     return len(tensors)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m diffinstruct.rewards.convert",
-                                 description="Convert a pickled checkpoint (.pt/.pth/.bin/.ckpt) to safetensors, "
-                                             "reading it with torch.load(weights_only=True).")
-    ap.add_argument("src")
-    ap.add_argument("dst")
-    ap.add_argument("--key", default=None, help="take the state dict from this top-level key (default: auto)")
-    args = ap.parse_args(argv)
-    try:
-        n = convert(args.src, args.dst, args.key)
-    except Exception as exc:  # noqa: BLE001 - a CLI: report and fail
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def command(args: argparse.Namespace) -> int:
+    """`diffinstruct convert SRC DST [--key KEY]` (arguments parsed by cli.py)."""
+    n = convert(args.src, args.dst, args.key)
     print(f"wrote {n} tensors to {args.dst}")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m diffinstruct.rewards.convert ...` is `diffinstruct convert ...`
+    from diffinstruct.cli import main
+
+    raise SystemExit(main(["convert", *sys.argv[1:]]))

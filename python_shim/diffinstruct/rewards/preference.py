@@ -15,9 +15,9 @@ Pairs, one of:
     (label 1 for chosen = image_a);
   * a .safetensors file with tensors image_a [N, 3, H, W], image_b [N, 3, H, W] in [0, 1] and label [N].
 
-CLI:
-    python -m diffinstruct.rewards.preference train --pairs FILE --out model.safetensors [--epochs 200 ...]
-    python -m diffinstruct.rewards.preference eval --model model.safetensors --pairs FILE
+CLI (`python -m diffinstruct.rewards.preference ...` is the same command):
+    diffinstruct preference train --pairs FILE --out model.safetensors [--epochs 200 ...]
+    diffinstruct preference eval --model model.safetensors --pairs FILE
 """
 
 from __future__ import annotations
@@ -292,45 +292,26 @@ def train(pairs: Pairs, *, hidden: int = 64, epochs: int = 200, lr: float = 1e-3
     return model, record
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m diffinstruct.rewards.preference",
-                                 description="Train / evaluate a Bradley-Terry preference model.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="train from pairs and save as safetensors (+ .json)")
-    tr.add_argument("--pairs", required=True, help="JSONL file, folder, or .safetensors tensors file")
-    tr.add_argument("--out", required=True, help="output .safetensors path")
-    tr.add_argument("--hidden", type=int, default=64)
-    tr.add_argument("--epochs", type=int, default=200)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--weight-decay", type=float, default=1e-2)
-    tr.add_argument("--batch-size", type=int, default=256)
-    tr.add_argument("--val-fraction", type=float, default=0.1)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--size", type=int, default=64, help="resize image files to SIZE x SIZE (0: keep)")
-    ev = sub.add_parser("eval", help="accuracy of a saved model on pairs")
-    ev.add_argument("--model", required=True)
-    ev.add_argument("--pairs", required=True)
-    ev.add_argument("--size", type=int, default=64)
-    args = ap.parse_args(argv)
-    try:
-        pairs = load_pairs(args.pairs, size=args.size or None)
-        if args.cmd == "train":
-            if not str(args.out).endswith(".safetensors"):
-                raise ValueError("--out must end in .safetensors")
-            model, record = train(pairs, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
-                                  weight_decay=args.weight_decay, batch_size=args.batch_size,
-                                  val_fraction=args.val_fraction, seed=args.seed)
-            record["source"] = str(args.pairs)
-            model.save(args.out, record)
-            print(json.dumps({"out": str(args.out), **record}))
-        else:
-            model = PreferenceModel.load(args.model)
-            print(json.dumps({"model": str(args.model), "pairs": len(pairs), "accuracy": accuracy(model, pairs)}))
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def command(args: argparse.Namespace) -> int:
+    """`diffinstruct preference train | eval` (arguments parsed by cli.py). A missing or malformed pairs or model
+    file raises FileNotFoundError / ValueError: bad input, exit status 2."""
+    pairs = load_pairs(args.pairs, size=args.size or None)
+    if args.cmd == "train":
+        if not str(args.out).endswith(".safetensors"):
+            raise ValueError("--out must end in .safetensors")
+        model, record = train(pairs, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
+                              weight_decay=args.weight_decay, batch_size=args.batch_size,
+                              val_fraction=args.val_fraction, seed=args.seed)
+        record["source"] = str(args.pairs)
+        model.save(args.out, record)
+        print(json.dumps({"out": str(args.out), **record}))
+    else:
+        model = PreferenceModel.load(args.model)
+        print(json.dumps({"model": str(args.model), "pairs": len(pairs), "accuracy": accuracy(model, pairs)}))
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m diffinstruct.rewards.preference ...` is `diffinstruct preference ...`
+    from diffinstruct.cli import main
+
+    raise SystemExit(main(["preference", *sys.argv[1:]]))

@@ -1,7 +1,8 @@
 """Rebuild the tiny teacher and classifier from scratch, deterministically, and check them against the shipped ones.
 
-    python -m diffinstruct.tiny.build_weights --out DIR            # train both, write DIR/*.safetensors + manifest
-    python -m diffinstruct.tiny.build_weights --out DIR --check    # ... then compare with the shipped weights
+    diffinstruct build-weights --out DIR            # train both, write DIR/*.safetensors + manifest
+    diffinstruct build-weights --out DIR --check    # ... then compare with the shipped weights
+    (`python -m diffinstruct.tiny.build_weights ...` is the same command)
 
 Determinism: fixed seeds, one CPU thread, torch's deterministic algorithms, every random draw from a seeded
 generator, data rendered from per-step seeds; the same machine and torch version give the same bytes. Across
@@ -22,7 +23,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import sha256_file
+from ..config import ConfigError
 from . import data, models
 
 CLASSIFIER_BACKGROUND = (0.0, 0.8)
@@ -146,8 +147,8 @@ def build(out: str | os.PathLike[str], cfg: BuildConfig, progress: bool = True) 
     """Train both networks into `out` (teacher.safetensors, classifier.safetensors, manifest.json)."""
     out = Path(out)
     if out.resolve() == models.WEIGHTS_DIR.resolve():
-        raise ValueError(f"--out must not be the shipped weights folder {models.WEIGHTS_DIR}; build elsewhere and "
-                         "compare with --check")
+        raise ConfigError(f"--out must not be the shipped weights folder {models.WEIGHTS_DIR}; build elsewhere and "
+                          "compare with --check")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
@@ -256,39 +257,33 @@ def cpu_name() -> str:
     return f"{model}, {isa}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m diffinstruct.tiny.build_weights", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="folder for the rebuilt weights (never the shipped folder)")
-    ap.add_argument("--check", action="store_true", help="compare the rebuilt files with the shipped ones")
-    ap.add_argument("--teacher-steps", type=int, default=BuildConfig.teacher_steps)
-    ap.add_argument("--classifier-steps", type=int, default=BuildConfig.classifier_steps)
-    ap.add_argument("--seed", type=int, default=BuildConfig.seed)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    for name in ("teacher_steps", "classifier_steps", "seed"):
-        if getattr(args, name) < (0 if name == "seed" else 1):
-            print(f"error: --{name.replace('_', '-')} must be >= {0 if name == 'seed' else 1}", file=sys.stderr)
-            return 2
-    cfg = BuildConfig(seed=args.seed, teacher_steps=args.teacher_steps, classifier_steps=args.classifier_steps)
-    try:
-        manifest = build(args.out, cfg, progress=not args.no_progress)
-        for name, digest in manifest["sha256"].items():
-            print(f"{digest}  {Path(args.out) / name}")
-        print(f"built in {manifest['seconds']} s")
-        if args.check:
-            problems, notes = check(args.out)
-            for note in notes:
-                print(f"check: {note}")
-            if problems:
-                for p in problems:
-                    print(f"check failed: {p}", file=sys.stderr)
-                return 1
-            print("check passed")
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def command(args: argparse.Namespace) -> int:
+    """`diffinstruct build-weights --out DIR [--check]` (arguments parsed by cli.py): 0 built (and checked),
+    1 the check failed; an --out or step count that is not allowed is a ConfigError (exit status 2)."""
+    given = {name: getattr(args, name) for name in ("teacher_steps", "classifier_steps", "seed")
+             if getattr(args, name) is not None}
+    for name, value in given.items():
+        low = 0 if name == "seed" else 1
+        if value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}")
+    cfg = BuildConfig(**given)
+    manifest = build(args.out, cfg, progress=not args.no_progress)
+    for name, digest in manifest["sha256"].items():
+        print(f"{digest}  {Path(args.out) / name}")
+    print(f"built in {manifest['seconds']} s")
+    if args.check:
+        problems, notes = check(args.out)
+        for note in notes:
+            print(f"check: {note}")
+        if problems:
+            for p in problems:
+                print(f"check failed: {p}", file=sys.stderr)
+            return 1
+        print("check passed")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m diffinstruct.tiny.build_weights ...` is `diffinstruct build-weights ...`
+    from diffinstruct.cli import main
+
+    raise SystemExit(main(["build-weights", *sys.argv[1:]]))

@@ -15,7 +15,6 @@ running the demo again on the same --out reuses finished stages.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -23,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -401,42 +400,7 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, weights: str | os.Pat
     return metrics
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m diffinstruct.tiny.demo",
-                                 description="DI pre-training, reward modelling and DI++ alignment on the tiny "
-                                             "text-to-image problem, with a report.")
-    ap.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    ap.add_argument("--quick", action="store_true", help="reduced size (about a minute)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
-    ap.add_argument("--di-steps", type=int, default=None, help="stage-1 DI steps")
-    ap.add_argument("--sweep-steps", type=int, default=None, help="stage-3 steps per alpha")
-    ap.add_argument("--alphas", default=None, help="comma-separated alphas of the sweep, including 0")
-    ap.add_argument("--alpha", type=float, default=None, help="the DI++ alpha shown in the grid (one of --alphas)")
-    ap.add_argument("--weights", default=None, help="folder with teacher/classifier weights (default: shipped)")
-    args = ap.parse_args(argv)
-    cfg = QUICK if args.quick else DemoConfig()
-    try:
-        changes: dict[str, Any] = {}
-        if args.alphas is not None:
-            try:
-                changes["alphas"] = tuple(float(a) for a in args.alphas.split(","))
-            except ValueError:
-                raise ConfigError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
-        for key in ("threads", "di_steps", "sweep_steps", "alpha"):
-            if getattr(args, key) is not None:
-                changes[key] = getattr(args, key)
-        cfg = replace(cfg, **changes).check()
-        metrics = run_demo(args.out, cfg, args.weights)
-    except (ConfigError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    t, di, dipp = metrics["teacher"], metrics["di"], metrics["dipp"]
-    print(f"reward (learned) DI {di['reward']:.2f} -> DI++ {dipp['reward']:.2f}; fidelity teacher "
-          f"{t['attribute_accuracy']:.1f} %, DI {di['attribute_accuracy']:.1f} %, "
-          f"DI++ {dipp['attribute_accuracy']:.1f} %; "
-          f"one-step {metrics['speedup']:.0f}x faster; report: {Path(args.out) / 'report.md'}")
-    return 0
+if __name__ == "__main__":  # `python -m diffinstruct.tiny.demo ...` is `diffinstruct demo ...` (run/commands.py)
+    from diffinstruct.cli import main
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["demo", *sys.argv[1:]]))
