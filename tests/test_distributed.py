@@ -4,9 +4,12 @@
   grad_accum = 2 and DI*; the shared-base LoRA mode, whose gradients are averaged by hand);
 * the effective batch is the sum of the local ones: the gradients of step 0 under DDP equal the mean of the
   gradients one process computes for rank 0's and rank 1's batches (their random streams, via the rank argument);
-* only rank 0 writes checkpoints and metrics; the CLI trains and resumes under torchrun.
+* only rank 0 writes checkpoints and metrics; the CLI trains and resumes under torchrun;
+* a finished run exits 0: when distributed.cleanup returns, no gloo thread is left (one alive at interpreter exit
+  could abort the process; see distributed.py), and torchrun's stderr has no "terminate called".
 
-This file is also the worker: torchrun runs it as a script (`python tests/test_distributed.py OUT_DIR`).
+This file is also the worker: torchrun runs it as a script (`python tests/test_distributed.py OUT_DIR`, or
+`python tests/test_distributed.py --cli REPORT_DIR train ...` for the CLI with its teardown observed).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from diffinstruct import assembly, distributed, runner
 from diffinstruct import checkpoint as ckpt
@@ -72,6 +76,27 @@ def capture_first_step(opt: torch.optim.Optimizer, params: list[torch.nn.Paramet
 
 
 # ============================================================================================== the worker
+def gloo_threads() -> list[str] | None:
+    """This process's threads that belong to a gloo process group, by name; None where /proc does not tell."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = []
+    for task in tasks.iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if "gloo" in name:  # pt_gloo_runloop (the group's workers), gloo_tcp_loop (its transport)
+            names.append(name)
+    return sorted(names)
+
+
+def write_teardown_report(report_dir: Path, before: list[str] | None, after: list[str] | None) -> None:
+    rank = int(os.environ["RANK"])
+    (report_dir / f"teardown-rank{rank}.json").write_text(json.dumps({"before": before, "after": after}))
+
+
 def worker(out: Path) -> None:
     torch.set_num_threads(1)
     env = distributed.init_from_env()
@@ -84,23 +109,61 @@ def worker(out: Path) -> None:
         return original_save(trainer, run_dir, step, **kwargs)
 
     ckpt.save_checkpoint = recording_save
+    kept: list[distributed.DDPState] = []  # every case's state (DDP wrappers included) is still held at cleanup
     try:
         for name in CASES:
             trainer = make_trainer(name, env.rank, env.world_size)
             state = distributed.wrap_trainer(trainer)
             assert state is not None
+            kept.append(state)
             grads: dict[str, Any] = {}
             capture_first_step(trainer.opt_ta, trainer.ta_params, grads, "ta")
             capture_first_step(trainer.opt_generator, trainer.generator_params, grads, "generator")
             saves.clear()
-            summary = runner.run(trainer, STEPS, out / name, checkpoint_every=5, resume=False, progress=False,
-                                 curves=False)
+            summary = runner.run(trainer, runner.RunOptions(STEPS, out / name, 5, resume=False, curves=False),
+                                 runner.ConsoleHooks(progress=False))
             torch.save({"state": full_state(trainer), "grads": grads, "saves": list(saves),
                         "modes": {r: state.mode(r) for r in distributed.ROLES}, "completed": summary["completed"]},
                        out / f"{name}-rank{env.rank}.pt")
     finally:
         ckpt.save_checkpoint = original_save
+        before = gloo_threads()
         distributed.cleanup(env)
+    write_teardown_report(out, before, gloo_threads())
+    left = [role for st in kept for role in distributed.ROLES if isinstance(getattr(st, role), DistributedDataParallel)]
+    assert not left, f"cleanup left DDP wrappers (they hold the process group): {left}"
+
+
+def cli_worker(report_dir: Path, argv: list[str]) -> int:
+    """`python -m diffinstruct ARGV` (cli.main), recording the gloo threads at and after the CLI's cleanup."""
+    from diffinstruct import cli
+
+    seen: dict[str, Any] = {}
+    original = distributed.cleanup
+
+    def recording_cleanup(env: distributed.DistEnv, *args: Any, **kwargs: Any) -> None:
+        seen["before"] = gloo_threads()
+        original(env, *args, **kwargs)
+        # right here, while the train command still holds the trainer and its DDP wrappers: cleanup must suffice
+        seen["after"] = gloo_threads()
+
+    distributed.cleanup = recording_cleanup  # type: ignore[assignment]
+    try:
+        status = cli.main(argv)
+    finally:
+        distributed.cleanup = original  # type: ignore[assignment]
+    write_teardown_report(report_dir, seen.get("before"), seen.get("after"))
+    return status
+
+
+def check_teardown(report_dir: Path) -> None:
+    for rank in range(WORLD):
+        report = json.loads((report_dir / f"teardown-rank{rank}.json").read_text())
+        if report["before"] is None:
+            pytest.skip("no /proc/self/task: cannot list the threads")
+        assert report["before"], f"rank {rank}: no gloo thread while the group was up; the check below is void"
+        assert report["after"] == [], (f"rank {rank}: {report['after']} still alive after distributed.cleanup; at "
+                                       "interpreter exit they can abort the process (SIGABRT, torchrun exits 1)")
 
 
 def dist_backend() -> str:
@@ -122,6 +185,7 @@ def torchrun(args: list[str], cwd: Path, timeout: float = 120.0) -> subprocess.C
            "127.0.0.1", "--master_port", str(free_port()), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "terminate called" not in proc.stderr, f"{' '.join(cmd)}: a rank aborted\n{proc.stderr}"
     return proc
 
 
@@ -136,6 +200,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ============================================================================================== tests
+def test_teardown_leaves_no_gloo_thread(ddp_run):
+    """cleanup really destroys the group, though the worker still holds every case's DDP state."""
+    out, _ = ddp_run
+    check_teardown(out)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_ranks_stay_bitwise_identical(ddp_run, name):
     _, results = ddp_run
@@ -259,7 +329,10 @@ def test_cli_train_and_resume_under_torchrun(tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "run.toml"
     config.write_text(CONFIG.replace("{out}", str(out)))
-    first = torchrun(["-m", "diffinstruct", "train", "--config", str(config), "--no-progress"], cwd=tmp_path)
+    # cli.main as `python -m diffinstruct` runs it, observed at its teardown
+    first = torchrun([str(Path(__file__).resolve()), "--cli", str(tmp_path), "train", "--config", str(config),
+                      "--no-progress"], cwd=tmp_path)
+    check_teardown(tmp_path)
     summary = json.loads(first.stdout)  # exactly one summary: only rank 0 prints
     assert summary["completed"] == 4 and summary["checkpoint"].endswith("step-000004")
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, 4]
@@ -299,4 +372,6 @@ def test_single_process_is_untouched(monkeypatch):
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--cli":
+        raise SystemExit(cli_worker(Path(sys.argv[2]), sys.argv[3:]))
     worker(Path(sys.argv[1]))
