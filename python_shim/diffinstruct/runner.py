@@ -342,8 +342,7 @@ class _Run:
         }
 
 
-def run(trainer: DITrainer, options: RunOptions, hooks: RunHooks | None = None, *legacy: Any,
-        **legacy_kw: Any) -> dict[str, Any]:
+def run(trainer: DITrainer, options: RunOptions, hooks: RunHooks | None = None) -> dict[str, Any]:
     """Train `trainer` as `options` say, telling `hooks` (default: ConsoleHooks()) as it goes.
 
     Ctrl-C under ConsoleHooks: the step in flight completes, a checkpoint of it is written, then KeyboardInterrupt
@@ -353,8 +352,6 @@ def run(trainer: DITrainer, options: RunOptions, hooks: RunHooks | None = None, 
     ranks meet at a barrier before and after each checkpoint.
     Returns a summary (steps run, last metrics and evaluation, paths, timing).
     """
-    if not isinstance(options, RunOptions):  # the old keyword form, until its last caller moves (temporary)
-        options, hooks = _legacy(options, hooks, *legacy, **legacy_kw)
     if hooks is None:
         hooks = ConsoleHooks()
     state = _Run(trainer, options.check(), hooks)
@@ -368,14 +365,6 @@ def run(trainer: DITrainer, options: RunOptions, hooks: RunHooks | None = None, 
     if state.start == options.steps:  # nothing left to run
         state.write_curves(final=True)
     return state.summary(time.perf_counter() - began)
-
-
-def _legacy(steps: Any, out_dir: Any, checkpoint_every: Any, resume: bool, keep: int = 3, progress: bool = True,
-            eval_fn: EvalFn | None = None, eval_every: int = 0, metadata: dict[str, Any] | None = None,
-            curves: bool = True, curves_interval_s: float = 60.0) -> tuple[RunOptions, RunHooks]:
-    return (RunOptions(steps, out_dir, checkpoint_every, resume=resume, keep=keep, eval_fn=eval_fn,
-                       eval_every=eval_every, metadata=dict(metadata or {}), curves=curves,
-                       curves_interval_s=curves_interval_s), ConsoleHooks(progress=progress))
 
 
 # ============================================================================================== the console

@@ -40,10 +40,10 @@ def build_trainer(spec: RunSpec, rank: int = 0, world_size: int = 1,
                   init_generator: bool = True) -> tuple[Any, Built]:
     """rank / world_size: this process's place in a torchrun job (its random streams are keyed by rank).
     init_generator=False skips [run] generator_init (a resumed run restores its own weights instead)."""
-    from ..trainer import DITrainer
+    from ..engine import build_engine
 
     built = build(spec)
     if spec.generator_init and init_generator:  # before the trainer exists, so its EMA starts there too
         built.extras["generator_init"] = str(load_generator_init(spec, built).path)
-    return DITrainer(spec.train, built.models, built.prompts, reward=built.reward, rank=rank,
-                     world_size=world_size), built
+    return build_engine(built.models, built.prompts, spec.train, built.reward, rank=rank,
+                        world_size=world_size), built

@@ -89,10 +89,10 @@ def train(args: argparse.Namespace) -> int:
         if env.world_size > 1:
             metadata["world_size"] = env.world_size  # effective batch = world_size * batch_size * grad_accum
         with _plain_warnings(checkpoint.CheckpointDamagedWarning):
-            summary = runner.run(trainer, spec.steps, out, spec.checkpoint_every, resume=args.resume,
-                                 keep=spec.keep, progress=not args.no_progress,
-                                 eval_fn=_eval_fn(problem, built, spec) if spec.eval_every else None,
-                                 eval_every=spec.eval_every, metadata=metadata)
+            options = runner.RunOptions(spec.steps, out, spec.checkpoint_every, resume=args.resume, keep=spec.keep,
+                                        eval_fn=_eval_fn(problem, built, spec) if spec.eval_every else None,
+                                        eval_every=spec.eval_every, metadata=metadata)
+            summary = runner.run(trainer, options, runner.ConsoleHooks(progress=not args.no_progress))
     finally:
         distributed.cleanup(env)
     if env.is_main:
