@@ -9,7 +9,8 @@ checkpoint. The command line (cli.py) and any script use it the same way:
     options.py       the TOML option schema (Option, check_section)
     spec.py          RunSpec and the [run] options
     parse.py         parse_config, load_config, apply_overrides (the command line's overrides)
-    problems.py      the Problem / RewardKind registries and plugin loading
+    problems.py      the Problem / RewardKind registries
+    plugins.py       problems imported by name on first use (diffusers_problem.py)
     reward_kinds.py  the built-in [reward] kinds: none, target, image
     toy2d.py         the "toy2d" problem; diffusers_problem.py the "diffusers" one (imported on first use)
     builders.py      build, build_reward, build_trainer
@@ -24,14 +25,13 @@ from . import reward_kinds as _reward_kinds  # noqa: F401 - registers the built-
 from .builders import build, build_reward, build_trainer, load_generator_init
 from .options import REQUIRED, Option, check_section
 from .parse import apply_overrides, load_config, parse_config
+from .plugins import PLUGINS, load_plugin, problem_names
 from .problems import (
-    PLUGINS,
     PROBLEMS,
     REWARDS,
     Built,
     Problem,
     RewardKind,
-    problem_names,
     register_problem,
     register_reward,
     takes_image_rewards,
@@ -43,6 +43,6 @@ from .weights import load_weights, spec_for_checkpoint
 __all__ = [
     "PLUGINS", "PROBLEMS", "REQUIRED", "REWARDS", "RUN_OPTIONS", "Built", "ConfigError", "Option", "Problem",
     "RewardKind", "RunSpec", "Toy2D", "apply_overrides", "build", "build_reward", "build_trainer", "check_section",
-    "load_config", "load_generator_init", "load_weights", "parse_config", "problem_names", "register_problem",
-    "register_reward", "spec_for_checkpoint", "takes_image_rewards",
+    "load_config", "load_generator_init", "load_plugin", "load_weights", "parse_config", "problem_names",
+    "register_problem", "register_reward", "spec_for_checkpoint", "takes_image_rewards",
 ]

@@ -18,7 +18,8 @@ from typing import Any
 
 from ..config import ConfigError, DIConfig
 from .options import _toml_repr, _toml_type, check_section
-from .problems import PROBLEMS, REWARDS, Problem, _load_plugin, problem_names, takes_image_rewards
+from .plugins import load_plugin, problem_names
+from .problems import PROBLEMS, REWARDS, Problem, takes_image_rewards
 from .spec import RUN_OPTIONS, RunSpec, train_section_options
 
 
@@ -32,7 +33,7 @@ def _run_section(data: dict[str, Any]) -> tuple[dict[str, Any], Problem]:
         if not isinstance(problem_name, str):
             raise ConfigError(f"[run] problem must be a string, got {_toml_repr(problem_name)} "
                               f"({_toml_type(problem_name)})")
-        _load_plugin(problem_name)
+        load_plugin(problem_name)
         if problem_name not in PROBLEMS:
             raise ConfigError(f"[run] problem = {_toml_repr(problem_name)} is not valid; choose one of "
                               f"{', '.join(problem_names())}")
@@ -131,7 +132,7 @@ def apply_overrides(data: dict[str, Any], reward: str | None = None, models_dir:
         run = data.get("run")
         name = run.get("problem") if isinstance(run, dict) else None
         if isinstance(name, str):
-            _load_plugin(name)
+            load_plugin(name)
             if name in PROBLEMS and not takes_image_rewards(PROBLEMS[name]):
                 raise ConfigError(f"--reward {reward!r}: problem {name!r} takes no image rewards (its samples are "
                                   f"not images); set [reward] to one of {', '.join(PROBLEMS[name].rewards)} instead")

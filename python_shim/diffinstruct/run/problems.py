@@ -2,13 +2,12 @@
 
 A problem is a `Problem` subclass instance added by `register_problem`; a reward kind is a `RewardKind` added by
 `register_reward`. The built-in toy 2-D problem (toy2d.py) and reward kinds (reward_kinds.py) register when the
-run package is imported. Problems whose module imports torch and a host library at import time are listed in
-PLUGINS by module name instead and imported on first use, so validating a toy run never loads diffusers.
+run package is imported; problems whose module imports a host library are plugins (plugins.py), imported by
+name on first use.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,21 +88,6 @@ def takes_image_rewards(problem: Problem) -> bool:
 
 PROBLEMS: dict[str, Problem] = {}
 REWARDS: dict[str, RewardKind] = {}
-
-# Problems defined in modules that import torch and a host library, imported by name on first use; the module
-# registers its problem (and reward kinds) when it is imported.
-PLUGINS: dict[str, str] = {"diffusers": f"{__package__}.diffusers_problem"}
-
-
-def _load_plugin(name: str) -> None:
-    if name not in PROBLEMS and name in PLUGINS:
-        importlib.import_module(PLUGINS[name])
-
-
-def problem_names() -> list[str]:
-    """Every problem `[run] problem` may name: the registered ones, then the plugins not imported yet."""
-    return [*PROBLEMS, *(p for p in PLUGINS if p not in PROBLEMS)]
-
 
 def register_problem(problem: Problem) -> Problem:
     PROBLEMS[problem.name] = problem
