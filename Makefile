@@ -31,7 +31,7 @@ test: build test-c
 # stage 1 DI pre-training, stage 2 reward modelling, stage 3 DI++ alignment with an alpha sweep, then
 # runs/demo/report.md (+ grid.png, curves.png, metrics.json). Re-running reuses finished stages.
 demo: build
-	OMP_NUM_THREADS=1 $(PY) -m diffinstruct.tiny.demo --out runs/demo
+	OMP_NUM_THREADS=1 $(PY) -m diffinstruct demo --out runs/demo
 
 bench: build
 	$(PY) bench/bench.py --output BENCHMARKS.md
