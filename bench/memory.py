@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -200,19 +201,13 @@ def child(mode: str, size: str, dtype_name: str, steps: int, rank: int, seed: in
 
 def run_iterations(trainer: Any, steps: int, info: dict[str, Any], emit: Any, baseline: int,
                    vm_baseline: int) -> list[dict[str, Any]]:
-    """Train `steps` iterations through the package's loop (runner.run, no run folder), recording each one.
-
-    An iteration that fails (RuntimeError, MemoryError: the address-space cap) ends the run with its error in
-    info["error"]; the iterations before it are kept.
-    """
-    import math
-
+    """Train `steps` iterations through the package's loop (runner.run, no run folder), recording each one;
+    a failed one (RuntimeError, MemoryError: the address-space cap) ends them with its error in info["error"]."""
     from diffinstruct import runner
 
     class Recorder(runner.RunHooks):
         def __init__(self) -> None:
             self.iterations: list[dict[str, Any]] = []
-            self.in_step = False
 
         def after_step(self, completed: int, m: dict[str, Any]) -> None:
             record = {k: float(m[k]) for k in ("time_total", "time_kernels", "time_networks", "ta_loss", "ta_ok",
@@ -224,17 +219,11 @@ def run_iterations(trainer: Any, steps: int, info: dict[str, Any], emit: Any, ba
             self.iterations.append(record)
             emit({**info, "iterations": self.iterations})
 
-        def interrupted(self, exc: BaseException, completed: int, in_step: bool, written: Any,
-                        resume_from: str | None) -> None:
-            self.in_step = in_step
-
     hooks = Recorder()
     if steps > 0:  # the loop wants at least one step; --steps 0 reports the build alone, as it always has
         try:
             runner.run(trainer, runner.RunOptions(steps, None, steps, curves=False), hooks)
         except (RuntimeError, MemoryError) as exc:
-            if not hooks.in_step:
-                raise
             info["error"] = f"iteration {len(hooks.iterations) + 1}: {type(exc).__name__}: {str(exc)[:300]}"
     return hooks.iterations
 
