@@ -165,8 +165,9 @@ def cleanup(env: DistEnv, synchronize: bool | None = None) -> None:
     """
     if not (env.owns_group and dist.is_initialized()):
         return
+    failing = sys.exc_info()[0] is not None
     if synchronize is None:
-        synchronize = sys.exc_info()[0] is None
+        synchronize = not failing
     try:
         if synchronize:
             barrier()
@@ -184,7 +185,8 @@ def cleanup(env: DistEnv, synchronize: bool | None = None) -> None:
         del group
         dist.destroy_process_group()
         env.owns_group = False
-    if alive is not None and alive() is not None:
+    # while an exception propagates, its traceback's frames may still hold the group: nothing to report then
+    if alive is not None and alive() is not None and not failing:
         warnings.warn("the process group is still referenced after destroy_process_group, so its communication "
                       "threads outlive it and may abort the process (std::terminate, SIGABRT) at interpreter exit",
                       RuntimeWarning, stacklevel=2)
