@@ -42,7 +42,7 @@ PACKAGE = __package__ or "diffinstruct"
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130
 # bad usage or input for every subcommand ("module:Class"; a class whose module was never imported cannot be the
 # exception, so checking one needs no import, and an error in `train`'s config never pulls in torch)
-USAGE_ERRORS = (f"{PACKAGE}.config:ConfigError", f"{PACKAGE}.checkpoint:CheckpointError")
+USAGE_ERRORS = (f"{PACKAGE}.config:ConfigError", f"{PACKAGE}.checkpoint_schema:CheckpointError")
 # runtime failures every subcommand reports without a traceback, with a prefix for the message
 FAILURES = {f"{PACKAGE}.trainer:TrainingDiverged": "training diverged: "}
 

@@ -16,9 +16,10 @@ import importlib
 import importlib.util
 import os
 import sys
-import uuid
 from pathlib import Path
 from types import ModuleType
+
+from .atomic import write_text_atomic
 
 LOADER_NAME = "diffinstruct_loader.py"
 MARKER = "# written by: python -m diffinstruct.comfyui install"
@@ -82,16 +83,7 @@ def install(comfyui: str | os.PathLike[str]) -> Path:
     target = folder / LOADER_NAME
     if target.exists() and MARKER not in target.read_text(encoding="utf-8", errors="replace"):
         raise InstallError(f"{target} exists and was not written by this installer; remove it first")
-    tmp = folder / f".{LOADER_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(LOADER)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(target, LOADER)
     return target
 
 

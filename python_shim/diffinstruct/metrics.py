@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .checkpoint import write_text_atomic
+from .atomic import write_text_atomic
 
 TIMING_PREFIX = "time_"
 

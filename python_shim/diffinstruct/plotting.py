@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .atomic import replacing
 
 # (metric key, panel title); a panel is drawn when its key has at least one finite value
 CURVES = (
@@ -47,9 +48,8 @@ def _figure(width: float, height: float) -> Any:
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{out.suffix}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)  # readers never see half a PNG
+    with replacing(out) as tmp:  # readers never see half a PNG
+        fig.savefig(tmp, format="png")
     return out
 
 

@@ -9,12 +9,12 @@ deviation (population, ddof=0), min, max and count, overall and per prompt group
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import replacing
 from .config import ConfigError
 from .prompt_sets import Item
 
@@ -45,9 +45,8 @@ def save_png_atomic(image: Any, path: Path) -> None:
     from PIL import Image
 
     arr = (image.detach().float().clamp(0, 1).mul(255).round().to("cpu").byte().permute(1, 2, 0).numpy())
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(arr, "RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        Image.fromarray(arr, "RGB").save(tmp, format="PNG")
 
 
 # ============================================================================================== metrics

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import replacing
 from ..config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -189,15 +188,8 @@ def write_embeddings(out: Path, table: dict[str, dict[str, Any]]) -> None:
     """save_prompt_embeddings to a temporary sibling, fsync, rename: a crash never leaves a half-written file."""
     from . import diffusers as H
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with replacing(out) as tmp:
         H.save_prompt_embeddings(tmp, table)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _batches(items: list[str], size: int) -> Iterable[list[str]]:

@@ -98,7 +98,7 @@ class PreferenceModel(nn.Module):
         each atomically, so an interrupted save never leaves a truncated model behind."""
         from safetensors.torch import save
 
-        from ..checkpoint import write_bytes_atomic, write_text_atomic
+        from ..atomic import write_bytes_atomic, write_text_atomic
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

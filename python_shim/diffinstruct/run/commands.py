@@ -130,7 +130,7 @@ def evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"{', '.join(given)}: only for reward statistics (--images DIR, or --checkpoint with "
                               "--prompts); `eval --checkpoint` alone reports the problem's own metrics")
         return _problem_metrics(args)
-    from ..checkpoint import write_text_atomic
+    from ..atomic import write_text_atomic
     from ..metrics import jsonable
     from ..scoring import format_table
 
@@ -143,7 +143,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _problem_metrics(args: argparse.Namespace) -> int:
-    from ..checkpoint import write_text_atomic
+    from ..atomic import write_text_atomic
     from ..metrics import jsonable
 
     ckpt, spec, meta, built = load_weights(args.checkpoint, args.config, args.weights)
@@ -228,7 +228,7 @@ def _generated_batches(args: argparse.Namespace, items: list[Any], save_dir: Pat
                     records.append({"image": name, "prompt": it.prompt, "group": it.group})
             yield images, part
         if save_dir is not None:
-            from ..checkpoint import write_text_atomic
+            from ..atomic import write_text_atomic
 
             write_text_atomic(save_dir / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 

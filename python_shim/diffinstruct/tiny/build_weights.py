@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..atomic import write_text_atomic
 from ..checkpoint import sha256_file
 from ..config import ConfigError
 from . import data, models
@@ -166,9 +167,7 @@ def build(out: str | os.PathLike[str], cfg: BuildConfig, progress: bool = True) 
     files = {name: sha256(out / name) for name in (models.TEACHER_FILE, models.CLASSIFIER_FILE)}
     manifest = {"build_config": asdict(cfg), "sha256": files, "torch": torch.__version__, "cpu": cpu_name(),
                 "seconds": round(time.perf_counter() - start, 1)}
-    tmp = out / f".{models.MANIFEST_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / models.MANIFEST_FILE)
+    write_text_atomic(out / models.MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 

@@ -187,17 +187,18 @@ def _read(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 def save_module(module: nn.Module, path: str | Path, fmt: str, config: dict[str, Any]) -> Path:
     """safetensors with sorted keys and fixed metadata, written atomically (same weights -> same bytes)."""
-    import os
 
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sorted(module.state_dict().items())}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # one metadata key: safetensors writes several in an unspecified order, which would change the bytes
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps({"format": fmt, "config": config}, sort_keys=True)})
-    os.replace(tmp, path)
+    from ..atomic import replacing
+
+    with replacing(path) as tmp:
+        # one metadata key: safetensors writes several in an unspecified order, which would change the bytes
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps({"format": fmt, "config": config},
+                                                                    sort_keys=True)})
     return path
 
 
