@@ -47,12 +47,12 @@ class DiffusersProblem(Problem):
     embeddings = a .safetensors file from save_prompt_embeddings holding every training prompt and
     the null prompt "" (the CFG unconditional). Latents are channels x latent_size x latent_size.
 
-    Image rewards (`train --reward SPEC`, [reward] name = "image") and `evaluate --checkpoint` decode the
+    Image rewards (`train --reward SPEC`, [reward] name = "image") and `eval --checkpoint --prompts` decode the
     latents with a frozen VAE (VAEDecoder): [diffusers] vae = an AutoencoderKL folder or .safetensors file
     (+ config.json), or "taesd:PATH" for a TAESD (AutoencoderTiny) folder; by default the vae/ folder beside
     the model (<pipeline>/vae/). It runs in the run's dtype (float32 for a float16 run when its config sets
     force_upcast), optionally with gradient checkpointing. There is no text encoder here: every prompt is
-    conditioned by its entry in `embeddings`, so `evaluate --checkpoint --prompts` needs the prompt set's
+    conditioned by its entry in `embeddings`, so `eval --checkpoint --prompts` needs the prompt set's
     conditioning in that file too.
     """
 
@@ -75,7 +75,7 @@ class DiffusersProblem(Problem):
         "latent_size": Option("int", 64, low=1, high=1024, help="latent height and width (pixels / 8)"),
         "sigma_init": Option("float", None, low=0.0, open_low=True, help="generator sigma_init (default 2.5, "
                                                                          "or just under 1 for SD3)"),
-        "vae": Option("str", "", help="VAE for image rewards and `evaluate`: a diffusers AutoencoderKL folder or "
+        "vae": Option("str", "", help="VAE for image rewards and `eval --prompts`: a diffusers AutoencoderKL folder or "
                                       ".safetensors file (+ config.json), or taesd:PATH for a TAESD "
                                       "(AutoencoderTiny) folder; default: the vae/ folder beside the model"),
         "vae_gradient_checkpointing": Option("bool", False, help="recompute the VAE decoder's blocks in the "
@@ -169,7 +169,7 @@ class DiffusersProblem(Problem):
         drawn from seed + i, so a prompt's image does not depend on the batching."""
         decoder = built.extras.get("vae_decoder")
         if decoder is None:
-            decoder = built.extras["vae_decoder"] = self._decoder(spec, "`evaluate --checkpoint`")
+            decoder = built.extras["vae_decoder"] = self._decoder(spec, "`eval --checkpoint --prompts`")
         table = built.extras["embeddings"]
         missing = [p for p in prompts if p not in table]
         if missing:
