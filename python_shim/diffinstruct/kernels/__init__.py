@@ -1,4 +1,8 @@
-"""DI++'s fused kernels: C/CUDA backends with a pure-PyTorch reference beside them."""
+"""DI++'s fused kernels: C/CUDA backends with a pure-PyTorch reference beside them.
+
+ops.OPS is the op table (each kernel's C entry, reference and argument checks); backends() says
+which backend can run which op here and why not, use_backend() / DIPP_BACKEND force one.
+"""
 
 from .api import (
     GeneratorGrad,
@@ -18,13 +22,17 @@ from .api import (
     ta_loss,
 )
 from .backend import cuda_backend_status
+from .registry import BackendUnavailable, NoBackend, backends, use_backend
 
 __all__ = [
+    "BackendUnavailable",
     "GeneratorGrad",
     "HuberTerms",
+    "NoBackend",
     "TALoss",
     "adam_step",
     "add_noise",
+    "backends",
     "cfg_combine",
     "cuda_backend_status",
     "ema_update",
@@ -36,4 +44,5 @@ __all__ = [
     "sample_sigma",
     "sigma_table",
     "ta_loss",
+    "use_backend",
 ]

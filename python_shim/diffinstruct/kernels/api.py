@@ -1,11 +1,14 @@
 """Public kernel functions over torch tensors or NumPy arrays; outputs match the inputs' kind.
 
-Each allocates its outputs unless `out=` is given, checks what the C binding
-cannot (CUDA sigma values, the Python-only arguments, the kind of every tensor
-argument), and runs the C/CUDA kernel or, for CUDA tensors without a CUDA build,
-the PyTorch reference. Every rejection names the argument: TypeError for a wrong
-kind of value, ValueError for a bad value, BufferError for a tensor DLPack cannot
-carry. Lazily negated inputs (torch._neg_view) are resolved; outputs must be plain.
+Each checks what only it knows (its Python-only arguments, the kind of every tensor
+argument), allocates its outputs unless `out=` is given, and hands the C entry point's
+arguments to the one dispatch (ops.run), which runs them on the backend the registry
+picks: the C kernels on CPU or CUDA, or the PyTorch reference (for CUDA tensors
+without a CUDA build, without the extension, or when forced with use_backend /
+DIPP_BACKEND). Every rejection names the argument, in the same words on every
+backend: TypeError for a wrong kind of value, ValueError for a bad value,
+BufferError for a tensor DLPack cannot carry. Lazily negated inputs
+(torch._neg_view) are resolved; outputs must be plain.
 
 The `nonfinite` diagnostic of ta_loss, generator_grad and huber_terms counts, per
 sample, the elements at which an input term or an element-wise output (in the output
@@ -16,14 +19,13 @@ finite. Per-sample outputs (loss, weight, h, ...) are not counted.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from . import reference
-from .backend import check_cuda_sigma, core, is_torch, plain, plain_out, stream_of, torch, use_reference
+from .backend import is_torch, refuse_lazy_output, torch
+from .ops import OPS, run
 from .types import GeneratorGrad, HuberTerms, TALoss
 
 Array = Any  # torch.Tensor or numpy.ndarray
@@ -84,18 +86,6 @@ def _device(device: Any) -> Any:
     return dev
 
 
-def _real_value(value: Any) -> float | None:
-    """value as a finite float if it is one (ints and NumPy scalars too), else None: the binding
-    then rejects it with the message that names the argument."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _sigma_values(values: Any, name: str) -> np.ndarray:
     """A float32 NumPy copy of a tensor or sequence of sigma values (a table, precond's sigma); a single
     number, whether a Python, NumPy or 0-d torch scalar, becomes a vector of one."""
@@ -138,24 +128,20 @@ def fill_uniform(out: Array, seed: int, offset: int = 0) -> Array:
     would round up to 1.0 in float16/bfloat16 gives that largest value instead.
     """
     _tensor(out, "out")
-    if use_reference(out):
-        return reference.fill(out, seed, offset, normal=False)
-    core.fill_uniform(plain_out(out), seed, offset, stream=stream_of(out))
+    run(OPS["fill_uniform"], {"out": out, "seed": seed, "offset": offset})
     return out
 
 
 def fill_normal(out: Array, seed: int, offset: int = 0) -> Array:
     """Fill `out` with Philox standard normals (Box-Muller on lane pairs)."""
     _tensor(out, "out")
-    if use_reference(out):
-        return reference.fill(out, seed, offset, normal=True)
-    core.fill_normal(plain_out(out), seed, offset, stream=stream_of(out))
+    run(OPS["fill_normal"], {"out": out, "seed": seed, "offset": offset})
     return out
 
 
 def sigma_table(kind: str, steps: int = 1000, **schedule: float) -> np.ndarray:
     """Sigma by timestep, ascending: 'iddpm_linear' (PixArt/EDM) or 'scaled_linear' (SD1.5)."""
-    return core.sigma_table(kind, steps, **schedule)
+    return run(OPS["sigma_table"], {"kind": kind, "steps": steps}, **schedule)
 
 
 def sample_sigma(
@@ -191,12 +177,9 @@ def sample_sigma(
         # a batch too large to allocate, or a CUDA device that this torch or machine lacks
         what = f"batch = {batch}" if dev is None or dev.type == "cpu" else f"batch = {batch} on device {dev}"
         raise ValueError(f"{what}: cannot allocate the per-sample outputs ({error})") from error
-    if tab is not None and is_torch(tab) and tab.is_cuda and not bool(torch.all(tab[1:] > tab[:-1])):
-        raise ValueError("table must be strictly ascending")
-    if use_reference(sigma):
-        return reference.sample_sigma(batch, seed, offset, p_mean, p_std, sigma_min, sigma_max, tab, snap, dev)
-    core.sample_sigma(plain(sigma, "sigma_out"), seed, offset, p_mean, p_std, sigma_min, sigma_max, plain(tab, "table"),
-                      plain(index, "index_out"), snap, stream=stream_of(sigma))
+    run(OPS["sample_sigma"], {"sigma_out": sigma, "seed": seed, "offset": offset, "p_mean": p_mean, "p_std": p_std,
+                              "sigma_min": sigma_min, "sigma_max": sigma_max, "table": tab, "index_out": index,
+                              "snap": snap})
     return sigma, index
 
 
@@ -206,7 +189,7 @@ def precond(sigma: Array, kind: str = "edm", sigma_data: float = 0.5) -> dict[st
         raise TypeError("sigma: a tensor is required, got None")
     s = _sigma_values(sigma, "sigma")
     outs = {k: _empty_like(s) for k in ("c_skip", "c_out", "c_in", "c_noise", "weight")}
-    core.precond(s, *outs.values(), kind=kind, sigma_data=sigma_data)
+    run(OPS["precond"], {"sigma": s, **outs, "kind": kind, "sigma_data": sigma_data})
     if is_torch(sigma):
         return {k: torch.from_numpy(v).to(sigma.device) for k, v in outs.items()}
     return outs
@@ -229,18 +212,12 @@ def add_noise(
     _batch(x0, "x0")
     _tensor(sigma, "sigma")
     _tensor(out, "out", optional=True)
+    refuse_lazy_output(out, "out")  # named as the caller knows it; the binding would say xt_out
     flow, return_eps = _flag(flow, "flow"), _flag(return_eps, "return_eps")
-    check_cuda_sigma(sigma)
-    if use_reference(x0, sigma):
-        xt, eps = reference.add_noise(x0, sigma, seed, offset, flow)
-        if out is not None:
-            out.copy_(xt)
-            xt = out
-        return (xt, eps) if return_eps else xt
     xt = _empty_like(x0) if out is None else out
     eps = _empty_like(x0) if return_eps else None
-    core.add_noise(plain(x0, "x0"), plain(sigma, "sigma"), plain_out(xt), seed, offset, plain(eps, "eps_out"), flow,
-                   stream=stream_of(x0))
+    run(OPS["add_noise"], {"x0": x0, "sigma": sigma, "xt_out": xt, "seed": seed, "offset": offset, "eps_out": eps,
+                           "flow": flow})
     return (xt, eps) if return_eps else xt
 
 
@@ -249,11 +226,8 @@ def cfg_combine(uncond: Array, cond: Array, omega: float, *, out: Array | None =
     _tensor(uncond, "uncond")
     _tensor(cond, "cond")
     _tensor(out, "out", optional=True)
-    if use_reference(uncond, cond):
-        result = reference.cfg_combine(uncond, cond, omega)
-        return result if out is None else out.copy_(result)
     result = _empty_like(uncond) if out is None else out
-    core.cfg_combine(plain(uncond, "uncond"), plain(cond, "cond"), plain_out(result), omega, stream=stream_of(uncond))
+    run(OPS["cfg_combine"], {"uncond": uncond, "cond": cond, "out": result, "omega": omega})
     return result
 
 
@@ -275,17 +249,12 @@ def ta_loss(
     _tensor(x0, "x0")
     _tensor(sigma, "sigma", optional=True)
     need_grad = _flag(need_grad, "need_grad")
-    if sigma is not None:
-        check_cuda_sigma(sigma)
-    if use_reference(d_ta, x0, sigma):
-        if weighting not in ("edm", "unit") or reduction not in ("mean", "sum"):
-            raise ValueError("weighting must be 'edm' or 'unit'; reduction 'mean' or 'sum'")
-        return reference.ta_loss(d_ta, x0, sigma, weighting, sigma_data, reduction, need_grad)
     loss = _per_sample(d_ta, batch)
     bad = _per_sample(d_ta, batch, integer=True)
     grad = _empty_like(d_ta) if need_grad else None
-    core.ta_loss(plain(d_ta, "d_ta"), plain(x0, "x0"), plain(loss), plain(sigma, "sigma"), plain(grad), plain(bad),
-                 weighting, sigma_data, reduction, stream=stream_of(d_ta))
+    run(OPS["ta_loss"], {"d_ta": d_ta, "x0": x0, "loss_out": loss, "sigma": sigma, "grad_out": grad,
+                         "nonfinite_out": bad, "weighting": weighting, "sigma_data": sigma_data,
+                         "reduction": reduction})
     return TALoss(loss, grad, bad)
 
 
@@ -315,20 +284,14 @@ def generator_grad(
     _tensor(d_uncond, "d_uncond", optional=True)
     _tensor(dr, "dr", optional=True)
     _tensor(out, "out", optional=True)
-    if d_uncond is None and _real_value(omega) not in (1.0, None):
-        raise ValueError(f"omega = {float(omega):g} needs d_uncond (the unconditional prediction for the CFG "
-                         "reference); without d_uncond omega must be 1 (no guidance)")
-    if use_reference(x0, d_ta, d_cond, d_uncond, dr):
-        if weighting not in ("normalized", "unit"):
-            raise ValueError(f"weighting must be one of unit, normalized, got '{weighting}'")
-        result = reference.generator_grad(x0, d_ta, d_cond, d_uncond, omega, dr, alpha, weighting, min_norm)
-        return result if out is None else result._replace(grad=out.copy_(result.grad))
+    refuse_lazy_output(out, "out")  # named as the caller knows it; the binding would say grad_out
     grad = _empty_like(x0) if out is None else out
     diag = list(_per_sample(x0, batch, rows=4))
     bad = _per_sample(x0, batch, integer=True)
-    core.generator_grad(plain(x0, "x0"), plain(d_ta, "d_ta"), plain(d_cond, "d_cond"), plain_out(grad),
-                        *map(plain, diag), plain(bad), plain(d_uncond, "d_uncond"), omega, plain(dr, "dr"), alpha,
-                        weighting, min_norm, stream=stream_of(x0))
+    run(OPS["generator_grad"], {"x0": x0, "d_ta": d_ta, "d_cond": d_cond, "grad_out": grad, "weight_out": diag[0],
+                                "ref_dist_out": diag[1], "gap_out": diag[2], "surrogate_out": diag[3],
+                                "nonfinite_out": bad, "d_uncond": d_uncond, "omega": omega, "dr": dr, "alpha": alpha,
+                                "weighting": weighting, "min_norm": min_norm})
     return GeneratorGrad(grad, *diag, bad)
 
 
@@ -343,25 +306,19 @@ def huber_terms(
     _tensor(d_p, "d_p")
     _tensor(d_q, "d_q")
     _tensor(sigma, "sigma")
-    check_cuda_sigma(sigma)
-    if use_reference(x0, d_p, d_q, sigma):
-        return reference.huber_terms(x0, d_p, d_q, sigma, c, weighting)
     vecs = [_empty_like(x0) for _ in range(3)]
     sums = list(_per_sample(x0, batch, rows=4))
     bad = _per_sample(x0, batch, integer=True)
-    core.huber_terms(plain(x0, "x0"), plain(d_p, "d_p"), plain(d_q, "d_q"), plain(sigma, "sigma"), *map(plain, vecs),
-                     *map(plain, sums), plain(bad), c, weighting, stream=stream_of(x0))
+    run(OPS["huber_terms"], {"x0": x0, "d_p": d_p, "d_q": d_q, "sigma": sigma, "a_out": vecs[0], "b_out": vecs[1],
+                             "dprime_out": vecs[2], "ysq_out": sums[0], "yr_out": sums[1], "h_out": sums[2],
+                             "value_out": sums[3], "nonfinite_out": bad, "c": c, "weighting": weighting})
     return HuberTerms(*vecs, *sums, bad)
 
 
 def ema_update(ema: Sequence[Array], params: Sequence[Array], decay: float) -> None:
     """In place, over all tensors in one call: ema <- decay ema + (1 - decay) param."""
     ema, params = _tensors(ema, "ema"), _tensors(params, "params")
-    if use_reference(*ema, *params):
-        reference.ema_update(list(ema), list(params), decay)
-        return
-    core.ema_update([plain_out(e, f"ema[{i}]") for i, e in enumerate(ema)],
-                    [plain(p, f"params[{i}]") for i, p in enumerate(params)], decay, stream=stream_of(*ema))
+    run(OPS["ema_update"], {"ema": ema, "params": params, "decay": decay})
 
 
 def adam_step(
@@ -386,13 +343,6 @@ def adam_step(
     exp_avgs = None if exp_avgs is None else _tensors(exp_avgs, "exp_avgs")
     exp_avg_sqs = _tensors(exp_avg_sqs, "exp_avg_sqs")
     decoupled = _flag(decoupled, "decoupled")
-    if use_reference(*params):
-        reference.adam_step(list(params), list(grads), None if exp_avgs is None else list(exp_avgs),
-                            list(exp_avg_sqs), lr, beta1, beta2, eps, weight_decay, step, decoupled)
-        return
-    core.adam_step([plain_out(p, f"params[{i}]") for i, p in enumerate(params)],
-                   [plain(g, f"grads[{i}]") for i, g in enumerate(grads)],
-                   None if exp_avgs is None else [plain_out(m, f"exp_avgs[{i}]") for i, m in enumerate(exp_avgs)],
-                   [plain_out(v, f"exp_avg_sqs[{i}]") for i, v in enumerate(exp_avg_sqs)],
-                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                   decoupled=decoupled, stream=stream_of(*params))
+    run(OPS["adam_step"], {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                           "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
+                           "step": step, "decoupled": decoupled})

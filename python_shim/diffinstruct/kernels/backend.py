@@ -1,5 +1,8 @@
-"""Choosing where a kernel runs: the C extension (CPU, or its lazily loaded CUDA
-library) or, for CUDA tensors without a CUDA build, the PyTorch reference."""
+"""The C extension (CPU kernels, and its lazily loaded CUDA library) and handing tensors to it.
+
+Which backend runs a call is registry.py's choice; this module loads the extension, says whether
+its CUDA library is usable, and turns tensors into what the binding reads.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +17,14 @@ except ImportError:  # the kernels also work on NumPy arrays alone
     torch = None  # type: ignore[assignment]
 
 
-
 class NoExtensionWarning(RuntimeWarning):
     """The C extension is not built: every kernel runs on the (slower) PyTorch reference."""
 
 
 class _ReferenceOnly:
     """Stands in for the C extension when it is missing (e.g. the repository cloned into ComfyUI's
-    custom_nodes/ without a build): torch tensors take the reference path in `use_reference`; what
-    reaches this object is NumPy arrays (Philox fills) or operations without a reference, which fail
-    with a message naming the fix."""
+    custom_nodes/ without a build): the registry then sends every call to the reference; what still
+    reaches this object directly fails with a message naming the fix."""
 
     def __init__(self, error: ImportError) -> None:
         self.error = error
@@ -31,24 +32,12 @@ class _ReferenceOnly:
     def cuda_status(self, load: bool = False) -> tuple[bool, str | None, str]:
         return False, None, f"the C extension is not built ({self.error})"
 
-    def _fill(self, out: Any, seed: int, offset: int, normal: bool) -> None:
-        from . import reference
-
-        if torch is None:
-            raise ImportError(f"diffinstruct's C extension is not built ({self.error}) and torch is missing")
-        reference.fill(torch.from_numpy(out), seed, offset, normal=normal)
-
-    def fill_uniform(self, out: Any, seed: int, offset: int, stream: int = 0) -> None:
-        self._fill(out, seed, offset, normal=False)
-
-    def fill_normal(self, out: Any, seed: int, offset: int, stream: int = 0) -> None:
-        self._fill(out, seed, offset, normal=True)
-
     def __getattr__(self, name: str) -> Any:
-        raise ImportError(f"diffinstruct: {name} on NumPy arrays needs the C extension, which is not built "
-                          f"({self.error}); install the package with 'pip install .' or run 'make build'")
+        raise ImportError(f"diffinstruct: {name} needs the C extension, which is not built ({self.error}); "
+                          "install the package with 'pip install .' or run 'make build'")
 
 
+EXTENSION_ERROR: str | None = None
 try:
     from .. import _core
 
@@ -57,6 +46,7 @@ try:
 except ImportError as error:
     core = _ReferenceOnly(error)
     HAVE_EXTENSION = False
+    EXTENSION_ERROR = str(error)
     warnings.warn(f"diffinstruct: the C extension is not built ({error}); every kernel runs on the pure-PyTorch "
                   "reference (slower). Install with 'pip install .' or run 'make build' for the fused kernels.",
                   NoExtensionWarning, stacklevel=2)
@@ -86,24 +76,6 @@ def cuda_backend_status() -> dict[str, Any]:
     return {"loaded": bool(loaded), "library": path, "reason": reason}
 
 
-def use_reference(*tensors: Any) -> bool:
-    """True when a CUDA tensor must take the reference path (warns once), or any tensor without the extension."""
-    if not HAVE_EXTENSION:
-        return any(is_torch(t) for t in tensors if t is not None)
-    if not any(is_cuda(t) for t in tensors if t is not None):
-        return False
-    if cuda_kernels_loaded():
-        return False
-    _, path, reason = core.cuda_status()
-    warnings.warn(
-        f"diffinstruct: CUDA tensors are handled by the PyTorch reference ({reason or path}); "
-        "rebuild with nvcc for the fused CUDA kernels",
-        CudaFallbackWarning,
-        stacklevel=3,
-    )
-    return True
-
-
 def stream_of(*tensors: Any) -> int:
     for t in tensors:
         if is_cuda(t):
@@ -130,14 +102,13 @@ def plain(x: Any, name: str = "tensor") -> Any:
         raise BufferError(f"{name}: cannot be passed through DLPack ({error})") from error
 
 
-def plain_out(x: Any, name: str = "out") -> Any:
-    """What the binding may write: the caller's own storage, never a copy."""
+def refuse_lazy_output(x: Any, name: str) -> None:
+    """An output must be the caller's own storage: a lazily negated/conjugated view cannot be written."""
     if is_torch(x) and (x.is_neg() or x.is_conj()):
         raise ValueError(f"{name}: a lazily negated/conjugated view cannot be written in place; pass a plain tensor")
+
+
+def plain_out(x: Any, name: str = "out") -> Any:
+    """What the binding may write: the caller's own storage, never a copy."""
+    refuse_lazy_output(x, name)
     return plain(x, name)
-
-
-def check_cuda_sigma(sigma: Any, name: str = "sigma") -> None:
-    """The C binding checks CPU sigma values itself; CUDA ones are checked here (one sync)."""
-    if is_cuda(sigma) and not bool(torch.all(torch.isfinite(sigma) & (sigma > 0))):
-        raise ValueError(f"{name} must be finite and > 0 for every sample")
