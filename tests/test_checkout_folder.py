@@ -20,7 +20,7 @@ FOLDER_NAMES = ["diffinstruct", "ComfyUI-DiffInstruct", "diff-instruct.v2"]
 # cheap tests from files that use conftest fixtures, the helper modules beside the tests and repository paths
 SAMPLE_TESTS = [
     "tests/test_build_flags.py",
-    "tests/test_kernels_elementwise.py::test_cfg_combine",
+    "tests/ops/test_cfg_combine.py::test_cfg_combine",
     "tests/test_nodes.py::test_pack_imports_without_comfy",
     "tests/test_tiny_problem.py::test_shipped_weights_match_their_manifest",
 ]

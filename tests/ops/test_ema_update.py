@@ -1,0 +1,269 @@
+"""ema_update: the multi-tensor EMA against float64 NumPy and the reference; bad input; every backend alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FLOAT_DTYPES, TOLERANCES, as64
+from core_args import (
+    TE,
+    VE,
+    B,
+    Case,
+    N,
+    case,
+    empty,
+    f32,
+    read_only,
+    transposed,
+    tt,
+    valid_kwargs,
+)
+from diffinstruct import _core, kernels
+from diffinstruct import kernels as K
+from diffinstruct.kernels import reference
+from op_helpers import (
+    assert_backends_agree,
+    assert_deterministic,
+    assert_same_error,
+    calls,
+    tensors,
+)
+
+# --------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("ema_dtype", [torch.float32, None])
+def test_ema_update(dtype, ema_dtype):
+    params = tensors(dtype, 1)
+    ema = [t.to(ema_dtype or dtype) for t in tensors(dtype, 2)]
+    before = [as64(e) for e in ema]
+    kernels.ema_update(ema, params, 0.95)
+    for e, b, p in zip(ema, before, params, strict=True):
+        tol = TOLERANCES[e.dtype]
+        np.testing.assert_allclose(as64(e), 0.95 * b + 0.05 * as64(p), rtol=tol["rtol"], atol=tol["atol"])
+
+
+def test_torch_reference_matches_c_optimizers():
+    """The PyTorch reference (the CUDA fallback) agrees with the C multi-tensor kernels."""
+
+    params_c = tensors(torch.float32, 30)
+    params_r = [p.clone() for p in params_c]
+    grads = tensors(torch.float32, 31)
+    ema_c, ema_r = [g.clone() for g in grads], [g.clone() for g in grads]
+    kernels.ema_update(ema_c, params_c, 0.95)
+    reference.ema_update(ema_r, params_r, 0.95)
+    for a, b in zip(ema_c, ema_r, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- bad input: the binding
+
+FNS = ["ema_update"]
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_valid_baseline(fn):
+    """The starting point of every bad-input case runs without error."""
+    getattr(_core, fn)(**valid_kwargs(fn))
+
+
+CASES = [
+    # ---- ema_update
+    case("ema-decay-above-1", "ema_update", VE, r"^decay must be in \[0, 1\], got 1.5", lambda kw: {"decay": 1.5}),
+    case("ema-decay-negative", "ema_update", VE, r"^decay must be in \[0, 1\]", lambda kw: {"decay": -0.1}),
+    case("ema-decay-nan", "ema_update", VE, r"^decay must be in \[0, 1\], got nan", lambda kw: {"decay": float("nan")}),
+    case(
+        "ema-ema-not-list",
+        "ema_update",
+        TE,
+        r"^ema must be a list or tuple of tensors, got numpy.ndarray",
+        lambda kw: {"ema": f32(2, 3)},
+    ),
+    case(
+        "ema-params-not-list",
+        "ema_update",
+        TE,
+        r"^params must be a list or tuple of tensors, got dict",
+        lambda kw: {"params": {}},
+    ),
+    case(
+        "ema-empty-lists", "ema_update", VE, r"^ema: the list of tensors is empty", lambda kw: {"ema": [], "params": []}
+    ),
+    case(
+        "ema-length-mismatch",
+        "ema_update",
+        VE,
+        r"^params has 1 tensors but ema has 2",
+        lambda kw: {"params": kw["params"][:1]},
+    ),
+    case(
+        "ema-item-float64",
+        "ema_update",
+        TE,
+        r"^ema\[1\]: expected dtype .* got (numpy\.)?float64",
+        lambda kw: {"ema": [kw["ema"][0], np.zeros(5)]},
+    ),
+    case(
+        "ema-item-shape",
+        "ema_update",
+        VE,
+        r"^params\[0\] has shape \(3, 2\) but ema\[0\] has shape \(2, 3\)",
+        lambda kw: {"params": [f32(3, 2), kw["params"][1]]},
+    ),
+    case(
+        "ema-item-is-param",
+        "ema_update",
+        VE,
+        r"^ema\[0\] overlaps params\[0\]",
+        lambda kw: {"params": [kw["ema"][0], kw["params"][1]]},
+    ),
+    case(
+        "ema-item-read-only",
+        "ema_update",
+        VE,
+        r"^ema\[0\]: output array is read-only",
+        lambda kw: {"ema": [read_only(f32(2, 3)), kw["ema"][1]]},
+    ),
+    case(
+        "ema-item-twice",
+        "ema_update",
+        VE,
+        r"ema\[1\] overlaps ema\[0\]|ema\[0\] overlaps ema\[1\]",
+        lambda kw: (lambda e: {"ema": [e, e], "params": [f32(5), f32(5)]})(f32(5)),
+    ),
+    case(
+        "ema-item-string",
+        "ema_update",
+        TE,
+        r"^ema\[0\]: expected a NumPy array.* got str",
+        lambda kw: {"ema": ["w", kw["ema"][1]]},
+    ),
+    case(
+        "ema-item-zero-size",
+        "ema_update",
+        VE,
+        r"^ema\[1\]: is empty",
+        lambda kw: {"ema": [kw["ema"][0], empty(0)], "params": [kw["params"][0], empty(0)]},
+    ),
+    # ---- scalar parsing: every conversion error names the argument (issue 10, item 6)
+    case("ema-decay-none", "ema_update", TE, r"^decay must be a real number, got NoneType", lambda kw: {"decay": None}),
+]
+
+
+@pytest.mark.parametrize("c", CASES)
+def test_bad_input(c: Case):
+    kwargs = valid_kwargs(c.fn)
+    kwargs.update(c.make(kwargs))
+    with pytest.raises(c.exc, match=c.match):
+        getattr(_core, c.fn)(**kwargs)
+
+
+# Every float scalar argument of this file's entry points, and whether 0 is invalid for it (then a
+# value that underflows to 0 in float32 must be rejected too). The kernels take them as float32.
+FLOAT_SCALARS = [
+    ("ema_update", "decay", False),
+]
+
+
+@pytest.mark.parametrize("fn,arg,positive", FLOAT_SCALARS, ids=[f"{f}-{a}" for f, a, _ in FLOAT_SCALARS])
+@pytest.mark.parametrize("value", [1e39, -1e39, 3.5e38])
+def test_float_scalars_beyond_float32_are_rejected(fn, arg, positive, value):
+    """1e39 is a finite double but Inf in float32: before the fix omega = 1e39 ran and produced Inf/NaN."""
+    kwargs = valid_kwargs(fn)
+    kwargs[arg] = value
+    with pytest.raises(ValueError, match=rf"^{arg} must "):
+        getattr(_core, fn)(**kwargs)
+
+
+@pytest.mark.parametrize("fn,arg,positive", FLOAT_SCALARS, ids=[f"{f}-{a}" for f, a, _ in FLOAT_SCALARS])
+def test_float_scalars_underflowing_float32(fn, arg, positive):
+    """1e-50 becomes 0 in float32: rejected where 0 is invalid (sigma_data = 1e-50 gave Inf), else accepted."""
+    kwargs = valid_kwargs(fn)
+    kwargs[arg] = 1e-50
+    if positive:
+        with pytest.raises(ValueError, match=rf"^{arg} must be representable in float32"):
+            getattr(_core, fn)(**kwargs)
+    else:
+        getattr(_core, fn)(**kwargs)
+
+
+# --------------------------------------------------------------------------- bad input: the public API
+
+
+WRAPPER_CASES = [
+    pytest.param(
+        lambda: K.ema_update([tt(3)], [tt(3), tt(3)], 0.9),
+        ValueError,
+        r"^params has 2 tensors but ema has 1",
+        id="ema_update-lengths",
+    ),
+    # ---- every rejection names the argument (issue 10, item 6): before, raw AttributeError/torch errors
+    pytest.param(lambda: K.ema_update(None, [tt(3)], 0.5), TypeError, r"^ema must be a list or tuple of tensors",
+                 id="ema_update-none"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", WRAPPER_CASES)
+def test_wrapper_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# --------------------------------------------------------------------------- every backend alike
+
+
+def _ema(dtype):
+    ema = [t.to(torch.float32) for t in tensors(dtype, 2)]
+    kernels.ema_update(ema, tensors(dtype, 1), 0.95)
+    return ema
+
+
+def _adam(dtype, moments, decoupled):
+    params = tensors(dtype, 3)
+    m = [torch.zeros(p.shape) for p in params] if moments else None
+    v = [torch.zeros(p.shape) for p in params]
+    for step in (1, 2):
+        kernels.adam_step(params, tensors(dtype, 10 + step), m, v, lr=1e-2, beta1=0.9 if moments else 0.0,
+                          weight_decay=0.01, step=step, decoupled=decoupled)
+    return params, m, v
+
+
+BACKEND_CASES = [
+    ("empty", lambda: K.ema_update([], [], 0.9)),
+    ("item-shape", lambda: K.ema_update([tt(3)], [tt(4)], 0.9)),
+    ("item-float64", lambda: K.ema_update([tt(3)], [tt(3, dtype=torch.float64)], 0.9)),
+    ("item-numpy-read-only", lambda: K.ema_update([read_only(f32(3))], [f32(3)], 0.9)),
+    ("item-transposed", lambda: K.ema_update([torch.zeros(B, N)], [transposed(B, N)], 0.9)),
+    ("item-empty", lambda: K.ema_update([torch.zeros(0)], [torch.zeros(0)], 0.9)),
+    ("decay-above-one", lambda: K.ema_update([tt(3)], [tt(3)], 1.5)),
+    ("decay-nan", lambda: K.ema_update([tt(3)], [tt(3)], float("nan"))),
+    ("decay-bool", lambda: K.ema_update([tt(3)], [tt(3)], True)),
+    ("ema-twice", lambda: (lambda e: K.ema_update([e, e], [tt(3), tt(3)], 0.9))(tt(3))),
+    ("ema-is-param", lambda: (lambda e: K.ema_update([e], [e], 0.9))(tt(3))),
+    ("ema-tuple-neg-view", lambda: K.ema_update((torch._neg_view(tt(3)),), (tt(3),), 0.9)),
+]
+
+VALID = [
+    ("f32", lambda: _ema(torch.float32)),
+    ("bf16-params", lambda: _ema(torch.bfloat16)),
+]
+
+
+@pytest.mark.parametrize("call", calls(WRAPPER_CASES, BACKEND_CASES))
+def test_backends_raise_the_same_errors(call):
+    """Wherever the call would run (the C kernels, the PyTorch reference), it fails with the same words."""
+    assert_same_error(call)
+
+
+@pytest.mark.parametrize("call", calls(VALID))
+def test_backends_agree(call):
+    assert_backends_agree(call)
+
+
+@pytest.mark.parametrize("call", calls(VALID))
+def test_deterministic(call):
+    assert_deterministic(call)
