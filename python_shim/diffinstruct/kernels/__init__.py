@@ -22,7 +22,8 @@ from .api import (
     ta_loss,
 )
 from .backend import cuda_backend_status
-from .registry import BackendUnavailable, NoBackend, backends, use_backend
+from .ops import backends
+from .registry import BackendUnavailable, NoBackend, use_backend
 
 __all__ = [
     "BackendUnavailable",

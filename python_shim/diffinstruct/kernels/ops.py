@@ -277,3 +277,10 @@ def _run_reference(op: Op, args: dict[str, Any]) -> None:
     values = validate(op, prepared)
     with torch.no_grad():
         op.reference({k: _as_torch(v) for k, v in values.items()})
+
+
+def backends() -> dict[str, dict[str, str | None]]:
+    """For every op, each backend -> None where it can run the op here, else the reason it cannot.
+
+    It lives beside the table rather than in the registry, which the table imports."""
+    return {name: {b: registry.op_reason(b, op) for b in registry.NAMES} for name, op in OPS.items()}

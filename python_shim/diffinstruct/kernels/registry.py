@@ -66,13 +66,6 @@ def op_reason(name: str, op: Op) -> str | None:
     return unavailable_reason(name)
 
 
-def backends() -> dict[str, dict[str, str | None]]:
-    """For every op, each backend -> None where it can run the op here, else the reason it cannot."""
-    from .ops import OPS  # the table imports this module
-
-    return {name: {b: op_reason(b, op) for b in NAMES} for name, op in OPS.items()}
-
-
 def _check(name: str, where: str) -> None:
     if name not in NAMES:
         raise _unknown(name, where)
