@@ -1,10 +1,12 @@
 """Benchmark of the fused DI++ CPU kernels against STREAM bandwidth, PyTorch eager and NumPy.
 
-Usage: python bench/bench.py [--quick] [--output BENCHMARKS.md]
+Usage: python bench/bench.py [--quick] [--size sd15|large|all] [--check] [--output BENCHMARKS.md]
 
 Every kernel runs at the SD1.5 latent size (8x4x64x64) and a large size (32x4x128x128), in float32 and
-bfloat16, through the public API (diffinstruct.kernels). The Markdown report goes to stdout and, with
---output, to a file that is fully regenerated on each run.
+bfloat16, through the public API (diffinstruct.kernels). Before a case is timed, its fused kernel runs
+once and its outputs must match the same call on the PyTorch reference backend (bench_cases.Case.check);
+a mismatch stops the run with exit status 1. --check only validates, without timing. The Markdown report
+goes to stdout and, with --output, to a file that is fully regenerated on each run.
 """
 
 from __future__ import annotations
@@ -29,46 +31,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_cases as cases  # noqa: E402
+from bench_report import DISTURBED, LARGE, MAX_RETRIES, Row, Timing, _gbs, _mb, _ms, cpu_mhz, report  # noqa: E402
 
 from diffinstruct import _core  # noqa: E402
 from diffinstruct import kernels as K  # noqa: E402
 
-SIZES = {"SD1.5 8x4x64x64": (8, 4, 64, 64), "large 32x4x128x128": (32, 4, 128, 128)}
-LARGE = "large 32x4x128x128"
+SIZES = {"SD1.5 8x4x64x64": (8, 4, 64, 64), LARGE: (32, 4, 128, 128)}
+SIZE_CHOICES = {"sd15": ["SD1.5 8x4x64x64"], "large": [LARGE], "all": list(SIZES)}
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 STREAM_N = 64 * 1024 * 1024  # float32 elements per STREAM array (256 MiB each)
-TRIAD_TARGET = 0.70
-TORCH_TARGET = 3.0
-DISTURBED = 0.05  # re-measure a case when other processes took more than this share of the CPUs
-MAX_RETRIES = 3
 MAX_TOTAL_RETRIES = 8
 QUIET_WAIT = 8.0  # at most this long (s) waiting for a quiet machine before a re-measurement
-GEN_KERNELS = ("generator_grad (CFG, norm)", "generator_grad (CFG, norm, +dr)")
-
-
-@dataclass
-class Timing:
-    median: float
-    q1: float
-    q3: float
-    reps: int
-
-
-@dataclass
-class Row:
-    kernel: str
-    size: str
-    dtype: str
-    nbytes: int
-    numel: int
-    nsets: int
-    footprint: int
-    c: Timing  # the fused kernel through the API with torch tensors
-    c_np: Timing | None  # the same call with NumPy views of the same buffers (float32 only)
-    torch: Timing | None
-    numpy: Timing | None
-    target: bool
-    disturbed: float  # fraction of CPU capacity used by other processes while the row was measured
 
 
 @dataclass
@@ -194,16 +167,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cpu_mhz() -> float | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.split(":", 1)[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def caches() -> dict[int, int]:
     """Largest cache size (bytes) per level, from sysfs."""
     out: dict[int, int] = {}
@@ -221,319 +184,50 @@ def caches() -> dict[int, int]:
     return out
 
 
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.3g} MiB"
-
-
-# ---------------------------------------------------------------------------------------------- report
-
-
-def _gbs(r: Row, t: Timing | None = None) -> float:
-    return r.nbytes / (t or r.c).median / 1e9
-
-
-def _ratio(num: Timing | None, den: Timing) -> str:
-    return "n/a" if num is None else f"{num.median / den.median:.2f}x"
-
-
-def _ms(t: Timing | None) -> str:
-    return "n/a" if t is None else f"{t.median * 1e3:.3f}"
-
-
-def _label(r: Row) -> str:
-    return r.kernel + (" (busy)" if r.disturbed > DISTURBED else "")
-
-
-def table(rows: list[Row], copy: float, triad: float) -> list[str]:
-    head = ("| kernel | size | dtype | MB/call | time ms | IQR % | GB/s | % copy | % triad | torch ms "
-            "| x vs torch eager | numpy ms | x vs numpy |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        gbs, iqr = _gbs(r), (r.c.q3 - r.c.q1) / r.c.median * 100
-        lines.append(
-            f"| {_label(r)} | {r.size} | {r.dtype} | {r.nbytes / 1e6:.2f} | {r.c.median * 1e3:.3f} | {iqr:.0f} "
-            f"| {gbs:.1f} | {gbs / copy * 100:.0f}% | {gbs / triad * 100:.0f}% | {_ms(r.torch)} "
-            f"| {_ratio(r.torch, r.c)} | {_ms(r.numpy)} | {_ratio(r.numpy, r.c)} |"
-        )
-    return lines
-
-
-def binding_table(rows: list[Row], triad: float) -> list[str]:
-    lines = ["| kernel | size | torch tensors ms | NumPy arrays ms | difference ms | GB/s (NumPy args) "
-             "| % triad (NumPy args) |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.c_np is None:
-            continue
-        g = _gbs(r, r.c_np)
-        lines.append(f"| {_label(r)} | {r.size} | {r.c.median * 1e3:.3f} | {r.c_np.median * 1e3:.3f} "
-                     f"| {(r.c.median - r.c_np.median) * 1e3:.3f} | {g:.1f} | {g / triad * 100:.0f}% |")
-    return lines
-
-
-def _verdict(r: Row, ok: bool) -> str:
-    """PASS/MISS, or no verdict when other processes disturbed the row (busy timings can flip either way)."""
-    if r.disturbed > DISTURBED:
-        return f"NO VERDICT (busy {r.disturbed * 100:.0f}%, would read {'PASS' if ok else 'MISS'})"
-    return "PASS" if ok else "MISS"
-
-
-def find(rows: list[Row], kernel: str, size: str, dtype: str) -> Row | None:
-    return next((r for r in rows if r.kernel == kernel and r.size == size and r.dtype == dtype), None)
-
-
-# What the code does per element, where that (not memory) can bound a kernel. Facts about the
-# current sources only; measurements carry the rest of each explanation.
-CODE_REASONS = {
-    "adam_step": "per element a square root and two divisions in torch.optim.Adam's order of operations "
-                 "(vectorised; AVX2 clone on x86-64)",
-    "add_noise": "Philox4x32-10 plus Box-Muller (logf, sqrtf, cosf, sinf from libm, scalar) per pair of elements",
-}
-
-
-def why_bandwidth(r: Row, rows: list[Row], triad: float, threads: int, mhz: float | None,
-                  per_tensor_us: float) -> str:
-    """Short, measured explanation for a kernel below the triad target."""
-    parts = []
-    if r.kernel.startswith("add_noise"):
-        fill = find(rows, "fill_normal", r.size, r.dtype)
-        if fill is not None:
-            rate = fill.numel / fill.c.median
-            cyc = f", about {mhz * 1e6 * threads / rate:.0f} core cycles per element" if mhz else ""
-            need = r.nbytes / (TRIAD_TARGET * triad * 1e9)
-            parts.append(
-                f"compute-bound: fill_normal alone, which only writes its output, takes {fill.c.median * 1e3:.2f} ms "
-                f"for the same {fill.numel} elements ({rate / 1e6:.0f} M normals/s on {threads} threads{cyc}), "
-                f"more than the {need * 1e3:.2f} ms the target allows for add_noise's bytes; add_noise takes "
-                f"{r.c.median * 1e3:.2f} ms, so generating the normals, not memory, sets its speed")
-    elif r.c_np is not None:
-        g_np = _gbs(r, r.c_np)
-        ntensors = cases.N_PARAM_TENSORS * (2 if r.kernel.startswith("ema") else 4) if "tensors" in r.kernel else 0
-        if r.c.median - r.c_np.median > 0.15 * r.c.median:
-            what = (f"{ntensors} tensors, about {per_tensor_us:.0f} us each" if ntensors
-                    else f"about {per_tensor_us:.0f} us per tensor argument")
-            parts.append(
-                f"binding overhead: with NumPy views of the same buffers the call takes {r.c_np.median * 1e3:.2f} ms "
-                f"instead of {r.c.median * 1e3:.2f} ms ({g_np:.1f} GB/s = {g_np / triad * 100:.0f}% of triad); "
-                f"torch tensors pass through the Python wrapper and a DLPack capsule each ({what})")
-        small = find(rows, r.kernel, "SD1.5", r.dtype)
-        if g_np < TRIAD_TARGET * triad:
-            hot = ""
-            if small is not None and small.c_np is not None:
-                g_hot = _gbs(small, small.c_np)
-                hot = (f"; even with its data in cache (SD1.5 size) it reaches only {g_hot:.1f} GB/s, "
-                       "so the loop is compute-bound, not memory-bound")
-            parts.append(f"the kernel alone (NumPy arguments) reaches {g_np:.1f} GB/s = "
-                         f"{g_np / triad * 100:.0f}% of triad{hot}")
-    for key, text in CODE_REASONS.items():
-        if r.kernel.startswith(key) and not (key == "add_noise" and not parts):
-            parts.append("code: " + text)
-            break
-    return "; ".join(parts) + "." if parts else "not investigated."
-
-
-def why_torch(r: Row, rows: list[Row], triad: float) -> str:
-    assert r.torch is not None
-    parts = [f"torch eager takes {r.torch.median * 1e3:.3f} ms, the fused kernel {r.c.median * 1e3:.3f} ms"]
-    if r.c_np is not None:
-        parts.append(f"{r.c_np.median * 1e3:.3f} ms with NumPy arguments (no DLPack)")
-    f32 = find(rows, r.kernel, r.size, "f32")
-    if r.dtype == "bf16" and f32 is not None:
-        parts.append(f"in bfloat16 the fused kernel takes {r.c.median * 1e3:.3f} ms against "
-                     f"{f32.c.median * 1e3:.3f} ms in float32 for half the bytes: the float32<->bfloat16 "
-                     "conversions per element cost about what the saved traffic gains, while torch eager in "
-                     "bfloat16 also halves the traffic of each of its passes")
-    elif r.size != LARGE:
-        parts.append("at this size every operand sits in cache, so torch's extra passes and temporaries are "
-                     "cheap and fixed per-call costs (Python wrapper, DLPack hand-off of ten tensors, two OpenMP "
-                     "fork/joins) weigh most; the difference to the NumPy-argument call measures the hand-off")
-    else:
-        parts.append(f"the fused kernel runs at {_gbs(r):.1f} GB/s ({_gbs(r) / triad * 100:.0f}% of triad)")
-    return "; ".join(parts) + "."
-
-
-def report(rows: list[Row], info: dict[str, str], stream: dict[str, float], sweep: list[tuple[int, float, float]],
-           models: dict[str, str], overhead: dict[str, float], quick: bool) -> tuple[str, list[str]]:
-    copy, triad = stream["copy"], stream["triad"]
-    threads = int(info["threads"])
-    mhz = cpu_mhz()
-    per_tensor_us = overhead["per_tensor_us"]
-    out = [
-        "# Benchmarks",
-        "",
-        "<!-- Generated by bench/bench.py; do not edit by hand. -->",
-        "",
-        "This file is generated by `bench/bench.py` (`make bench`) and fully regenerated, overwritten, on every "
-        "run; edit the script, not this file.",
-        "",
-    ]
-    if quick:
-        out += ["**Quick run (`--quick`): few repeats, the numbers are a smoke test only.**", ""]
-    out += ["## Machine", ""] + [f"- {k}: {v}" for k, v in info.items()]
-    out += [
-        "",
-        "## Memory bandwidth (STREAM)",
-        "",
-        f"`_core.stream_copy` / `_core.stream_triad` on {stream['n'] // 2**20}M float32 elements per array "
-        f"({_mb(4 * stream['n'])} each, far beyond the last-level cache) with {threads} OpenMP threads, the "
-        "kernels' count; median of the repeats. Copy counts 8 bytes per element, triad 12.",
-        "",
-        f"- **copy: {copy:.1f} GB/s**, **triad: {triad:.1f} GB/s** (mean of the measurements before the kernels, "
-        f"copy {stream['copy0']:.1f} / triad {stream['triad0']:.1f}, and after them, copy {stream['copy1']:.1f} / "
-        f"triad {stream['triad1']:.1f})",
-        "",
-        "The same probes on smaller arrays (data in cache; why the SD1.5-size rows can exceed DRAM bandwidth):",
-        "",
-        "| elements per array | bytes per array | copy GB/s | triad GB/s |",
-        "|---|---|---|---|",
-    ]
-    out += [f"| {n} | {_mb(4 * n)} | {c:.1f} | {t:.1f} |" for n, c, t in sweep]
-    out += [
-        "",
-        "## Results",
-        "",
-        "Time: median per call of the public API (`diffinstruct.kernels`) with torch tensors, outputs passed with "
-        "`out=` where the API has it, Python wrapper included. GB/s: bytes of the byte model below / median time. "
-        "`x vs torch eager` and `x vs numpy`: their median time / the fused kernel's; above 1 the fused kernel is "
-        "faster. IQR %: interquartile range of the fused kernel's times relative to the median. The SD1.5 rows "
-        "reuse one buffer set (hot in cache); the large rows rotate over several buffer sets whose total exceeds "
-        "2.5x the last-level cache, so every call reads DRAM (the same buffers for torch and numpy). A row marked "
-        f"(busy) was measured while other processes used more than {DISTURBED * 100:.0f}% of the CPUs even after "
-        "re-measuring; treat it with suspicion.",
-        "",
-    ]
-    tab = table(rows, copy, triad)
-    out += tab
-    out += [
-        "",
-        "### Binding overhead (float32)",
-        "",
-        "The same fused-kernel call with NumPy views of the same buffers instead of torch tensors. NumPy arrays "
-        "enter the binding directly; torch tensors go through the Python wrapper (autograd detach, "
-        "neg/conj checks) and a DLPack capsule from torch's C entry point. A call on 4-element tensors "
-        f"(cfg_combine, 3 tensor arguments) costs {overhead['torch_us']:.1f} us "
-        f"with torch tensors and {overhead['numpy_us']:.1f} us with NumPy arrays: about {per_tensor_us:.1f} us per "
-        "torch tensor argument.",
-        "",
-    ]
-    out += binding_table(rows, triad)
-    out += ["", "## Byte model", "",
-            "Each tensor counts once per pass that reads it and once per write, at its element size `s` "
-            "(4 for float32, 2 for bfloat16; Adam's moments are float32 whatever the parameters' dtype); `n` = "
-            "elements per call (the whole batch, or the sum over the parameter list). Per-sample vectors (sigma, "
-            "losses, diagnostics) are negligible and not counted; neither is write-allocate traffic (as in STREAM).",
-            "", "| kernel | bytes per call |", "|---|---|"]
-    out += [f"| {k} | {m} |" for k, m in models.items()]
-
-    lines: list[str] = []
-    whys: list[str] = []
-    for r in rows:
-        if not (r.target and r.size == "large" and r.dtype == "f32"):
-            continue
-        gbs = _gbs(r)
-        frac = gbs / triad
-        ok = frac >= TRIAD_TARGET
-        need_ms = r.nbytes / (TRIAD_TARGET * triad * 1e9) * 1e3
-        line = (f"{_verdict(r, ok)}: {r.kernel} (large, f32) {gbs:.1f} GB/s = {frac * 100:.0f}% of triad "
-                f"(target >= {TRIAD_TARGET * 100:.0f}% = {TRIAD_TARGET * triad:.1f} GB/s)")
-        if not ok and r.disturbed <= DISTURBED:
-            line += (f"; short by {(TRIAD_TARGET - frac) * 100:.0f} points: {r.c.median * 1e3:.2f} ms would have to "
-                     f"drop to {need_ms:.2f} ms ({r.c.median / (need_ms / 1e3):.2f}x faster)")
-            whys.append(f"- **{r.kernel}** (large, f32): {why_bandwidth(r, rows, triad, threads, mhz, per_tensor_us)}")
-        lines.append(line)
-    for r in rows:
-        if r.kernel not in GEN_KERNELS or r.torch is None:
-            continue
-        speed = r.torch.median / r.c.median
-        ok = speed >= TORCH_TARGET
-        line = (f"{_verdict(r, ok)}: {r.kernel} ({r.size}, {r.dtype}) {speed:.2f}x vs torch eager "
-                f"(target >= {TORCH_TARGET:.0f}x faster)")
-        if not ok and r.disturbed <= DISTURBED:
-            line += (f"; short by a factor {TORCH_TARGET / speed:.2f}: {r.c.median * 1e3:.3f} ms would have to drop "
-                     f"to {r.torch.median / TORCH_TARGET * 1e3:.3f} ms")
-            whys.append(f"- **{r.kernel}** ({r.size}, {r.dtype}) vs torch eager: {why_torch(r, rows, triad)}")
-        lines.append(line)
-    out += ["", "## Targets", "", "```"] + lines + ["```", ""]
-    if whys:
-        out += ["### Why the misses", ""] + whys + [""]
-
-    fill = find(rows, "fill_normal", "large", "f32")
-    notes = [
-        f"- SD1.5 size: one latent tensor is {_mb(8 * 4 * 64 * 64 * 4)} in float32, so every operand of a call "
-        f"fits in cache ({info['caches']}); GB/s above the DRAM STREAM numbers, and % copy / % triad above 100%, "
-        "are expected there. Fixed per-call costs (binding, Python wrapper, OpenMP fork/join per pass) weigh more "
-        "at this size.",
-        f"- Large size: one latent tensor is {_mb(32 * 4 * 128 * 128 * 4)} in float32. The last-level cache here "
-        f"is large ({info['caches']}), so one buffer set would largely stay in L3; rotating buffer sets makes these "
-        "rows measure DRAM traffic, like STREAM. The 70%-of-triad targets use these rows (float32).",
-        "- bfloat16 rows move half the bytes per element for the same float32 arithmetic, so they are more "
-        "compute-bound and their % triad is lower by construction.",
-        "- PyTorch eager runs with `torch.set_num_threads(_core.threads())`; NumPy is single-threaded. Both run the "
-        "straightforward formula (`bench/bench_cases.py`); e.g. the generator gradient is `ref = u + w*(c-u); "
-        "diff = ta - ref; W = 1/(x0-ref).abs().mean(dims).clamp_min(1e-5); G = (W*diff - alpha*dr)/B`. The fused "
-        "kernels also return per-sample diagnostics (gap, surrogate, non-finite counts) that the eager code skips.",
-        "- torch eager on bfloat16 inputs computes in bfloat16, as straightforward code would; NumPy has no "
-        "bfloat16 (n/a). torch and NumPy draw normals with their own generators (torch: mt19937 + vectorised "
-        "Box-Muller, NumPy: PCG64 + ziggurat), so for fill_normal/add_noise only the cost compares, not the values.",
-        f"- EMA compares with `ema.lerp_(param, 1-decay)` per tensor, Adam with torch.optim.Adam's single-tensor "
-        f"CPU update (lerp_, mul_/addcmul_, sqrt/div/add_, addcdiv_) per tensor, over {cases.N_PARAM_TENSORS} "
-        "tensors whose sizes add up to the latent's element count.",
-        "- Each row is re-measured (up to "
-        f"{MAX_RETRIES} times) when /proc/stat shows other processes using more than {DISTURBED * 100:.0f}% of the "
-        "CPUs during its measurement; the machine is shared with other work (builds, tests).",
-    ]
-    if fill is not None:
-        rate = fill.numel / fill.c.median
-        extra = f" (about {mhz * 1e6 * threads / rate:.0f} core cycles per element at {mhz:.0f} MHz)" if mhz else ""
-        notes.append(f"- Random numbers: fill_normal produces {rate / 1e6:.0f} M float32 normals/s on {threads} "
-                     f"threads{extra}, {4 * rate / 1e9:.2f} GB/s of output: generating normals, not memory, bounds "
-                     "fill_normal and add_noise.")
-    out += ["## Notes", ""] + notes + [""]
-    return "\n".join(out), tab + [""] + lines
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats: a smoke test, not real numbers")
-    parser.add_argument("--output", type=Path, default=None, help="write the Markdown report to this file")
-    args = parser.parse_args(argv)
-    s = QUICK if args.quick else FULL
+class ValidationFailed(Exception):
+    """A fused kernel disagreed with the PyTorch reference: nothing of that case is timed."""
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
-    threads = _core.threads()
-    torch.set_num_threads(threads)
-    cache = caches()
-    llc = max(cache.values()) if cache else 32 * 2**20
-    flush_bytes = int(2.5 * llc)
-    started = time.time()
-    log(f"# diffinstruct benchmark: {threads} threads, LLC {_mb(llc)}, {'quick' if args.quick else 'full'} run")
+def check_all(sizes: list[str], log: Callable[[str], None]) -> int:
+    """--check: every case validated against the reference, nothing timed; the exit status."""
+    failed = 0
+    for size in sizes:
+        for dname, dtype in DTYPES.items():
+            for builder, kw, _target in cases.BUILDERS:
+                case = builder(SIZES[size], dtype, 1, **kw)
+                try:
+                    case.check()
+                    log(f"ok      {case.kernel:32s} {size:19s} {dname}")
+                except AssertionError as error:
+                    failed += 1
+                    log(f"FAILED  {case.kernel:32s} {size:19s} {dname}: {error}")
+                del case
+                gc.collect()
+    log(f"{failed} case(s) disagree with the PyTorch reference" if failed else "every case matches the reference")
+    return 1 if failed else 0
 
-    stream_n = STREAM_N if not args.quick else STREAM_N // 4
-    wait_quiet(QUIET_WAIT)
-    copy0, triad0 = stream_bandwidth(stream_n, s.stream_reps)
-    log(f"STREAM before: copy {copy0:.1f} GB/s, triad {triad0:.1f} GB/s")
-    sweep = [(n, *stream_bandwidth(n, 50)) for n in (8 * 4 * 64 * 64, 32 * 4 * 128 * 128)]
 
-    tiny_t = [torch.zeros(4), torch.ones(4), torch.empty(4)]
-    tiny_n = [t.numpy() for t in tiny_t]
-    t_us = statistics.median(_time_calls([lambda: K.cfg_combine(tiny_t[0], tiny_t[1], 2.0, out=tiny_t[2])], 3000))
-    n_us = statistics.median(_time_calls([lambda: K.cfg_combine(tiny_n[0], tiny_n[1], 2.0, out=tiny_n[2])], 3000))
-    overhead = {"torch_us": t_us * 1e6, "numpy_us": n_us * 1e6, "per_tensor_us": (t_us - n_us) * 1e6 / 3}
-
+def measure_all(sizes: list[str], s: Settings, flush_bytes: int,
+                log: Callable[[str], None]) -> tuple[list[Row], dict[str, str]]:
+    """Every case validated, then timed (re-measured while other processes disturb it)."""
     retry_left = MAX_TOTAL_RETRIES
     rows: list[Row] = []
     models: dict[str, str] = {}
-    for size, shape in SIZES.items():
+    for size in sizes:
+        shape = SIZES[size]
         for dname, dtype in DTYPES.items():
             for builder, kw, target in cases.BUILDERS:
                 probe = builder(shape, dtype, 1, **kw)
                 nsets = 1 if size != LARGE else max(2, math.ceil(flush_bytes / probe.set_bytes))
                 case = probe if nsets == 1 else builder(shape, dtype, nsets, **kw)
                 del probe
+                try:
+                    case.check()
+                except AssertionError as error:
+                    raise ValidationFailed(f"{size} {dname}: {error}") from None
                 models[case.kernel] = case.model
                 for attempt in range(MAX_RETRIES + 1):
                     with Disturbance() as dist:
@@ -556,6 +250,49 @@ def main(argv: list[str] | None = None) -> int:
                     f"{_gbs(row):5.1f} GB/s busy={dist.fraction * 100:.0f}%")
                 del case, t
                 gc.collect()
+    return rows, models
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats: a smoke test, not real numbers")
+    parser.add_argument("--size", choices=list(SIZE_CHOICES), default="all", help="which sizes to run (all)")
+    parser.add_argument("--check", action="store_true",
+                        help="only validate every case against the PyTorch reference backend; time nothing")
+    parser.add_argument("--output", type=Path, default=None, help="write the Markdown report to this file")
+    args = parser.parse_args(argv)
+    s = QUICK if args.quick else FULL
+    sizes = SIZE_CHOICES[args.size]
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    threads = _core.threads()
+    torch.set_num_threads(threads)
+    if args.check:
+        return check_all(sizes, log)
+    cache = caches()
+    llc = max(cache.values()) if cache else 32 * 2**20
+    started = time.time()
+    log(f"# diffinstruct benchmark: {threads} threads, LLC {_mb(llc)}, {'quick' if args.quick else 'full'} run")
+
+    stream_n = STREAM_N if not args.quick else STREAM_N // 4
+    wait_quiet(QUIET_WAIT)
+    copy0, triad0 = stream_bandwidth(stream_n, s.stream_reps)
+    log(f"STREAM before: copy {copy0:.1f} GB/s, triad {triad0:.1f} GB/s")
+    sweep = [(n, *stream_bandwidth(n, 50)) for n in (8 * 4 * 64 * 64, 32 * 4 * 128 * 128)]
+
+    tiny_t = [torch.zeros(4), torch.ones(4), torch.empty(4)]
+    tiny_n = [t.numpy() for t in tiny_t]
+    t_us = statistics.median(_time_calls([lambda: K.cfg_combine(tiny_t[0], tiny_t[1], 2.0, out=tiny_t[2])], 3000))
+    n_us = statistics.median(_time_calls([lambda: K.cfg_combine(tiny_n[0], tiny_n[1], 2.0, out=tiny_n[2])], 3000))
+    overhead = {"torch_us": t_us * 1e6, "numpy_us": n_us * 1e6, "per_tensor_us": (t_us - n_us) * 1e6 / 3}
+
+    try:
+        rows, models = measure_all(sizes, s, int(2.5 * llc), log)
+    except ValidationFailed as error:
+        log(f"validation failed, nothing more is timed: {error}")
+        return 1
 
     wait_quiet(QUIET_WAIT)
     copy1, triad1 = stream_bandwidth(stream_n, s.stream_reps)
@@ -579,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "run": f"{'quick' if args.quick else 'full'}, {time.time() - started:.0f} s, {busy} row(s) marked busy, "
-               f"load average at the end {load[0]:.2f}",
+               f"load average at the end {load[0]:.2f}" + ("" if args.size == "all" else f", sizes: {args.size} only"),
     }
     if drift > 0.10:
         info["warning"] = (f"STREAM before and after the kernels differ by {drift * 100:.0f}%: the machine was "

@@ -3,6 +3,8 @@
 A case builder takes (shape, dtype, nsets) and returns a Case whose `impls` map an implementation name
 ("c", "torch", "numpy") to a list of zero-argument callables, one per buffer set. Rotating over several
 buffer sets whose total size exceeds the last-level cache makes every call read its data from DRAM.
+Its `check` runs the fused kernel once on copies of the first buffer set, and the same call on the
+PyTorch reference backend, and raises unless the outputs agree: a fast wrong kernel is not timed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,58 @@ class Case:
     nbytes: int  # bytes moved per call by the fused kernel under the model
     set_bytes: int  # bytes of one buffer set (inputs and outputs)
     impls: dict[str, list[Fn] | None] = field(default_factory=dict)
+    run: Callable[[object], object] | None = None  # the fused call on one buffer set, returning its outputs
+    first_set: object = None
+
+    def check(self) -> None:
+        """Raises unless the fused kernel, run once on copies of the first buffer set, agrees with the same
+        call on the PyTorch reference backend (the llm.c dev/cuda habit: validate, then time)."""
+        assert self.run is not None, self.kernel
+        against_reference(self.kernel, self.run, self.first_set)
+
+
+# Per output dtype: the fused kernels compute in float32 (reductions in float64 chunks), the reference
+# in float64/float32, each rounds once to the output dtype; atol is relative to the output's magnitude.
+CHECK_TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1.6e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def _outputs(result: object) -> list[torch.Tensor]:
+    if result is None:
+        return []
+    if isinstance(result, (tuple, list)):
+        return [t for item in result for t in _outputs(item)]
+    return [torch.as_tensor(result)]
+
+
+def _copy(d: object) -> object:
+    if isinstance(d, dict):
+        return {k: _copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_copy(v) for v in d]
+    return d.clone() if isinstance(d, torch.Tensor) else d
+
+
+def against_reference(kernel: str, run: Callable[[object], object], first_set: object) -> None:
+    """Raises unless run(a copy of first_set) on the default backend equals it on the PyTorch reference."""
+    got = _outputs(run(_copy(first_set)))
+    with K.use_backend("reference"):
+        want = _outputs(run(_copy(first_set)))
+    if not got or len(got) != len(want):
+        raise AssertionError(f"{kernel}: {len(got)} outputs, the reference gives {len(want)}")
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            raise AssertionError(f"{kernel}: output {i} is {a.dtype}{tuple(a.shape)}, the reference's "
+                                 f"{b.dtype}{tuple(b.shape)}")
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                raise AssertionError(f"{kernel}: output {i} (integers) differs from the reference")
+            continue
+        rtol, atol = CHECK_TOLERANCE[a.dtype]
+        scale = max(1.0, float(b.double().abs().max()))
+        try:
+            torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * scale, equal_nan=True)
+        except AssertionError as error:
+            raise AssertionError(f"{kernel}: output {i} differs from the PyTorch reference: {error}") from None
 
 
 def _esize(dtype: torch.dtype) -> int:
@@ -98,6 +152,7 @@ def fill_normal(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
         "fill_normal", "W out: n*s", n * s, _tbytes(bufs[0]),
         {"c": [c(b) for b in bufs], "c_np": [c(b.numpy()) for b in bufs] if f32 else None,
          "torch": [t(b) for b in bufs], "numpy": [npy(b.numpy()) for b in bufs] if f32 else None},
+        run=lambda b: c(b)(), first_set=bufs[0],
     )
 
 
@@ -139,6 +194,7 @@ def add_noise(shape: tuple[int, ...], dtype: torch.dtype, nsets: int, with_eps: 
     return Case(
         name, model, (3 if with_eps else 2) * n * s, _tbytes(*sets[0].values()),
         _impls(sets, f32, c, t, npy, (sigma.numpy(),)),
+        run=lambda d: c(d)(), first_set=sets[0],
     )
 
 
@@ -166,6 +222,7 @@ def cfg_combine(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
     return Case(
         "cfg_combine", "R uncond, cond, W out: 3*n*s", 3 * n * s, _tbytes(*sets[0].values()),
         _impls(sets, f32, c, t, npy, ()),
+        run=lambda d: c(d)(), first_set=sets[0],
     )
 
 
@@ -208,6 +265,7 @@ def ta_loss(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
         "ta_loss (grad)", "pass 1 R d_ta, x0; pass 2 R d_ta, x0, W grad: 5*n*s", 5 * n * s,
         3 * n * s,
         _impls(sets, f32, c, t, npy, (sigma.numpy(),)),
+        run=lambda d: c(d)(), first_set=sets[0],
     )
 
 
@@ -264,6 +322,7 @@ def generator_grad(shape: tuple[int, ...], dtype: torch.dtype, nsets: int, with_
     return Case(
         name, model, k * n * s, _tbytes(*sets[0].values()),
         _impls(sets, f32, c, t, npy, ()),
+        run=lambda d: c(d)(), first_set=sets[0],
     )
 
 
@@ -317,6 +376,7 @@ def huber_terms(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
         "huber_terms", "pass 1 R x0, d_p, d_q; pass 2 R x0, d_p, d_q, W a, b, d': 9*n*s", 9 * n * s,
         _tbytes(*sets[0].values()) * 2,
         _impls(sets, f32, c, t, npy, (sigma.numpy(),)),
+        run=lambda d: c(d)(), first_set=sets[0],
     )
 
 
@@ -336,7 +396,11 @@ def ema_update(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
             for _ in range(nsets)]
 
     def c(d: dict[str, list[torch.Tensor]]) -> Fn:
-        return lambda: K.ema_update(d["ema"], d["p"], DECAY)
+        def step() -> object:
+            K.ema_update(d["ema"], d["p"], DECAY)
+            return d["ema"]  # what the call updates, for Case.check
+
+        return step
 
     def t(d: dict[str, list[torch.Tensor]]) -> Fn:
         def run() -> None:
@@ -358,6 +422,7 @@ def ema_update(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
     return Case(
         f"ema_update ({N_PARAM_TENSORS} tensors)", "R ema, param; W ema: 3*n*s", 3 * n * s, 2 * n * s,
         _impls(sets, f32, c, t, npy, ()),
+        run=lambda d: c(d)(), first_set=sets[0],
     )
 
 
@@ -376,7 +441,11 @@ def adam_step(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
     bc2_sqrt = math.sqrt(1.0 - b2**step)
 
     def c(d: dict[str, list[torch.Tensor]]) -> Fn:
-        return lambda: K.adam_step(d["p"], d["g"], d["m"], d["v"], **ADAM)
+        def step() -> object:
+            K.adam_step(d["p"], d["g"], d["m"], d["v"], **ADAM)
+            return d["p"], d["m"], d["v"]  # what the call updates, for Case.check
+
+        return step
 
     def t(d: dict[str, list[torch.Tensor]]) -> Fn:
         quads = list(zip(d["p"], d["g"], d["m"], d["v"], strict=True))
@@ -408,6 +477,7 @@ def adam_step(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
         "R param, grad (s each), exp_avg, exp_avg_sq (f32); W param (s), exp_avg, exp_avg_sq (f32): n*(3*s + 16)",
         n * (3 * s + 16), n * (2 * s + 8),
         _impls(sets, f32, c, t, npy, ()),
+        run=lambda d: c(d)(), first_set=sets[0],
     )
 
 
