@@ -128,6 +128,7 @@ def fill_uniform(out: Array, seed: int, offset: int = 0) -> Array:
     would round up to 1.0 in float16/bfloat16 gives that largest value instead.
     """
     _tensor(out, "out")
+    refuse_lazy_output(out, "out")
     run(OPS["fill_uniform"], {"out": out, "seed": seed, "offset": offset})
     return out
 
@@ -135,6 +136,7 @@ def fill_uniform(out: Array, seed: int, offset: int = 0) -> Array:
 def fill_normal(out: Array, seed: int, offset: int = 0) -> Array:
     """Fill `out` with Philox standard normals (Box-Muller on lane pairs)."""
     _tensor(out, "out")
+    refuse_lazy_output(out, "out")
     run(OPS["fill_normal"], {"out": out, "seed": seed, "offset": offset})
     return out
 
@@ -212,7 +214,7 @@ def add_noise(
     _batch(x0, "x0")
     _tensor(sigma, "sigma")
     _tensor(out, "out", optional=True)
-    refuse_lazy_output(out, "out")  # named as the caller knows it; the binding would say xt_out
+    refuse_lazy_output(out, "out")  # named as the caller knows it (the binding's xt_out)
     flow, return_eps = _flag(flow, "flow"), _flag(return_eps, "return_eps")
     xt = _empty_like(x0) if out is None else out
     eps = _empty_like(x0) if return_eps else None
@@ -226,6 +228,7 @@ def cfg_combine(uncond: Array, cond: Array, omega: float, *, out: Array | None =
     _tensor(uncond, "uncond")
     _tensor(cond, "cond")
     _tensor(out, "out", optional=True)
+    refuse_lazy_output(out, "out")
     result = _empty_like(uncond) if out is None else out
     run(OPS["cfg_combine"], {"uncond": uncond, "cond": cond, "out": result, "omega": omega})
     return result
@@ -284,7 +287,7 @@ def generator_grad(
     _tensor(d_uncond, "d_uncond", optional=True)
     _tensor(dr, "dr", optional=True)
     _tensor(out, "out", optional=True)
-    refuse_lazy_output(out, "out")  # named as the caller knows it; the binding would say grad_out
+    refuse_lazy_output(out, "out")  # named as the caller knows it (the binding's grad_out)
     grad = _empty_like(x0) if out is None else out
     diag = list(_per_sample(x0, batch, rows=4))
     bad = _per_sample(x0, batch, integer=True)

@@ -215,7 +215,11 @@ def _plain_out_list(seq: Any, name: str) -> Any:
     return None if seq is None else [plain_out(x, f"{name}[{i}]") for i, x in enumerate(seq)]
 
 
-_TO_BINDING: dict[str, Callable[[Any, str], Any]] = {"in": plain, "out": plain_out, "list-in": _plain_list,
+# A single output reaches the binding through plain(), which would hand a lazily negated view over as a
+# resolved copy and so lose what the kernel writes: the public API allocates those outputs itself or
+# refuses such a view of the caller's (refuse_lazy_output) before the dispatch. Items of output lists
+# are always the caller's, so each is checked here (plain_out).
+_TO_BINDING: dict[str, Callable[[Any, str], Any]] = {"in": plain, "out": plain, "list-in": _plain_list,
                                                     "list-out": _plain_out_list}
 _CALLS = {name: tuple((p, _TO_BINDING.get(kind)) for p, kind in op.converters) for name, op in OPS.items()}
 # dtypes that torch's DLPack export takes; only others need the C path's export attempt replayed
