@@ -6,7 +6,8 @@ decide: CUDA tensors go to "cuda", everything else to "cpu"; where those are mis
 reference stands in (with a warning). `use_backend(name)` (a context manager, per thread and
 task) or the environment variable DIPP_BACKEND (read at import) force one: the forced backend
 runs every call it can run, i.e. the ops it has, on the devices it serves; the rest keep their
-default. `backends()` lists, for every op, each backend and why it cannot run it here.
+default. op_reason() says why a backend cannot run an op here; ops.backends() (kernels.backends())
+lists that for every op of the table.
 """
 
 from __future__ import annotations
