@@ -386,3 +386,43 @@ TE, VE, BE = TypeError, ValueError, BufferError
 def tt(*shape: int, dtype: torch.dtype = torch.float32, requires_grad: bool = False) -> torch.Tensor:
     g = torch.Generator().manual_seed(sum(shape) + 7)
     return (torch.rand(*shape, generator=g) + 0.5).to(dtype).requires_grad_(requires_grad)
+
+
+# The same three binding checks run for every op's entry points; each per-op file makes its own copies from its
+# CASES and FLOAT_SCALARS (`test_x = bad_input_test(CASES)`), so the tests keep their names and ids per op.
+def bad_input_test(cases: list[Case]) -> Callable[[Case], None]:
+    @pytest.mark.parametrize("c", cases)
+    def test_bad_input(c: Case) -> None:
+        kwargs = valid_kwargs(c.fn)
+        kwargs.update(c.make(kwargs))
+        with pytest.raises(c.exc, match=c.match):
+            getattr(_core, c.fn)(**kwargs)
+
+    return test_bad_input
+
+
+def float_scalar_tests(float_scalars: list[tuple[str, str, bool]]) -> tuple[Callable[..., None], Callable[..., None]]:
+    """(beyond float32, underflowing float32) tests over (entry point, argument, 0 is invalid) triples."""
+    ids = [f"{f}-{a}" for f, a, _ in float_scalars]
+
+    @pytest.mark.parametrize("fn,arg,positive", float_scalars, ids=ids)
+    @pytest.mark.parametrize("value", [1e39, -1e39, 3.5e38])
+    def test_float_scalars_beyond_float32_are_rejected(fn: str, arg: str, positive: bool, value: float) -> None:
+        """1e39 is a finite double but Inf in float32: before the fix omega = 1e39 ran and produced Inf/NaN."""
+        kwargs = valid_kwargs(fn)
+        kwargs[arg] = value
+        with pytest.raises(ValueError, match=rf"^{arg} must "):
+            getattr(_core, fn)(**kwargs)
+
+    @pytest.mark.parametrize("fn,arg,positive", float_scalars, ids=ids)
+    def test_float_scalars_underflowing_float32(fn: str, arg: str, positive: bool) -> None:
+        """1e-50 becomes 0 in float32: rejected where 0 is invalid (sigma_data = 1e-50 gave Inf), else accepted."""
+        kwargs = valid_kwargs(fn)
+        kwargs[arg] = 1e-50
+        if positive:
+            with pytest.raises(ValueError, match=rf"^{arg} must be representable in float32"):
+                getattr(_core, fn)(**kwargs)
+        else:
+            getattr(_core, fn)(**kwargs)
+
+    return test_float_scalars_beyond_float32_are_rejected, test_float_scalars_underflowing_float32

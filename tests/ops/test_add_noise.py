@@ -13,8 +13,8 @@ from core_args import (
     TE,
     VE,
     B,
-    Case,
     N,
+    bad_input_test,
     case,
     empty,
     f32,
@@ -201,12 +201,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("c", CASES)
-def test_bad_input(c: Case):
-    kwargs = valid_kwargs(c.fn)
-    kwargs.update(c.make(kwargs))
-    with pytest.raises(c.exc, match=c.match):
-        getattr(_core, c.fn)(**kwargs)
+test_bad_input = bad_input_test(CASES)
 
 
 @pytest.mark.skipif(

@@ -17,7 +17,6 @@ from core_args import (
     TE,
     VE,
     B,
-    Case,
     DeviceLies,
     DeviceNotInts,
     DeviceNotTuple,
@@ -31,10 +30,10 @@ from core_args import (
     NoDeviceMethod,
     NonCapsuleProducer,
     ReusedCapsule,
+    bad_input_test,
     case,
     empty,
     f32,
-    valid_kwargs,
 )
 from diffinstruct import _core
 
@@ -220,12 +219,7 @@ CASES = [
     ),
 ]
 
-@pytest.mark.parametrize("c", CASES)
-def test_bad_input(c: Case):
-    kwargs = valid_kwargs(c.fn)
-    kwargs.update(c.make(kwargs))
-    with pytest.raises(c.exc, match=c.match):
-        getattr(_core, c.fn)(**kwargs)
+test_bad_input = bad_input_test(CASES)
 
 
 # --------------------------------------------------------------------------- DLPack ownership

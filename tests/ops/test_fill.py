@@ -13,9 +13,9 @@ from core_args import (
     TE,
     VE,
     B,
-    Case,
     N,
     NotTensor,
+    bad_input_test,
     case,
     empty,
     read_only,
@@ -269,12 +269,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("c", CASES)
-def test_bad_input(c: Case):
-    kwargs = valid_kwargs(c.fn)
-    kwargs.update(c.make(kwargs))
-    with pytest.raises(c.exc, match=c.match):
-        getattr(_core, c.fn)(**kwargs)
+test_bad_input = bad_input_test(CASES)
 
 
 # --------------------------------------------------------------------------- bad input: the public API

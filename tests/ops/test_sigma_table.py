@@ -9,8 +9,9 @@ import reference_np as ref
 from core_args import (
     TE,
     VE,
-    Case,
+    bad_input_test,
     case,
+    float_scalar_tests,
     valid_kwargs,
 )
 from diffinstruct import _core, kernels
@@ -91,12 +92,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("c", CASES)
-def test_bad_input(c: Case):
-    kwargs = valid_kwargs(c.fn)
-    kwargs.update(c.make(kwargs))
-    with pytest.raises(c.exc, match=c.match):
-        getattr(_core, c.fn)(**kwargs)
+test_bad_input = bad_input_test(CASES)
 
 
 # Every float scalar argument of this file's entry points, and whether 0 is invalid for it (then a
@@ -108,26 +104,8 @@ FLOAT_SCALARS = [
 ]
 
 
-@pytest.mark.parametrize("fn,arg,positive", FLOAT_SCALARS, ids=[f"{f}-{a}" for f, a, _ in FLOAT_SCALARS])
-@pytest.mark.parametrize("value", [1e39, -1e39, 3.5e38])
-def test_float_scalars_beyond_float32_are_rejected(fn, arg, positive, value):
-    """1e39 is a finite double but Inf in float32: before the fix omega = 1e39 ran and produced Inf/NaN."""
-    kwargs = valid_kwargs(fn)
-    kwargs[arg] = value
-    with pytest.raises(ValueError, match=rf"^{arg} must "):
-        getattr(_core, fn)(**kwargs)
-
-
-@pytest.mark.parametrize("fn,arg,positive", FLOAT_SCALARS, ids=[f"{f}-{a}" for f, a, _ in FLOAT_SCALARS])
-def test_float_scalars_underflowing_float32(fn, arg, positive):
-    """1e-50 becomes 0 in float32: rejected where 0 is invalid (sigma_data = 1e-50 gave Inf), else accepted."""
-    kwargs = valid_kwargs(fn)
-    kwargs[arg] = 1e-50
-    if positive:
-        with pytest.raises(ValueError, match=rf"^{arg} must be representable in float32"):
-            getattr(_core, fn)(**kwargs)
-    else:
-        getattr(_core, fn)(**kwargs)
+test_float_scalars_beyond_float32_are_rejected, test_float_scalars_underflowing_float32 = (
+    float_scalar_tests(FLOAT_SCALARS))
 
 
 # --------------------------------------------------------------------------- bad input: the public API
