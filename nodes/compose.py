@@ -156,7 +156,7 @@ class DIPPGeneratorLoss:
 
     def build(self, reference: ReferenceSpec, ta: TASpec, alpha: float, method: str, weighting: str, p_mean: float,
               p_std: float, reward: RewardSpec | None = None) -> tuple[LossSpec]:
-        from diffinstruct.config import ConfigError
+        from diffinstruct.errors import ConfigError
         from diffinstruct.hosts.comfy_train import same_model
 
         if ta.model is not None and not same_model(ta.model, reference.model):

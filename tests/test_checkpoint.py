@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from diffinstruct import checkpoint as ckpt
-from diffinstruct.checkpoint import CheckpointError
 from diffinstruct.config import DIConfig
+from diffinstruct.errors import CheckpointError
 from diffinstruct.rewards import TargetReward
 from diffinstruct.toy import GaussianMixture, build_models, class_prompts, default_means
 from diffinstruct.trainer import DITrainer

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from diffinstruct import checkpoint as ckpt
 from diffinstruct import cli, runner
-from diffinstruct.checkpoint import CheckpointDamaged, CheckpointDamagedWarning, NoUsableCheckpoint
-from diffinstruct.config import ConfigError, DIConfig
+from diffinstruct.config import DIConfig
+from diffinstruct.errors import CheckpointDamaged, CheckpointDamagedWarning, ConfigError, NoUsableCheckpoint
 from diffinstruct.hosts import comfy_train
 from diffinstruct.metrics import read_jsonl, without_timing
 from diffinstruct.rewards import TargetReward

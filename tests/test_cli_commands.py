@@ -51,7 +51,7 @@ def test_usage_errors_exit_2(argv, capsys):
 
 def test_train_diverged_exits_1(tmp_path, capsys, monkeypatch):
     from diffinstruct import runner
-    from diffinstruct.trainer import TrainingDiverged
+    from diffinstruct.errors import TrainingDiverged
 
     def diverge(*args, **kwargs):
         raise TrainingDiverged("3 non-finite steps in a row")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from diffinstruct import engine
-from diffinstruct.config import ConfigError, DIConfig
+from diffinstruct.config import DIConfig
 from diffinstruct.denoisers import EDMDenoiser
+from diffinstruct.errors import ConfigError
 from diffinstruct.hosts.comfy_specs import LossSpec, ReferenceSpec, RewardSpec, RewardTerm, TASpec
 from diffinstruct.hosts.comfy_train import TrainOptions
 from diffinstruct.rewards import TargetReward

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from diffinstruct import toy
-from diffinstruct.config import ConfigError, DIConfig
-from diffinstruct.trainer import DITrainer, TrainingDiverged
+from diffinstruct.config import DIConfig
+from diffinstruct.errors import ConfigError, TrainingDiverged
+from diffinstruct.trainer import DITrainer
 
 FAST = dict(lr_generator=1e-3, lr_ta=1e-3, batch_size=32, p_mean=-1.0, p_std=1.5, sigma_max=10.0)
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffinstruct.config import ConfigError
+from diffinstruct.errors import ConfigError, UnsupportedModel
 from diffinstruct.hosts import comfy_tiny as tiny
-from diffinstruct.hosts.comfy import UnsupportedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = "a red car\na blue sky\n# a comment\n\ngreen grass"
@@ -310,7 +309,7 @@ def test_bad_inputs_give_clear_errors(objects, tmp_path):
 
 
 def test_missing_reward_weights_name_where_to_put_them(objects, tmp_path, monkeypatch):
-    from diffinstruct.rewards import RewardWeightsNotFound
+    from diffinstruct.errors import RewardWeightsNotFound
 
     monkeypatch.setenv("DIFFINSTRUCT_MODELS_DIR", str(tmp_path))
     with pytest.raises(RewardWeightsNotFound, match="rewards/pickscore"):

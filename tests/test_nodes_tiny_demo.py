@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_nodes import NODES, ROOT
 
-from diffinstruct.config import ConfigError
+from diffinstruct.errors import ConfigError
 from diffinstruct.hosts import comfy_tiny_demo
 
 WORKFLOW = ROOT / "workflows" / "tiny_demo_api.json"

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from diffinstruct import checkpoint as ckpt
 from diffinstruct import cli, runner
-from diffinstruct.config import ConfigError, DIConfig
+from diffinstruct.config import DIConfig
+from diffinstruct.errors import ConfigError
 from diffinstruct.metrics import read_jsonl, truncate_from, without_timing
 from diffinstruct.rewards import TargetReward
 from diffinstruct.runner import RunOptions

@@ -57,13 +57,10 @@ from .checkpoint_schema import (
     FORMAT_VERSION,
     META,
     TENSOR_FILES,
-    CheckpointDamaged,
-    CheckpointDamagedWarning,
-    CheckpointError,
-    NoUsableCheckpoint,
     read_checkpoint_meta,
 )
 from .checkpoint_schema import validate_meta as validate_meta
+from .errors import CheckpointDamaged, CheckpointDamagedWarning, CheckpointError, NoUsableCheckpoint
 
 if TYPE_CHECKING:
     from .trainer import DITrainer

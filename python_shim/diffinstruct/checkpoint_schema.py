@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import METHODS
+from .errors import CheckpointDamaged
 
 FORMAT = "diffinstruct-checkpoint"
 FORMAT_VERSION = 1
@@ -22,33 +23,6 @@ META = "meta.json"
 TENSOR_FILES = {"generator": "generator.safetensors", "ta": "ta.safetensors", "ema": "ema.safetensors",
                 "optimizer": "optimizer.safetensors"}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt, or does not fit the model; the message says which file."""
-
-
-class CheckpointDamaged(CheckpointError):
-    """One file of a checkpoint is missing, cut short, corrupt, or (meta.json) breaks the schema.
-
-    Resuming skips such a checkpoint with a warning and takes an older one; `file` and `reason` say what is wrong.
-    """
-
-    def __init__(self, file: str | os.PathLike[str], reason: str) -> None:
-        self.file = Path(file)
-        self.reason = reason
-        super().__init__(f"{self.file}: {reason}")
-
-    def __reduce__(self) -> tuple[Any, ...]:  # picklable although __init__ takes two arguments
-        return type(self), (self.file, self.reason)
-
-
-class NoUsableCheckpoint(CheckpointError):
-    """A run directory holds checkpoints, but every one of them is damaged."""
-
-
-class CheckpointDamagedWarning(UserWarning):
-    """A damaged checkpoint was skipped in favour of an older one."""
 
 
 class _Invalid(Exception):

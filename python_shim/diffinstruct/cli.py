@@ -21,10 +21,12 @@ this module; the run layer (diffinstruct.run) is the library API.
 
 Exit status, the same for every subcommand:
     0    done
-    2    bad usage or input: argparse errors, a config value (ConfigError), a checkpoint that is missing or
-         unusable (CheckpointError), or an input file the subcommand cannot read (USAGE below)
-    1    the work failed while running: training diverged, a check failed, an output could not be written
-         (FAILURES below, reported as "error: ..."); anything unexpected also exits 1, with its traceback
+    2    bad usage or input: argparse errors, any errors.UsageError (a config value, a checkpoint that is missing
+         or unusable, a reward's missing weights, a backend that cannot run here), or an input file the
+         subcommand cannot read (its `usage` below)
+    1    the work failed while running: any errors.RunFailure (training diverged), a check failed, an output
+         could not be written (FAILURES and each subcommand's `failures`, reported as "error: ..."); anything
+         unexpected also exits 1, with its traceback
     130  interrupted (Ctrl-C)
 """
 
@@ -42,9 +44,9 @@ PACKAGE = __package__ or "diffinstruct"
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130
 # bad usage or input for every subcommand ("module:Class"; a class whose module was never imported cannot be the
 # exception, so checking one needs no import, and an error in `train`'s config never pulls in torch)
-USAGE_ERRORS = (f"{PACKAGE}.config:ConfigError", f"{PACKAGE}.checkpoint_schema:CheckpointError")
+USAGE_ERRORS = (f"{PACKAGE}.errors:UsageError",)
 # runtime failures every subcommand reports without a traceback, with a prefix for the message
-FAILURES = {f"{PACKAGE}.trainer:TrainingDiverged": "training diverged: "}
+FAILURES = {f"{PACKAGE}.errors:TrainingDiverged": "training diverged: ", f"{PACKAGE}.errors:RunFailure": ""}
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(f"{PACKAGE}.run.commands:evaluate"),
     "preference": Command(f"{PACKAGE}.rewards.preference:command", _INPUT_FILES, ("builtins:OSError",)),
     "embed": Command(f"{PACKAGE}.hosts.diffusers_embed:command"),
-    "comfyui": Command(f"{PACKAGE}.comfyui:command", (f"{PACKAGE}.comfyui:InstallError",), ("builtins:OSError",)),
+    "comfyui": Command(f"{PACKAGE}.comfyui:command", failures=("builtins:OSError",)),
     "demo": Command(f"{PACKAGE}.run.commands:demo", _INPUT_FILES, ("builtins:OSError",)),
     "convert": Command(f"{PACKAGE}.rewards.convert:command",
                        (*_INPUT_FILES, "builtins:KeyError", "_pickle:UnpicklingError"), ("builtins:Exception",)),

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .atomic import write_text_atomic
+from .errors import InstallError
 
 LOADER_NAME = "diffinstruct_loader.py"
 MARKER = "# written by: python -m diffinstruct.comfyui install"
@@ -30,10 +31,6 @@ from diffinstruct.comfyui import load_nodes
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = load_nodes()
 '''
 _SOURCE_MODULE = "diffinstruct_comfy_nodes"
-
-
-class InstallError(RuntimeError):
-    """The ComfyUI folder is not usable; the message says why."""
 
 
 def nodes_module() -> ModuleType:

@@ -9,15 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 METHODS = ("di", "dipp", "distar")
 GENERATOR_WEIGHTINGS = ("normalized", "unit")
 TA_WEIGHTINGS = ("edm", "unit")
 REDUCTIONS = ("mean", "sum")
 DISTAR_WEIGHTINGS = ("sigma2", "unit")
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key and what is allowed."""
 
 
 @dataclass

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .config import ConfigError, DIConfig, train_options
+from .config import DIConfig, train_options
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .denoisers import Denoiser

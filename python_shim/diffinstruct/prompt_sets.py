@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "prompts"
 PROMPT_SETS = {"coco1k": "coco2017_val_1k.txt", "hpsv2": "hpsv2_benchmark_prompts.json"}

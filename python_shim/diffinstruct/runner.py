@@ -35,7 +35,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from . import metrics as mlog
-from .config import ConfigError
+from .errors import ConfigError, RunDirError
 
 if TYPE_CHECKING:
     from .trainer import DITrainer
@@ -45,10 +45,6 @@ EVAL_FILE = "eval.jsonl"
 CURVES_FILE = "curves.png"
 
 EvalFn = Callable[["DITrainer", int], dict[str, Any]]
-
-
-class RunDirError(ConfigError):
-    """out_dir cannot be used as asked (it holds another run, or is ahead of `steps`)."""
 
 
 def _positive_int(name: str, value: Any, low: int) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import replacing
-from .config import ConfigError
+from .errors import ConfigError
 from .prompt_sets import Item
 
 # model rewards first (the paper's metrics), then the weight-free built-ins
@@ -54,7 +54,8 @@ def load_metrics(specs: Sequence[str], models_dir: str | None, have_prompts: boo
                  **opts: Any) -> tuple[dict[str, Any], dict[str, str]]:
     """(name -> scorer, name -> reason skipped). A metric is skipped when its weights are missing, its model is not
     available, or it needs prompts and there are none; any other error (a bad spec, a corrupt file) is raised."""
-    from .rewards import RewardWeightsNotFound, load_spec
+    from .errors import RewardWeightsNotFound
+    from .rewards import load_spec
     from .rewards.registry import canonical, check_spec
 
     scorers: dict[str, Any] = {}

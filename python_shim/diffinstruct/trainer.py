@@ -22,6 +22,7 @@ from torch import nn
 from . import kernels
 from .config import DIConfig
 from .denoisers import Denoiser
+from .errors import TrainingDiverged
 from .generator import OneStepGenerator
 from .optim import EMA, FusedAdam
 from .prompts import PromptList
@@ -30,10 +31,6 @@ from .rng import stream_seed
 
 if TYPE_CHECKING:
     from .distributed import DDPState
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many steps in a row produced non-finite values."""
 
 
 class VEView(nn.Module):

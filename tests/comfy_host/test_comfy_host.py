@@ -297,7 +297,8 @@ def test_unsupported_model_type_is_named(host):
     import comfy.model_sampling
     import tiny_comfy
 
-    from diffinstruct.hosts.comfy import UnsupportedModel, model_family
+    from diffinstruct.errors import UnsupportedModel
+    from diffinstruct.hosts.comfy import model_family
 
     model = tiny_comfy.tiny_model()
 

@@ -23,15 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModel
+
 SUPPORTED = ("SD1.5 and SDXL (epsilon prediction), v-prediction and EDM models, and flow models (SD3, Flux); "
              "or a diffinstruct denoiser module")
 VE_PARAMETERISATIONS = ("EPS", "V_PREDICTION", "EDM", "X0")
 FLOW_PARAMETERISATIONS = ("CONST",)
 UNSUPPORTED_PARAMETERISATIONS = ("IMG_TO_IMG", "COSMOS_RFLOW")
-
-
-class UnsupportedModel(TypeError):
-    """The MODEL is of a kind the engine cannot train; the message names what is supported."""
 
 
 # ============================================================================================== what was passed

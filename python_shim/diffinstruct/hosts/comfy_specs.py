@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import METHODS, NESTED, ConfigError, train_option
+from ..config import METHODS, NESTED, train_option
+from ..errors import ConfigError
 from ..rewards.registry import NAMES as REWARD_NAMES
 
 TA_MODES = ("lora", "full")

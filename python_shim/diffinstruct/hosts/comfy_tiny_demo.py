@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError
 from ..denoisers import EDMDenoiser
+from ..errors import ConfigError
 from ..tiny import data, load_teacher, taste, tokenize
 
 SIZE = data.SIZE  # pixels; the workflow's width and height

@@ -24,7 +24,8 @@ import torch
 
 from .. import engine, runner
 from .. import metrics as mlog
-from ..config import ConfigError, train_option
+from ..config import train_option
+from ..errors import ConfigError
 from ..generator import OneStepGenerator, default_sigma_init
 from ..prompts import PromptList, _cat
 from ..rewards import LatentToImageReward, load_spec

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..atomic import replacing
-from ..config import ConfigError
+from ..errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SUPPORTED = "SD1.5-style (unet/ + text_encoder/) and SDXL (unet/ + text_encoder/ + text_encoder_2/) pipelines"

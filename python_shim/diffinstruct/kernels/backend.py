@@ -10,15 +10,13 @@ import functools
 import warnings
 from typing import Any
 
+from ..errors import NoExtensionWarning
+
 try:
     import torch
     from torch.utils.dlpack import to_dlpack as _to_dlpack
 except ImportError:  # the kernels also work on NumPy arrays alone
     torch = None  # type: ignore[assignment]
-
-
-class NoExtensionWarning(RuntimeWarning):
-    """The C extension is not built: every kernel runs on the (slower) PyTorch reference."""
 
 
 class _ReferenceOnly:
@@ -50,10 +48,6 @@ except ImportError as error:
     warnings.warn(f"diffinstruct: the C extension is not built ({error}); every kernel runs on the pure-PyTorch "
                   "reference (slower). Install with 'pip install .' or run 'make build' for the fused kernels.",
                   NoExtensionWarning, stacklevel=2)
-
-
-class CudaFallbackWarning(RuntimeWarning):
-    """A CUDA tensor went to the PyTorch reference because no CUDA kernels were built."""
 
 
 def is_torch(x: Any) -> bool:

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import BackendUnavailable, CudaFallbackWarning, NoBackend
 from . import backend
 from .spec import Op
 
@@ -28,15 +29,6 @@ AUTO = "auto"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("diffinstruct_kernels_backend", default=None)
 _ENV = (os.environ.get("DIPP_BACKEND") or "").strip().lower() or None
 _env_usable = False  # DIPP_BACKEND named a backend that turned out to be available
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend was asked for (use_backend, DIPP_BACKEND) that cannot run here, or none can run an op."""
-
-
-class NoBackend(BackendUnavailable, ImportError):
-    """No backend here can run an op (e.g. a host-side table without the C extension). An ImportError
-    too: before the registry, calling into the missing extension raised one."""
 
 
 def _unknown(name: Any, where: str) -> ValueError:
@@ -122,7 +114,7 @@ def select(op: Op, lead: Any) -> str:
         if op.reference is not None:  # without the extension at all, its import warned once already
             _, path, reason = backend.core.cuda_status()
             warnings.warn(f"diffinstruct: CUDA tensors are handled by the PyTorch reference ({reason or path}); "
-                          "rebuild with nvcc for the fused CUDA kernels", backend.CudaFallbackWarning, stacklevel=4)
+                          "rebuild with nvcc for the fused CUDA kernels", CudaFallbackWarning, stacklevel=4)
             return "reference"
     if backend.HAVE_EXTENSION:
         return "cpu"

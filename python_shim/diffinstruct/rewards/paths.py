@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import RewardWeightsNotFound
+
 ENV_MODELS_DIR = "DIFFINSTRUCT_MODELS_DIR"
 
 SUBDIRS = {
@@ -52,10 +54,6 @@ SOURCES = {
                    "ImageReward.pt ImageReward.safetensors`) plus the bert-base-uncased tokenizer files (vocab.txt, "
                    "tokenizer_config.json) in a subfolder tokenizer/",
 }
-
-
-class RewardWeightsNotFound(FileNotFoundError):
-    """A reward's weight file or folder is missing; the message names the path and where to put the files."""
 
 
 def models_dir(explicit: str | os.PathLike[str] | None = None) -> Path | None:

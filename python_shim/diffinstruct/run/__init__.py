@@ -20,7 +20,7 @@ checkpoint. The command line (cli.py) and any script use it the same way:
 Nothing here imports torch at import time, so a config is validated before any model library loads.
 """
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from . import reward_kinds as _reward_kinds  # noqa: F401 - registers the built-in reward kinds
 from .builders import build, build_reward, build_trainer, load_generator_init
 from .options import REQUIRED, Option, check_section

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .problems import PROBLEMS, REWARDS, Built
 from .spec import RunSpec
 

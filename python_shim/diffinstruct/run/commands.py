@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .builders import build_trainer
 from .parse import load_config
 from .problems import PROBLEMS, Built, Problem

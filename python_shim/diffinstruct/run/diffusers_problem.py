@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..hosts.diffusers.adapters import (
     attention_and_conv_target,
     attention_target,

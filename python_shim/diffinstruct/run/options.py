@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 REQUIRED: Any = object()
 KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",

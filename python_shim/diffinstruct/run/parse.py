@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, DIConfig
+from ..config import DIConfig
+from ..errors import ConfigError
 from .options import _toml_repr, _toml_type, check_section
 from .plugins import load_plugin, problem_names
 from .problems import PROBLEMS, REWARDS, Problem, takes_image_rewards

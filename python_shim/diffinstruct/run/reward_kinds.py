@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .options import Option
 from .problems import PROBLEMS, RewardKind, register_reward
 from .spec import RunSpec
@@ -39,7 +39,8 @@ def _image_check(options: dict[str, Any], spec: RunSpec) -> None:
 
 
 def _image_build(options: dict[str, Any], spec: RunSpec) -> Any:
-    from ..rewards import RewardWeightsNotFound, load_spec
+    from ..errors import RewardWeightsNotFound
+    from ..rewards import load_spec
 
     try:
         scorer = load_spec(options["spec"], models_dir=options["models_dir"] or None)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .builders import build_reward
 from .options import Option
 from .problems import Built, Problem, register_problem

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..atomic import write_text_atomic
 from ..checkpoint import sha256_file
-from ..config import ConfigError
+from ..errors import ConfigError
 from . import data, models
 
 CLASSIFIER_BACKGROUND = (0.0, 0.8)

@@ -30,8 +30,9 @@ import torch
 
 from .. import engine, runner
 from ..checkpoint import write_text_atomic
-from ..config import ConfigError, DIConfig
+from ..config import DIConfig
 from ..denoisers import EDMDenoiser
+from ..errors import ConfigError
 from ..prompts import PromptList
 from ..rewards.base import PixelReward
 from ..rewards.preference import PreferenceModel
