@@ -60,6 +60,7 @@ from .checkpoint_schema import (
     read_checkpoint_meta,
 )
 from .checkpoint_schema import validate_meta as validate_meta
+from .checks import check_int
 from .errors import CheckpointDamaged, CheckpointDamagedWarning, CheckpointError, NoUsableCheckpoint
 
 if TYPE_CHECKING:
@@ -221,10 +222,8 @@ def save_checkpoint(trainer: DITrainer, run_dir: str | os.PathLike[str], step: i
     """
     from safetensors.torch import save_file
 
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-        raise ValueError(f"keep must be an integer >= 0 (0 keeps every checkpoint), got {keep!r}")
+    check_int("step", step, 0, ValueError)
+    check_int("keep", keep, 0, ValueError, hint=" (0 keeps every checkpoint)")
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     _clean_stale(run)

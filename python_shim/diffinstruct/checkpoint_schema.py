@@ -8,12 +8,12 @@ CheckpointDamaged naming the file and the first field at fault; checkpoint.py re
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from .checks import is_finite_number, is_int
 from .config import METHODS
 from .errors import CheckpointDamaged
 
@@ -61,8 +61,7 @@ def _string(obj: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no count
+_is_int = is_int  # JSON true is no count
 
 
 def _integer(obj: dict[str, Any], key: str, where: str, low: int) -> int:
@@ -72,8 +71,7 @@ def _integer(obj: dict[str, Any], key: str, where: str, low: int) -> int:
     return int(value)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+_is_number = is_finite_number
 
 
 def _in_range(value: float, low: float | None, high: float | None, open_low: bool, open_high: bool) -> bool:

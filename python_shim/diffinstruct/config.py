@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import check_finite, check_int
 from .errors import ConfigError
 
 METHODS = ("di", "dipp", "distar")
@@ -71,17 +71,14 @@ class DIConfig:
             value = getattr(self, key)
             if value is None and allow_none:
                 return
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            check_finite(key, value)
             if low is not None and (value <= low if open_low else value < low):
                 raise ConfigError(f"{key} = {value} must be {'>' if open_low else '>='} {low}")
             if high is not None and value > high:
                 raise ConfigError(f"{key} = {value} must be <= {high}")
 
         def integer(key: str, low: int) -> None:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+            check_int(key, getattr(self, key), low)
 
         choice("method", METHODS)
         choice("generator_weighting", GENERATOR_WEIGHTINGS)

@@ -21,7 +21,7 @@ TIMING_PREFIX = "time_"
 
 
 def jsonable(value: Any) -> Any:
-    if isinstance(value, bool):
+    if isinstance(value, bool):  # before the number cases: True is an int
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None

@@ -35,6 +35,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from . import metrics as mlog
+from .checks import check_int, is_finite_number
 from .errors import ConfigError, RunDirError
 
 if TYPE_CHECKING:
@@ -48,9 +49,7 @@ EvalFn = Callable[["DITrainer", int], dict[str, Any]]
 
 
 def _positive_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+    return check_int(name, value, low)
 
 
 @dataclass
@@ -409,7 +408,7 @@ def _postfix(record: dict[str, Any], last_eval: dict[str, Any] | None) -> dict[s
         out["skipped"] = str(int(record["skipped_steps"]))
     if last_eval:
         for k, v in list(last_eval.items())[:2]:
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            if is_finite_number(v):
                 out[k] = f"{v:.4g}"
     return out
 

@@ -3,12 +3,12 @@ objects only when a training or evaluation node runs."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_finite
 from ..config import METHODS, NESTED, train_option
 from ..errors import ConfigError
 from ..rewards.registry import NAMES as REWARD_NAMES
@@ -21,8 +21,7 @@ MAX_OMEGA = 100.0
 
 
 def check_number(name: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    check_finite(name, value)
     if not low <= value <= high:
         raise ConfigError(f"{name} = {value:g} is out of range [{low:g}, {high:g}]")
     return float(value)

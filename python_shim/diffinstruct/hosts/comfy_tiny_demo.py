@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import check_int
 from ..denoisers import EDMDenoiser
 from ..errors import ConfigError
 from ..tiny import data, load_teacher, taste, tokenize
@@ -79,9 +80,7 @@ def conditioning(prompts: Sequence[str]) -> list[list[Any]]:
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+    return check_int(name, value, low)
 
 
 def rating_images(generator: Any, n_images: int, seed: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 
 from .. import engine, runner
 from .. import metrics as mlog
+from ..checks import check_int, is_int
 from ..config import train_option
 from ..errors import ConfigError
 from ..generator import OneStepGenerator, default_sigma_init
@@ -55,12 +56,10 @@ class TrainOptions:
     def check(self, downscale: int) -> None:
         for name, low in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("seed", 0),
                           ("preview_count", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, getattr(self, name), low)
         for name in ("width", "height"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < downscale or value % downscale:
+            if not is_int(value) or value < downscale or value % downscale:
                 raise ConfigError(f"{name} must be a positive multiple of {downscale} pixels, got {value!r}")
         if not self.checkpoint_dir or not str(self.checkpoint_dir).strip():
             raise ConfigError("checkpoint_dir is empty: name a folder for the run's checkpoints")
@@ -300,10 +299,9 @@ def one_step_sample(model: Any, positive: Any, seed: int, batch_size: int, width
                     downscale: int = 8) -> torch.Tensor:
     """Raw LATENT samples [B, C, h, w] of the one-step generator g(z, c) = D(sigma_init z, sigma_init, c);
     conditioning entries are used in turn. A MODEL not aligned by this pack uses the default sigma_init."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value < downscale or value % downscale:
+        if not is_int(value) or value < downscale or value % downscale:
             raise ConfigError(f"{name} must be a positive multiple of {downscale} pixels, got {value!r}")
     entries = host.conditioning_entries(positive, "positive conditioning")
     hw = (height // downscale, width // downscale)
@@ -334,8 +332,7 @@ class Evaluation:
 def evaluate(model: Any, clip: Any, vae: Any, prompts: Sequence[str], reward: RewardSpec, seed: int = 0,
              samples_per_prompt: int = 1, width: int = 512, height: int = 512) -> Evaluation:
     """Reward statistics of one-step samples: `samples_per_prompt` per prompt, the same noise for every model."""
-    if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
-        raise ConfigError(f"samples_per_prompt must be an integer >= 1, got {samples_per_prompt!r}")
+    check_int("samples_per_prompt", samples_per_prompt, 1)
     if vae is None:
         raise ConfigError("evaluation scores images: connect a VAE")
     prompts = host.parse_prompts(prompts)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import is_int
 from .backend import is_torch, refuse_lazy_output, torch
 from .ops import OPS, run
 from .types import GeneratorGrad, HuberTerms, TALoss
@@ -75,7 +76,7 @@ def _count(value: Any, name: str) -> int:
 
 
 def _device(device: Any) -> Any:
-    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+    if not (isinstance(device, (str, torch.device)) or is_int(device)):
         raise TypeError(f"device must be a str, int or torch.device (or None for NumPy), got {type(device).__name__}")
     try:
         dev = torch.device(device)

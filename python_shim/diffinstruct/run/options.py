@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import is_int, is_number
 from ..errors import ConfigError
 
 REQUIRED: Any = object()
@@ -61,10 +62,10 @@ def _toml_repr(value: Any) -> str:
 
 def _check_number(where: str, value: Any, opt: Option, bad: str) -> int | float:
     if opt.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise ConfigError(bad)
     else:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not is_number(value):
             raise ConfigError(bad)
         if not math.isfinite(value):
             raise ConfigError(f"{where} must be a finite number, got {value!r}")
@@ -77,7 +78,7 @@ def _check_number(where: str, value: Any, opt: Option, bad: str) -> int | float:
 
 
 def _check_floats(where: str, value: Any, opt: Option, bad: str) -> list[float]:
-    if not isinstance(value, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+    if not isinstance(value, list) or not all(is_number(v) for v in value):
         raise ConfigError(bad)
     if opt.length is not None and len(value) != opt.length:
         raise ConfigError(f"{where} must have {opt.length} numbers, got {len(value)}")

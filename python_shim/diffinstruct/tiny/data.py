@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..checks import check_int
+
 SIZE = 16
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.92, 0.15, 0.12),
@@ -160,8 +162,7 @@ def random_attributes(n: int, rng: np.random.Generator) -> list[Attributes]:
 def sample_batch(n: int, seed: int, background: tuple[float, float] = BACKGROUND,
                  ) -> tuple[torch.Tensor, list[Attributes]]:
     """n random images in [0, 1] with their attributes, a pure function of (n, seed, background)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    check_int("n", n, 1, ValueError)
     rng = np.random.default_rng(seed)
     attrs = random_attributes(n, rng)
     return render(attrs, rng, background), attrs

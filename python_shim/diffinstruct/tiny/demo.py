@@ -30,6 +30,7 @@ import torch
 
 from .. import engine, runner
 from ..checkpoint import write_text_atomic
+from ..checks import check_int
 from ..config import DIConfig
 from ..denoisers import EDMDenoiser
 from ..errors import ConfigError
@@ -70,9 +71,7 @@ class DemoConfig:
     def check(self) -> DemoConfig:
         for name in ("di_steps", "sweep_steps", "batch_size", "heun_steps", "eval_prompts", "eval_seeds",
                      "reward_images", "reward_pairs", "reward_epochs", "threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         if self.eval_seeds < 2:
             raise ConfigError("eval_seeds must be >= 2 (diversity compares samples of one prompt)")
         if self.eval_prompts > len(data.all_prompts()):

@@ -6,14 +6,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checks import check_int
 from ..denoisers import Denoiser
 from . import data
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """steps noise levels from sigma_max down to sigma_min, then 0 (steps + 1 values)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_int("steps", steps, 1, ValueError)
     i = torch.arange(steps, dtype=torch.float64)
     inv = 1.0 / rho
     denom = max(steps - 1, 1)
