@@ -41,4 +41,4 @@ def test_runner_and_config_refuse_a_boolean_count():
     with pytest.raises(ConfigError, match="ta_steps must be an integer"):
         DIConfig(ta_steps=True).validate()
     with pytest.raises(ConfigError, match="steps must be an integer"):
-        RunOptions(steps=True, out_dir=None).check()
+        RunOptions(steps=True, out_dir=None, checkpoint_every=1).check()
