@@ -306,6 +306,88 @@ def _check_out(out: Path, cfg: DemoConfig) -> None:
         write_text_atomic(saved, current)
 
 
+def _reward_model(teacher: EDMDenoiser, gen1: dict[str, torch.Tensor], cfg: DemoConfig, out: Path
+                  ) -> tuple[EDMDenoiser, PreferenceModel, dict[str, Any]]:
+    """Stage 2: rate pairs of data and stage-1 generator images with the hidden taste, fit the preference model.
+    Returns the stage-1 generator as a network, the model and its training record."""
+    print("stage 2/3 reward modelling: rating pairs, training the preference model", file=sys.stderr, flush=True)
+    net1 = copy.deepcopy(teacher)
+    net1.load_state_dict(gen1)
+    half = cfg.reward_images // 2
+    real, _ = data.sample_batch(half, seed=cfg.seed + 77)
+    fake_prompts = [data.all_prompts()[i % 96] for i in range(cfg.reward_images - half)]
+    fake, _ = one_step(net1, fake_prompts, [5000 + i for i in range(len(fake_prompts))])
+    reward_model, record = taste.fit_reward(torch.cat([real, fake]), cfg.reward_pairs, cfg.seed + 7,
+                                            epochs=cfg.reward_epochs)
+    reward_model.save(out / STAGE2 / REWARD_FILE, record)
+    return net1, reward_model, record
+
+
+def _sweep(teacher: EDMDenoiser, cfg: DemoConfig, out: Path, reward_model: PreferenceModel,
+           stage1: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+           ) -> tuple[dict[float, EDMDenoiser], dict[float, Path]]:
+    """Stage 3: DI++ from the stage-1 generator and TA, one run per alpha; the generators and their run folders."""
+    reward = PixelReward(reward_model, value_range=(-1.0, 1.0), name="preference")
+    nets: dict[float, EDMDenoiser] = {}
+    dirs: dict[float, Path] = {}
+    for alpha in cfg.alphas:
+        run_dir = out / f"stage3-alpha{alpha:g}"
+        gen, _, _ = _train(teacher, cfg, run_dir, cfg.sweep_steps, alpha, reward, stage1,
+                           f"stage 3/3 DI++ alpha = {alpha:g}")
+        net = copy.deepcopy(teacher)
+        net.load_state_dict(gen)
+        nets[alpha], dirs[alpha] = net, run_dir
+    return nets, dirs
+
+
+def _evaluate(teacher: EDMDenoiser, net1: EDMDenoiser, sweep_nets: dict[float, EDMDenoiser], cfg: DemoConfig,
+              clf: models.AttributeClassifier, reward_model: PreferenceModel, record: dict[str, Any]
+              ) -> dict[str, Any]:
+    """The teacher (many steps) and every generator (one step) on the evaluation prompts and seeds: the metrics."""
+    print("report: sampling the teacher (many steps) and the generators (one step)", file=sys.stderr, flush=True)
+    from tqdm.auto import tqdm
+
+    prompts, seeds = eval_prompts(cfg)
+    bar = tqdm(total=2 + len(sweep_nets), desc="evaluate", unit="sample set", file=sys.stderr, dynamic_ncols=True)
+    t_images, t_sec = many_step(teacher, prompts, seeds, cfg)
+    teacher_m = measure(f"teacher ({cfg.heun_steps}-step Heun, CFG {cfg.omega:g})", t_images, prompts, t_sec, clf,
+                        reward_model, t_images)
+    bar.update(1)
+    images1, sec1 = one_step(net1, prompts, seeds)
+    stage1_m = measure(f"DI stage 1 ({cfg.di_steps} steps)", images1, prompts, sec1, clf, reward_model, t_images)
+    bar.update(1)
+    sweep = []
+    for alpha, net in sweep_nets.items():
+        images, sec = one_step(net, prompts, seeds)
+        name = f"alpha = {alpha:g}" + (" (DI)" if alpha == 0 else " (DI++)")
+        sweep.append({"alpha": alpha, **measure(name, images, prompts, sec, clf, reward_model, t_images)})
+        bar.update(1)
+    bar.close()
+    di = dict(next(m for m in sweep if m["alpha"] == 0), name=f"DI (alpha = 0, +{cfg.sweep_steps} steps)")
+    dipp = dict(next(m for m in sweep if m["alpha"] == cfg.alpha), name=f"DI++ (alpha = {cfg.alpha:g})")
+    nfe = 2 * cfg.heun_steps - 1
+    return {
+        "config": asdict(cfg), "teacher": teacher_m, "stage1": stage1_m, "di": di, "dipp": dipp,
+        "sweep": sweep, "reward_model": record, "teacher_nfe": nfe * (2 if cfg.omega != 1 else 1),
+        # the same images (prompts, seeds, batch): the whole Heun chain with CFG versus one network evaluation
+        "speedup": t_sec / max(dipp["sample_seconds"], 1e-9),
+        "reward_gain": dipp["reward"] - di["reward"],
+        "fidelity_gap_to_teacher": teacher_m["attribute_accuracy"] - dipp["attribute_accuracy"],
+    }
+
+
+def _figures(teacher: EDMDenoiser, sweep_nets: dict[float, EDMDenoiser], sweep_dirs: dict[float, Path],
+             cfg: DemoConfig, out: Path) -> None:
+    """grid.png (teacher, DI, DI++ on the grid prompts) and curves.png."""
+    grid_prompts = [p for p in GRID_PROMPTS for _ in range(2)]
+    grid_seeds = [1 + i % 2 for i in range(len(grid_prompts))]
+    rows = [(f"teacher\n{cfg.heun_steps}-step", many_step(teacher, grid_prompts, grid_seeds, cfg)[0]),
+            ("DI\none-step", one_step(sweep_nets[0.0], grid_prompts, grid_seeds)[0]),
+            (f"DI++ α={cfg.alpha:g}\none-step", one_step(sweep_nets[cfg.alpha], grid_prompts, grid_seeds)[0])]
+    _grid(rows, out / "grid.png", grid_prompts, 2)
+    _curves(out / STAGE1, sweep_dirs, out / "curves.png")
+
+
 def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, weights: str | os.PathLike[str] | None = None
              ) -> dict[str, Any]:
     """All three stages and the report; returns the metrics (also written to out/metrics.json)."""
@@ -318,80 +400,18 @@ def run_demo(out: str | os.PathLike[str], cfg: DemoConfig, weights: str | os.Pat
     began = time.perf_counter()
     timing: dict[str, float] = {}
 
-    # stage 1: DI pre-training of the one-step generator
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # stage 1: DI pre-training of the one-step generator
     gen1, ta1, _ = _train(teacher, cfg, out / STAGE1, cfg.di_steps, 0.0, None, None, "stage 1/3 DI pre-training")
     timing["stage1"] = time.perf_counter() - t0
-
-    # stage 2: rate pairs of data and generator images with the hidden taste, fit the preference model
     t0 = time.perf_counter()
-    print("stage 2/3 reward modelling: rating pairs, training the preference model", file=sys.stderr, flush=True)
-    net1 = copy.deepcopy(teacher)
-    net1.load_state_dict(gen1)
-    half = cfg.reward_images // 2
-    real, _ = data.sample_batch(half, seed=cfg.seed + 77)
-    fake_prompts = [data.all_prompts()[i % 96] for i in range(cfg.reward_images - half)]
-    fake, _ = one_step(net1, fake_prompts, [5000 + i for i in range(len(fake_prompts))])
-    reward_model, record = taste.fit_reward(torch.cat([real, fake]), cfg.reward_pairs, cfg.seed + 7,
-                                            epochs=cfg.reward_epochs)
-    reward_model.save(out / STAGE2 / REWARD_FILE, record)
+    net1, reward_model, record = _reward_model(teacher, gen1, cfg, out)
     timing["stage2"] = time.perf_counter() - t0
-
-    # stage 3: DI++ from the stage-1 generator, one run per alpha
     t0 = time.perf_counter()
-    reward = PixelReward(reward_model, value_range=(-1.0, 1.0), name="preference")
-    sweep_nets: dict[float, EDMDenoiser] = {}
-    sweep_dirs: dict[float, Path] = {}
-    for alpha in cfg.alphas:
-        run_dir = out / f"stage3-alpha{alpha:g}"
-        gen, _, _ = _train(teacher, cfg, run_dir, cfg.sweep_steps, alpha, reward, (gen1, ta1),
-                           f"stage 3/3 DI++ alpha = {alpha:g}")
-        net = copy.deepcopy(teacher)
-        net.load_state_dict(gen)
-        sweep_nets[alpha], sweep_dirs[alpha] = net, run_dir
+    sweep_nets, sweep_dirs = _sweep(teacher, cfg, out, reward_model, (gen1, ta1))
     timing["stage3"] = time.perf_counter() - t0
-
-    # evaluation and report
     t0 = time.perf_counter()
-    print("report: sampling the teacher (many steps) and the generators (one step)", file=sys.stderr, flush=True)
-    from tqdm.auto import tqdm
-
-    prompts, seeds = eval_prompts(cfg)
-    bar = tqdm(total=2 + len(sweep_nets), desc="evaluate", unit="sample set", file=sys.stderr, dynamic_ncols=True)
-    t_images, t_sec = many_step(teacher, prompts, seeds, cfg)
-    measured = {"teacher": measure(f"teacher ({cfg.heun_steps}-step Heun, CFG {cfg.omega:g})", t_images, prompts,
-                                   t_sec, clf, reward_model, t_images)}
-    bar.update(1)
-    images1, sec1 = one_step(net1, prompts, seeds)
-    measured["stage1"] = measure(f"DI stage 1 ({cfg.di_steps} steps)", images1, prompts, sec1, clf, reward_model,
-                                 t_images)
-    bar.update(1)
-    sweep = []
-    for alpha, net in sweep_nets.items():
-        images, sec = one_step(net, prompts, seeds)
-        name = f"alpha = {alpha:g}" + (" (DI)" if alpha == 0 else " (DI++)")
-        m = measure(name, images, prompts, sec, clf, reward_model, t_images)
-        sweep.append({"alpha": alpha, **m})
-        bar.update(1)
-    bar.close()
-    di = dict(next(m for m in sweep if m["alpha"] == 0), name=f"DI (alpha = 0, +{cfg.sweep_steps} steps)")
-    dipp = dict(next(m for m in sweep if m["alpha"] == cfg.alpha), name=f"DI++ (alpha = {cfg.alpha:g})")
-    nfe = 2 * cfg.heun_steps - 1
-    metrics: dict[str, Any] = {
-        "config": asdict(cfg), "teacher": measured["teacher"], "stage1": measured["stage1"], "di": di, "dipp": dipp,
-        "sweep": sweep, "reward_model": record, "teacher_nfe": nfe * (2 if cfg.omega != 1 else 1),
-        # the same images (prompts, seeds, batch): the whole Heun chain with CFG versus one network evaluation
-        "speedup": t_sec / max(dipp["sample_seconds"], 1e-9),
-        "reward_gain": dipp["reward"] - di["reward"],
-        "fidelity_gap_to_teacher": measured["teacher"]["attribute_accuracy"] - dipp["attribute_accuracy"],
-    }
-    grid_prompts = [p for p in GRID_PROMPTS for _ in range(2)]
-    grid_seeds = [1 + i % 2 for i in range(len(grid_prompts))]
-    rows = [(f"teacher\n{cfg.heun_steps}-step", many_step(teacher, grid_prompts, grid_seeds, cfg)[0]),
-            ("DI\none-step", one_step(sweep_nets[0.0], grid_prompts, grid_seeds)[0]),
-            (f"DI++ α={cfg.alpha:g}\none-step", one_step(sweep_nets[cfg.alpha], grid_prompts, grid_seeds)[0])]
-    _grid(rows, out / "grid.png", grid_prompts, 2)
-    _curves(out / STAGE1, sweep_dirs, out / "curves.png")
+    metrics = _evaluate(teacher, net1, sweep_nets, cfg, clf, reward_model, record)
+    _figures(teacher, sweep_nets, sweep_dirs, cfg, out)
     timing["report"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - began
     metrics["timing"] = timing
