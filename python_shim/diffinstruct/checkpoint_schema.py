@@ -7,6 +7,7 @@ CheckpointDamaged naming the file and the first field at fault; checkpoint.py re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,6 +23,8 @@ FORMAT_VERSION = 1
 META = "meta.json"
 TENSOR_FILES = {"generator": "generator.safetensors", "ta": "ta.safetensors", "ema": "ema.safetensors",
                 "optimizer": "optimizer.safetensors"}
+LATEST = "latest"  # the pointer file naming the newest checkpoint of a run folder
+ROLES = ("generator", "ta", "ema")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -229,3 +232,27 @@ def read_checkpoint_meta(ckpt: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8
         raise CheckpointDamaged(meta_path, f"not readable as JSON ({exc})") from None
     return validate_meta(meta, path)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def json_value(value: Any) -> Any:
+    """`value` as JSON stores it (NaN as null, paths as strings, anything else as its repr)."""
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
