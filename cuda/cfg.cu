@@ -11,7 +11,8 @@ template <int DT>
 static dipp_status cfg_run(const dipp_cfg_args *a, cudaStream_t stream) {
     if (a->n < 0) return DIPP_ERR_ARGUMENT;
     if (a->n == 0) return DIPP_OK;
-    dipp_cfg_kernel<DT><<<dipp_cuda_blocks(a->n, DIPP_CUDA_THREADS), DIPP_CUDA_THREADS, 0, stream>>>(*a);
+    DIPP_CUDA_LAUNCH(dipp_cuda_blocks(a->n, DIPP_CUDA_THREADS), DIPP_CUDA_THREADS, stream, dipp_cfg_kernel<DT>)(
+        *a);
     DIPP_CUDA_LAUNCH_CHECK();
     return DIPP_OK;
 }

@@ -83,9 +83,8 @@ static inline dipp_status dipp_cuda_chunk_reduce(const Op &op, int64_t batch, in
                                                  float *partial, cudaStream_t stream) {
     const int64_t total = batch * chunks;
     if (total <= 0) return DIPP_OK;
-    dipp_cuda_chunk_reduce_kernel<NQ, Op>
-        <<<dipp_cuda_blocks(total, DIPP_CUDA_WARPS_PER_BLOCK), DIPP_CUDA_THREADS, 0, stream>>>(op, batch, per_sample,
-                                                                                              chunks, partial);
+    DIPP_CUDA_LAUNCH(dipp_cuda_blocks(total, DIPP_CUDA_WARPS_PER_BLOCK), DIPP_CUDA_THREADS, stream,
+                     dipp_cuda_chunk_reduce_kernel<NQ, Op>)(op, batch, per_sample, chunks, partial);
     DIPP_CUDA_LAUNCH_CHECK();
     return DIPP_OK;
 }
@@ -95,8 +94,8 @@ static inline dipp_status dipp_cuda_chunk_apply(const Op &op, int64_t batch, int
                                                 cudaStream_t stream) {
     const int64_t total = batch * chunks;
     if (total <= 0) return DIPP_OK;
-    dipp_cuda_chunk_apply_kernel<Op>
-        <<<dipp_cuda_blocks(total, 1), DIPP_CUDA_THREADS, 0, stream>>>(op, batch, per_sample, chunks);
+    DIPP_CUDA_LAUNCH(dipp_cuda_blocks(total, 1), DIPP_CUDA_THREADS, stream, dipp_cuda_chunk_apply_kernel<Op>)(
+        op, batch, per_sample, chunks);
     DIPP_CUDA_LAUNCH_CHECK();
     return DIPP_OK;
 }

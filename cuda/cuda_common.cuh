@@ -11,11 +11,35 @@
 
 #include "dipp.h"
 
-/* Threads per block of every kernel (a multiple of the warp size). */
+/* Threads per block of every kernel (a multiple of the warp size). Overridable so that the
+ * tests can build the kernels for other block sizes (cuda/host_emu) and check the results
+ * do not depend on it; release builds keep 256. */
+#ifndef DIPP_CUDA_THREADS
 #define DIPP_CUDA_THREADS 256
+#endif
+#if DIPP_CUDA_THREADS % 32 != 0 || DIPP_CUDA_THREADS < 32 || DIPP_CUDA_THREADS > 1024
+#error "DIPP_CUDA_THREADS must be a multiple of 32 in [32, 1024]"
+#endif
 #define DIPP_CUDA_WARPS_PER_BLOCK (DIPP_CUDA_THREADS / 32)
 /* Upper bound of blocks per launch; grid-stride loops cover the rest. */
+#ifndef DIPP_CUDA_MAX_BLOCKS
 #define DIPP_CUDA_MAX_BLOCKS 8192
+#endif
+
+/*
+ * Launches kernel(args...) on `grid` blocks of `block` threads on `stream`, written
+ *     DIPP_CUDA_LAUNCH(grid, block, stream, kernel)(args...);
+ * with the kernel last because template arguments contain commas. nvcc sees a plain
+ * <<<grid, block, 0, stream>>>; a g++ build against cuda/host_emu runs the same kernel
+ * body on the CPU runtime there, which is how the tests execute the kernels without a GPU.
+ */
+#if defined(__CUDACC__)
+#define DIPP_CUDA_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#elif defined(DIPP_HOST_EMU)
+#define DIPP_CUDA_LAUNCH(grid, block, stream, ...) DIPP_EMU_LAUNCH(grid, block, stream, #__VA_ARGS__, __VA_ARGS__)
+#else
+#error "cuda/*.cu compile with nvcc, or with g++ -I cuda/host_emu (the CPU runtime of the tests)"
+#endif
 
 /* Returns DIPP_ERR_CUDA from the enclosing function when a runtime call fails. */
 #define DIPP_CUDA_TRY(expr)                                   \

@@ -78,8 +78,8 @@ template <int DT>
 static dipp_status gen_launch(const dipp_gen_args *a, int64_t chunks, float *partial, cudaStream_t stream) {
     DIPP_TRY((dipp_cuda_chunk_reduce<GEN_NQ>(gen_reduce_op<DT>{*a}, a->batch, a->per_sample, chunks, partial,
                                              stream)));
-    dipp_gen_finalize_kernel<<<dipp_cuda_sample_blocks(a->batch), DIPP_CUDA_THREADS, 0, stream>>>(*a, chunks,
-                                                                                                  partial);
+    DIPP_CUDA_LAUNCH(dipp_cuda_sample_blocks(a->batch), DIPP_CUDA_THREADS, stream, dipp_gen_finalize_kernel)(
+        *a, chunks, partial);
     DIPP_CUDA_LAUNCH_CHECK();
     const float a_over_b = a->alpha / (float)a->batch;
     DIPP_TRY(dipp_cuda_chunk_apply(gen_grad_op<DT>{*a, a_over_b}, a->batch, a->per_sample, chunks, stream));

@@ -79,8 +79,8 @@ static dipp_status huber_launch(const dipp_huber_args *a, int64_t chunks, float 
                                 cudaStream_t stream) {
     DIPP_TRY((dipp_cuda_chunk_reduce<HUB_NQ>(huber_reduce_op<DT>{a->x0, a->d_p, a->d_q, a->sigma}, a->batch,
                                              a->per_sample, chunks, partial, stream)));
-    dipp_huber_finalize_kernel<<<dipp_cuda_sample_blocks(a->batch), DIPP_CUDA_THREADS, 0, stream>>>(*a, chunks,
-                                                                                                    partial, per);
+    DIPP_CUDA_LAUNCH(dipp_cuda_sample_blocks(a->batch), DIPP_CUDA_THREADS, stream, dipp_huber_finalize_kernel)(
+        *a, chunks, partial, per);
     DIPP_CUDA_LAUNCH_CHECK();
     DIPP_TRY(dipp_cuda_chunk_apply(huber_vector_op<DT>{a->x0, a->d_p, a->d_q, a->sigma, a->a_out, a->b_out,
                                                        a->dprime_out, per, a->nonfinite_out},

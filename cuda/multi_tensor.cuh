@@ -79,7 +79,7 @@ template <class Op>
 static inline dipp_status dipp_mt_launch(const dipp_mt_list &list, const Op &op, cudaStream_t stream) {
     const int64_t total = list.first[list.count];
     if (total <= 0) return DIPP_OK;
-    dipp_mt_kernel<Op><<<dipp_cuda_blocks(total, 1), DIPP_CUDA_THREADS, 0, stream>>>(list, op);
+    DIPP_CUDA_LAUNCH(dipp_cuda_blocks(total, 1), DIPP_CUDA_THREADS, stream, dipp_mt_kernel<Op>)(list, op);
     DIPP_CUDA_LAUNCH_CHECK();
     return DIPP_OK;
 }

@@ -37,7 +37,8 @@ static dipp_status noise_run(const dipp_noise_args *a, cudaStream_t stream) {
     if (a->batch < 0 || a->per_sample < 0) return DIPP_ERR_ARGUMENT;
     const int64_t n = a->batch * a->per_sample;
     if (n == 0) return DIPP_OK;
-    dipp_noise_kernel<DT><<<dipp_cuda_blocks((n + 3) / 4, DIPP_CUDA_THREADS), DIPP_CUDA_THREADS, 0, stream>>>(*a, n);
+    DIPP_CUDA_LAUNCH(dipp_cuda_blocks((n + 3) / 4, DIPP_CUDA_THREADS), DIPP_CUDA_THREADS, stream,
+                     dipp_noise_kernel<DT>)(*a, n);
     DIPP_CUDA_LAUNCH_CHECK();
     return DIPP_OK;
 }

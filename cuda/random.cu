@@ -22,7 +22,8 @@ static dipp_status fill_run(const dipp_fill_args *a, cudaStream_t stream) {
     if (a->n < 0) return DIPP_ERR_ARGUMENT;
     if (a->n == 0) return DIPP_OK;
     const int64_t blocks = (a->n + 3) / 4;
-    dipp_fill_kernel<DT, NORMAL><<<dipp_cuda_blocks(blocks, DIPP_CUDA_THREADS), DIPP_CUDA_THREADS, 0, stream>>>(*a);
+    DIPP_CUDA_LAUNCH(dipp_cuda_blocks(blocks, DIPP_CUDA_THREADS), DIPP_CUDA_THREADS, stream,
+                     dipp_fill_kernel<DT, NORMAL>)(*a);
     DIPP_CUDA_LAUNCH_CHECK();
     return DIPP_OK;
 }
@@ -60,8 +61,8 @@ __global__ void __launch_bounds__(DIPP_CUDA_THREADS) dipp_sigma_kernel(const dip
 extern "C" dipp_status dipp_cuda_sample_sigma(const dipp_sigma_args *args, void *stream) {
     if (args->batch < 0) return DIPP_ERR_ARGUMENT;
     if (args->batch == 0) return DIPP_OK;
-    dipp_sigma_kernel<<<dipp_cuda_blocks(args->batch, DIPP_CUDA_THREADS), DIPP_CUDA_THREADS, 0,
-                        dipp_cuda_stream(stream)>>>(*args);
+    DIPP_CUDA_LAUNCH(dipp_cuda_blocks(args->batch, DIPP_CUDA_THREADS), DIPP_CUDA_THREADS, dipp_cuda_stream(stream),
+                     dipp_sigma_kernel)(*args);
     DIPP_CUDA_LAUNCH_CHECK();
     return DIPP_OK;
 }

@@ -59,8 +59,8 @@ static dipp_status ta_launch(const dipp_ta_args *a, int64_t chunks, float *parti
                              cudaStream_t stream) {
     DIPP_TRY((dipp_cuda_chunk_reduce<TA_NQ>(ta_reduce_op<DT>{a->d_ta, a->x0}, a->batch, a->per_sample, chunks,
                                             partial, stream)));
-    dipp_ta_finalize_kernel<<<dipp_cuda_sample_blocks(a->batch), DIPP_CUDA_THREADS, 0, stream>>>(*a, chunks, partial,
-                                                                                                 factor);
+    DIPP_CUDA_LAUNCH(dipp_cuda_sample_blocks(a->batch), DIPP_CUDA_THREADS, stream, dipp_ta_finalize_kernel)(
+        *a, chunks, partial, factor);
     DIPP_CUDA_LAUNCH_CHECK();
     if (a->grad_out)
         DIPP_TRY(dipp_cuda_chunk_apply(ta_grad_op<DT>{a->d_ta, a->x0, a->grad_out, factor, a->nonfinite_out},
