@@ -36,14 +36,15 @@ def load_generator_init(spec: RunSpec, built: Built) -> Any:
                                          f"generator from it: {exc}") from None
 
 
-def build_trainer(spec: RunSpec, rank: int = 0, world_size: int = 1,
-                  init_generator: bool = True) -> tuple[Any, Built]:
+def build_trainer(spec: RunSpec, rank: int = 0, world_size: int = 1, init_generator: bool = True,
+                  data_parallel: bool = False) -> tuple[Any, Built]:
     """rank / world_size: this process's place in a torchrun job (its random streams are keyed by rank).
-    init_generator=False skips [run] generator_init (a resumed run restores its own weights instead)."""
+    init_generator=False skips [run] generator_init (a resumed run restores its own weights instead).
+    data_parallel: wrapped for the running process group (engine.build_engine; nothing in a single process)."""
     from ..engine import build_engine
 
     built = build(spec)
     if spec.generator_init and init_generator:  # before the trainer exists, so its EMA starts there too
         built.extras["generator_init"] = str(load_generator_init(spec, built).path)
     return build_engine(built.models, built.prompts, spec.train, built.reward, rank=rank,
-                        world_size=world_size), built
+                        world_size=world_size, data_parallel=data_parallel), built

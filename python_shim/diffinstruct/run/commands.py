@@ -81,9 +81,9 @@ def train(args: argparse.Namespace) -> int:
     problem = PROBLEMS[spec.problem]
     env = distributed.init_from_env()  # under torchrun: this rank of the job (gloo on the CPU)
     try:
+        # data_parallel: DistributedDataParallel when world_size > 1; nothing otherwise
         trainer, built = build_trainer(spec, rank=env.rank, world_size=env.world_size,
-                                       init_generator=not resuming)
-        distributed.wrap_trainer(trainer)  # DistributedDataParallel when world_size > 1; else nothing
+                                       init_generator=not resuming, data_parallel=True)
         metadata = {"base_model": spec.base_model or problem.name, "problem": problem.name,
                     "run_config": spec.to_dict(), "config_file": spec.source}
         if env.world_size > 1:

@@ -205,7 +205,7 @@ class DiffusersProblem(Problem):
         return None if channels is None else channels * spec.problem_options["latent_size"] ** 2
 
     def build(self, spec: RunSpec) -> Built:
-        from ..assembly import build_models
+        from ..engine import assemble
         from ..prompts import PromptList
 
         opts = spec.problem_options
@@ -216,12 +216,9 @@ class DiffusersProblem(Problem):
         channels = int(host_model(denoiser).config.in_channels)
         shape = (channels, opts["latent_size"], opts["latent_size"])
         sigma_init = opts["sigma_init"] if opts["sigma_init"] is not None else spec.train.sigma_init
-        target = LORA_TARGETS[opts["lora_targets"]]
-        kwargs = {"target": target} if target is not None else {}
-        with torch.random.fork_rng(devices=[]):  # LoRA's random init from [run] seed: runs are reproducible
-            torch.manual_seed(spec.seed)
-            models = build_models(denoiser, shape, mode=opts["mode"], rank=opts["lora_rank"],
-                                  sigma_init=sigma_init, **kwargs)
+        # LoRA's random init from [run] seed: runs are reproducible
+        models = assemble(denoiser, shape, mode=opts["mode"], rank=opts["lora_rank"], sigma_init=sigma_init,
+                          target=LORA_TARGETS[opts["lora_targets"]], seed=spec.seed)
         table = load_prompt_embeddings(opts["embeddings"])
         if "" not in table:
             raise ConfigError(f"[diffusers] embeddings {opts['embeddings']} has no null prompt \"\" (needed as the "
