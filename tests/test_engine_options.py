@@ -95,3 +95,14 @@ def test_alpha_without_a_reward_is_refused():
     mix = toy.GaussianMixture(toy.default_means(2))
     with pytest.raises(ValueError, match="alpha > 0 needs a reward"):
         DITrainer(DIConfig(method="dipp", alpha=1.0), toy.build_models(mix, hidden=16), toy.class_prompts(2))
+
+
+def test_distar_refuses_a_noisy_reward_by_name():
+    """DI* differentiates r(x0); the implicit-CFG reward only has a gradient at x_t (it used to fail mid-step)."""
+    from diffinstruct.rewards import ImplicitCFGReward
+
+    mix = toy.GaussianMixture(toy.default_means(2))
+    models = toy.build_models(mix, hidden=16)
+    with pytest.raises(ConfigError, match="method = distar cannot use the implicit_cfg reward"):
+        DITrainer(DIConfig(method="distar", alpha=1.0), models, toy.class_prompts(2), ImplicitCFGReward(mix))
+    DITrainer(DIConfig(method="dipp", alpha=1.0), models, toy.class_prompts(2), ImplicitCFGReward(mix))

@@ -22,7 +22,7 @@ from torch import nn
 from . import kernels
 from .config import DIConfig
 from .denoisers import Denoiser
-from .errors import TrainingDiverged
+from .errors import ConfigError, TrainingDiverged
 from .generator import OneStepGenerator
 from .optim import EMA, FusedAdam
 from .prompts import PromptList
@@ -119,6 +119,11 @@ class DITrainer:
         self.cfg = config.validate()
         if self.cfg.alpha != 0.0 and reward is None:
             raise ValueError("alpha > 0 needs a reward")
+        if self.cfg.method == "distar" and getattr(reward, "noisy", False):
+            # DI*'s surrogate differentiates r(x0) through autograd; a reward on noisy x_t (implicit CFG) has only
+            # a gradient, and DI*'s CFG already comes from its reference's omega
+            raise ConfigError(f"method = distar cannot use the {getattr(reward, 'name', 'noisy')} reward (a gradient "
+                              "on noisy samples, not a differentiable r(x0)); use method = dipp, or set omega instead")
         self.models = models
         self.prompts = prompts
         self.reward = reward
