@@ -22,10 +22,10 @@ DISTAR_WEIGHTINGS = ("sigma2", "unit")
 class DIConfig:
     """Every option of a DI / DI++ / DI* run.
 
-    alpha convention: G = (W_b (D_TA - D_ref^w) - alpha dr/dx0) / B with W_b the
-    per-sample normaliser (generator_weighting="normalized"), so alpha weighs the
-    per-image reward against a normalised IKL direction of unit mean magnitude per
-    element; it is recorded in every checkpoint's metadata.
+    alpha convention: G = (W_b (D_TA - D_ref^w) - alpha dr/dx0) / B with W_b = 1 / mean|x0 - D_ref| per sample
+    (generator_weighting="normalized", floored; 1 with "unit"), so alpha weighs the per-image reward gradient
+    against the IKL direction measured in units of the reference's mean per-element distance to the sample (not
+    against a direction of unit magnitude); alpha is recorded in every checkpoint's metadata.
     """
 
     method: str = "dipp"
