@@ -139,13 +139,18 @@ class Stream:
         self.close()
 
 
-def fresh_core(cuda_library: Path | str) -> Any:
-    """A new instance of diffinstruct._core whose lazily loaded CUDA library is `cuda_library`."""
-    spec = importlib.util.spec_from_file_location("diffinstruct._core", _core.__file__,
-                                                  loader=importlib.machinery.ExtensionFileLoader(
-                                                      "diffinstruct._core", _core.__file__))
+def new_core() -> Any:
+    """A new instance of diffinstruct._core with its own state (nothing loaded yet)."""
+    loader = importlib.machinery.ExtensionFileLoader("diffinstruct._core", _core.__file__)
+    spec = importlib.util.spec_from_file_location("diffinstruct._core", _core.__file__, loader=loader)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def fresh_core(cuda_library: Path | str) -> Any:
+    """A new instance of diffinstruct._core whose lazily loaded CUDA library is `cuda_library`."""
+    module = new_core()
     before = os.environ.get("DIPP_CUDA_LIBRARY")
     os.environ["DIPP_CUDA_LIBRARY"] = str(cuda_library)
     try:
