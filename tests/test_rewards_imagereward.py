@@ -5,10 +5,11 @@ attention + MLP written here from the original keys; gradients reach the image."
 from __future__ import annotations
 
 import pytest
+import rewards_reference as ref
 import torch
 import torch.nn.functional as F
 
-from diffinstruct.rewards import ClipPreprocess, RewardWeightsNotFound, load_scorer, load_state_dict
+from diffinstruct.rewards import RewardWeightsNotFound, load_scorer, load_state_dict
 from diffinstruct.rewards.imagereward import MEAN, STD, ImageRewardScore, load_imagereward
 from diffinstruct.rewards.tiny import write_tiny_imagereward
 
@@ -69,9 +70,16 @@ def bert_cross(sd, ids, mask, image, heads):
     return x
 
 
+def official_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """ImageReward's `_transform(size)` (torchvision Resize + CenterCrop, its rounded offset; CLIP mean / std), with
+    the anti-aliased bicubic of the tensor path, so that only the geometry is compared here."""
+    return torch.cat([ref.resize_then_crop(im.permute(1, 2, 0).numpy(), size, size, ref.torchvision_offset,
+                                           ref.torch_aa) for im in images])
+
+
 def direct_score(sd, images, ids, mask):
     sd = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
-    px = ClipPreprocess(size=32, crop=(32, 32))(images.double())
+    px = official_pixels(images.double(), 32)
     h = bert_cross(sd, ids, mask, blip_vit(sd, px, HEADS["vision"]), HEADS["text"])[:, 0]
     for name in ("0", "2", "4", "6", "7"):  # Linear layers; the Dropouts between them are off at inference
         h = _lin(h, sd, f"mlp.layers.{name}")

@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+import rewards_reference as reference  # noqa: E402
+
 from diffinstruct.cli import main as cli_main  # noqa: E402
 from diffinstruct.rewards import (  # noqa: E402
     AestheticHead,
@@ -76,6 +78,30 @@ def test_scores_match_transformers_forward(models):
             torch.testing.assert_close(got, diag, rtol=1e-5, atol=1e-5)
         else:
             torch.testing.assert_close(got, 100.0 * diag / ref_model.logit_scale.exp(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(32, 35), (35, 32), (48, 53)])  # 3 spare pixels after the resize to 32
+@pytest.mark.parametrize("name", ["clip", "pickscore", "aesthetic"])
+def test_preprocessing_is_the_official_transform(models, name, hw):
+    """CLIP score and PickScore: transformers' CLIPImageProcessor (their official scorers), crop at the floor; the
+    aesthetic predictor: OpenAI CLIP's `preprocess` (torchvision Resize + CenterCrop, rounded offset, one pixel
+    further at these sizes). Both official transforms are PIL on uint8; without a resize, the same pixels."""
+    import warnings
+
+    from transformers import CLIPImageProcessor
+
+    u8 = (torch.rand(*hw, 3, generator=torch.Generator().manual_seed(sum(hw))) * 255).round().to(torch.uint8).numpy()
+    got = load_scorer(name, models_dir=models).tower.preprocess(torch.from_numpy(u8).permute(2, 0, 1)[None] / 255)
+    if name == "aesthetic":
+        want = reference.resize_then_crop(u8, 32, 32, reference.torchvision_offset, reference.pil_uint8)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proc = CLIPImageProcessor.from_pretrained(str(models / "rewards" / name), local_files_only=True)
+        want = proc(images=[u8], return_tensors="pt")["pixel_values"]
+    grey = ((got.double() - want.double()) * torch.tensor(reference.CLIP_STD).view(1, 3, 1, 1) * 255).abs()
+    assert got.shape == want.shape == (1, 3, 32, 32)
+    assert float(grey.max() if min(hw) == 32 else grey.mean()) <= (1e-3 if min(hw) == 32 else 0.6)
 
 
 def test_clip_score_clamp_and_pickscore_cosine(models):

@@ -12,6 +12,10 @@ Scores (images [B, 3, H, W] in [0, 1], differentiable in the images):
 * `AestheticScore`: MLP(normalise(CLIP ViT-L/14 image embedding)), the LAION improved aesthetic predictor v2
   (layers 768-1024-128-64-16-1, all Linear, no activations; dropout inactive at inference).
 
+Preprocessing (`ClipPreprocess`, on tensors): CLIP score and PickScore as transformers' `CLIPProcessor` (their
+official scorers: torchmetrics, the PickScore README), centre crop at `(n - 224) // 2`; the aesthetic predictor as
+OpenAI CLIP's `preprocess` (torchvision `Resize` + `CenterCrop`, offset `int(round((n - 224) / 2))`).
+
 Options on every model: `dtype` (torch.bfloat16 halves memory; features are returned in float32),
 `gradient_checkpointing` (recompute each vision-encoder layer in backward), `cache_size` (text features are cached
 per prompt; they carry no gradient).
@@ -20,7 +24,7 @@ per prompt; they carry no gradient).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .convert import load_state_dict
 from .paths import missing, require_hf_folder, reward_path
-from .preprocess import ClipPreprocess, TextFeatureCache, at_least_fp32
+from .preprocess import ClipPreprocess, CropStyle, TextFeatureCache, at_least_fp32
 
 PathLike = str | os.PathLike[str]
 
@@ -66,10 +70,11 @@ class ClipTower(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: Any | None, preprocess: ClipPreprocess, *,
                  dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
-                 cache_size: int = 4096) -> None:
+                 cache_size: int = 4096, text_clean: Callable[[str], str] | None = None) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False).to(dtype)
         self.tokenizer = tokenizer
+        self.text_clean = text_clean  # a reward's own text normalisation before the tokenizer (HPSv2: open_clip's)
         self.preprocess = preprocess
         self.dtype = dtype
         if gradient_checkpointing:
@@ -89,15 +94,19 @@ class ClipTower(nn.Module):
         pooled = self.model.vision_model(pixel_values=px).pooler_output
         return F.normalize(at_least_fp32(self.model.visual_projection(pooled)), dim=-1)
 
-    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask) [N, context] on the model's device, as the text tower receives them."""
         if self.tokenizer is None:
             raise RuntimeError("this CLIP model was loaded without a tokenizer")
+        texts = [self.text_clean(str(p)) if self.text_clean is not None else str(p) for p in prompts]
         cfg = self.model.config.text_config
         max_len = min(int(getattr(self.tokenizer, "model_max_length", 77) or 77), int(cfg.max_position_embeddings))
-        tok = self.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
-                             return_tensors="pt")
-        out = self.model.text_model(input_ids=tok["input_ids"].to(self.device),
-                                    attention_mask=tok["attention_mask"].to(self.device))
+        tok = self.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        return tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids, mask = self.tokenize(prompts)
+        out = self.model.text_model(input_ids=ids, attention_mask=mask)
         return F.normalize(at_least_fp32(self.model.text_projection(out.pooler_output)), dim=-1)
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -191,8 +200,11 @@ class AestheticScore(nn.Module):
 def load_clip_tower(folder: PathLike, kind: str = "clip", *, need_tokenizer: bool = True,
                     tokenizer_path: PathLike | None = None, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", gradient_checkpointing: bool = False,
-                    cache_size: int = 4096, clamp_preprocess: bool = False) -> ClipTower:
-    """A ClipTower from a local Hugging Face CLIPModel folder (never a hub id)."""
+                    cache_size: int = 4096, clamp_preprocess: bool = False,
+                    crop_style: CropStyle = "transformers") -> ClipTower:
+    """A ClipTower from a local Hugging Face CLIPModel folder (never a hub id). `crop_style`: the official
+    transform's centre crop ("transformers": CLIPProcessor, for CLIP score / PickScore; "torchvision": OpenAI CLIP's
+    `preprocess`, for the aesthetic predictor)."""
     folder = Path(folder)
     require_hf_folder(kind, folder, need_tokenizer=need_tokenizer and tokenizer_path is None)
     tok_dir = Path(tokenizer_path) if tokenizer_path is not None else folder
@@ -203,7 +215,7 @@ def load_clip_tower(folder: PathLike, kind: str = "clip", *, need_tokenizer: boo
     model = tf.CLIPModel.from_pretrained(str(folder), local_files_only=True)
     tokenizer = tf.CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True) if need_tokenizer else None
     pre_dir = tok_dir if (tok_dir / "preprocessor_config.json").is_file() else folder
-    pre = ClipPreprocess.from_pretrained(pre_dir, clamp=clamp_preprocess)
+    pre = ClipPreprocess.from_pretrained(pre_dir, clamp=clamp_preprocess, crop_style=crop_style)
     return ClipTower(model.to(device), tokenizer, pre, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
                      cache_size=cache_size)
 
@@ -244,5 +256,7 @@ def load_aesthetic(path: PathLike | None = None, *, clip_path: PathLike | None =
     """`path`: the head file or folder (default <models>/rewards/aesthetic); `clip_path`: the CLIP ViT-L/14 folder
     (default <models>/rewards/clip)."""
     head = load_aesthetic_head(reward_path("aesthetic", path, models_dir))
+    # the predictor was fit on embeddings of OpenAI CLIP's own `preprocess` (torchvision Resize + CenterCrop)
+    tower_opts = {"crop_style": "torchvision", **tower_opts}
     tower = load_clip_tower(reward_path("clip", clip_path, models_dir), "clip", need_tokenizer=False, **tower_opts)
     return AestheticScore(tower, head.to(device=tower.device, dtype=tower.dtype))

@@ -13,8 +13,9 @@ Score, as the official `ImageReward.score` (ImageReward/ImageReward.py):
         inference code does not put BLIP's [ENC] token there),
   h   = text_encoder(ids, mask, encoder_hidden_states=visual_encoder(image)).last_hidden_state[:, 0],
   r   = (mlp(h) - 0.16717362830052426) / 1.0333394966054072.
-Preprocessing: bicubic resize of the shortest side to 224, centre crop 224, CLIP mean / std (as the official
-`_transform(224)`), on tensors (`ClipPreprocess`), so the score is differentiable in the image.
+Preprocessing: the official `_transform(224)` is torchvision's `Resize(224, BICUBIC)` (shortest side to 224, long
+side truncated) and `CenterCrop(224)` (offset `int(round((n - 224) / 2))`) on the PIL image, then CLIP mean / std;
+`ClipPreprocess.torchvision(224)` does the same on tensors, so the score is differentiable in the image.
 
 Head counts are not stored in a state dict: the text tower's come from med_config.json when it lies beside the
 checkpoint (else width // 64 = 12 for BERT-base), the vision tower's are width // 64 (16 for ViT-L) unless
@@ -233,5 +234,5 @@ def load_imagereward(path: PathLike | None = None, *, models_dir: PathLike | Non
     head.load_state_dict(head_sd, strict=True)
     size = int(v_cfg["image_size"])
     return ImageRewardScore(vision.to(device), text.to(device), head.to(device), tokenizer,
-                            ClipPreprocess(size=size, crop=(size, size), clamp=clamp_preprocess), dtype=dtype,
+                            ClipPreprocess.torchvision(size, clamp=clamp_preprocess), dtype=dtype,
                             gradient_checkpointing=gradient_checkpointing, cache_size=cache_size)
