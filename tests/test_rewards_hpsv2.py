@@ -1,19 +1,23 @@
 """HPSv2: an open_clip-format checkpoint of a tiny model, converted to transformers' CLIPModel, gives the embeddings of
-a faithful open_clip forward (written here with nn.MultiheadAttention, as open_clip's ResidualAttentionBlock);
-loaded from .pt (weights_only=True) and .safetensors through the loader users call."""
+a faithful open_clip forward (written here with nn.MultiheadAttention, as open_clip's ResidualAttentionBlock) on
+images preprocessed as HPSv2's official eval transform (ResizeMaxSize + black padding, rewards_reference.py), square
+or not; loaded from .pt (weights_only=True) and .safetensors through the loader users call. Prompts are tokenized as
+open_clip's SimpleTokenizer (its text cleaning, then byte-level BPE, reimplemented in rewards_reference.py)."""
 
 from __future__ import annotations
 
+import html
 from collections import OrderedDict
 
 import pytest
+import rewards_reference as ref
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from diffinstruct.rewards import ClipPreprocess, RewardWeightsNotFound, load_scorer
-from diffinstruct.rewards.hpsv2 import HPSv2Score, load_hpsv2, openclip_to_hf
+from diffinstruct.rewards import RewardWeightsNotFound, load_scorer
+from diffinstruct.rewards.hpsv2 import HPSv2Score, load_hpsv2, openclip_clean, openclip_to_hf
 from diffinstruct.rewards.tiny import tiny_clip_vocab, write_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,9 +97,9 @@ class OpenClipCLIP(nn.Module):
         return F.normalize(x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection, dim=-1)
 
 
-def make_reference(seed: int = 0) -> OpenClipCLIP:
+def make_reference(seed: int = 0, **sizes: int) -> OpenClipCLIP:
     torch.manual_seed(seed)
-    model = OpenClipCLIP().double().eval()
+    model = OpenClipCLIP(**sizes).double().eval()
     with torch.no_grad():  # LayerNorms away from the identity, so a swapped ln_pre / ln_post would show
         for name, p in model.named_parameters():
             if "ln_" in name:
@@ -108,13 +112,13 @@ def hps_folder(tmp_path_factory):
     """<models>/rewards/hpsv2/ with a tiny open_clip checkpoint as a pickle and as safetensors, tokenizer from clip/."""
     models = tmp_path_factory.mktemp("models")
     write_tiny_clip(models / "rewards" / "clip", max_text_len=16)  # its tokenizer (byte-level, 514 ids) is used
-    ref = make_reference()
-    sd = {k: v.float().contiguous() for k, v in ref.state_dict().items()}
+    model = make_reference()
+    sd = {k: v.float().contiguous() for k, v in model.state_dict().items()}
     folder = models / "rewards" / "hpsv2"
     folder.mkdir(parents=True)
     torch.save({"state_dict": sd, "epoch": 5}, folder / "HPS_v2_compressed.pt")
     save_file(sd, str(models / "hps_v21.safetensors"))
-    return models, ref.float()
+    return models, model.float()
 
 
 def tokens(prompts, models):
@@ -125,10 +129,15 @@ def tokens(prompts, models):
     return ids.masked_fill(ids == tok.pad_token_id, 0) if tok.pad_token_id != tok.eos_token_id else ids
 
 
+def official_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    """HPSv2's eval transform (ResizeMaxSize(size), black padding, CLIP mean / std) on each float image."""
+    return torch.cat([ref.resize_max_size(im.permute(1, 2, 0).numpy(), size) for im in images])
+
+
 def test_conversion_matches_the_open_clip_forward(hps_folder):
-    models, ref = hps_folder
+    models, model = hps_folder
     assert len(tiny_clip_vocab()) == 514
-    config, _ = openclip_to_hf(ref.state_dict())
+    config, _ = openclip_to_hf(model.state_dict())
     assert config["vision_config"]["image_size"] == 32 and config["vision_config"]["num_attention_heads"] == 2
     assert config["text_config"]["max_position_embeddings"] == 16 and config["projection_dim"] == 24
     for path in (None, models / "hps_v21.safetensors"):  # the folder default (.pt) and an explicit .safetensors
@@ -136,16 +145,75 @@ def test_conversion_matches_the_open_clip_forward(hps_folder):
         assert isinstance(score, HPSv2Score)
         images = torch.rand(3, 3, 40, 48)
         prompts = ["a red cat", "two dogs on a beach at night", "x"]
-        px = ClipPreprocess(size=32, crop=(32, 32))(images)
+        px = official_pixels(images, 32)
         with torch.no_grad():
-            want_img = ref.encode_image(px)
-            want_txt = ref.encode_text(tokens(prompts, models))
+            want_img = model.encode_image(px)
+            want_txt = model.encode_text(tokens(prompts, models))
             got_img = score.tower.image_features(images)
             got_txt = score.tower.text_features(prompts)
         torch.testing.assert_close(got_img, want_img, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(got_txt, want_txt, atol=2e-6, rtol=1e-5)
         got = score(images, prompts)
         torch.testing.assert_close(got, 100 * (want_img * want_txt).sum(-1), atol=5e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(832, 1216), (1216, 832), (200, 300), (538, 512), (64, 64), (331, 225)])
+def test_non_square_images_score_as_the_official_transform(hps_folder, hw):
+    models, model = hps_folder
+    score = load_hpsv2(models_dir=models, scale="cosine")
+    images = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(hw[0] + hw[1]))
+    with torch.no_grad():
+        want = (model.encode_image(official_pixels(images, 32)) * model.encode_text(tokens(["a cat"], models))).sum(-1)
+    x = images.clone().requires_grad_(True)
+    got = score(x, ["a cat"])
+    torch.testing.assert_close(got.detach(), want, atol=2e-6, rtol=1e-5)
+    got.sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all()) and float(x.grad.abs().sum()) > 0
+
+
+# ============================================================================================== tokenizer
+WORDS = ["red", "circle", "amp", "lt", "gt", "cat"]
+ESCAPED = "&amp; a red &lt;circle&gt;"
+
+
+@pytest.fixture(scope="module")
+def bpe_hps(tmp_path_factory):
+    """An HPSv2 folder whose tokenizer (vocab.json + merges.txt) has merges, so that words are single tokens."""
+    folder = tmp_path_factory.mktemp("bpe") / "hpsv2"
+    vocab = ref.write_bpe_tokenizer(folder, WORDS)
+    model = make_reference(vocab=len(vocab), context=16)
+    torch.save({"state_dict": {k: v.float() for k, v in model.state_dict().items()}}, folder / "HPS_v2_compressed.pt")
+    return load_hpsv2(folder), vocab, ref.read_merges(folder)
+
+
+def official_ids(text: str, vocab: dict[str, int], merges: list[tuple[str, str]], clean: bool = True) -> list[int]:
+    """open_clip's tokenize: [start] + BPE(whitespace_clean(basic_clean(text)).lower()) + [end], without ftfy (not
+    installed here, and the prompts below are plain ASCII, which ftfy leaves alone)."""
+    if clean:
+        text = html.unescape(html.unescape(text)).strip()
+        text = " ".join(text.split())
+    body = ref.bpe_encode(text.lower(), vocab, merges)
+    return [vocab["<|startoftext|>"], *body, vocab["<|endoftext|>"]]
+
+
+@pytest.mark.parametrize("prompt", [ESCAPED, "&amp;lt;red&amp;gt; cat", "  A   RED\tCircle \n", "it's a cat's cat!",
+                                    "a red circle &#38; 2 cats"])
+def test_tokens_are_open_clips(bpe_hps, prompt):
+    score, vocab, merges = bpe_hps
+    ids, mask = score.tower.tokenize([prompt])
+    got = ids[0][mask[0].bool()].tolist()
+    assert got == official_ids(prompt, vocab, merges)
+
+
+def test_html_entities_are_unescaped(bpe_hps):
+    score, vocab, merges = bpe_hps
+    ids, mask = score.tower.tokenize([ESCAPED, "& a red <circle>"])
+    assert int(mask[0].sum()) == 8 and torch.equal(ids[0], ids[1])  # start, & a red < circle >, end
+    want = [vocab[t] for t in ("<|startoftext|>", "&</w>", "a</w>", "red</w>", "<</w>", "circle</w>", "></w>",
+                               "<|endoftext|>")]
+    assert ids[0][:8].tolist() == want
+    assert len(official_ids(ESCAPED, vocab, merges, clean=False)) == 14  # what the text gives without the cleaning
+    assert openclip_clean("&amp;lt;b&amp;gt;  X\t") == "<b> x"
 
 
 def test_gradient_and_registry(hps_folder):

@@ -13,21 +13,30 @@ Score, as the official `hpsv2.score` (tgxs002/HPSv2, hpsv2/img_score.py): cos(im
 the normalised embeddings, times 100 (`scale="percent"`, the unit of the HPSv2 benchmark tables, about 25-30 for
 good images) or the raw cosine (`scale="cosine"`, what `hpsv2.score` returns).
 
-Preprocessing: open_clip's validation transform for 224 px (bicubic resize of the shortest side to 224, centre
-crop 224, OpenAI CLIP mean / std), done on tensors by `ClipPreprocess` (differentiable).
+Preprocessing: the official `hpsv2.score` builds its transform with `light_augmentation=True`, which is HPSv2's
+open_clip `image_transform(224, is_train=False, resize_longest_max=True)`: `ToTensor()`, then `ResizeMaxSize(224)`
+on the float tensor (longest side to 224, bicubic, each side `round(side * 224 / longest)`; torchvision >= 0.17
+anti-aliases tensors), black padding to 224 x 224 (`pad // 2` left / top), then the OpenAI CLIP mean / std.
+`ClipPreprocess.resize_max_size` does the same on tensors (differentiable); the one difference: an image whose
+longest side is already 224 but which is not square is padded here, where `ResizeMaxSize` returns it unpadded and
+the ViT then fails on it.
 
-Tokenizer: open_clip's SimpleTokenizer is OpenAI CLIP's byte-level BPE (49408 tokens, context 77, lower-cased,
-start / end tokens 49406 / 49407, zero padding). transformers' CLIPTokenizer with the same vocab.json + merges.txt
-(or tokenizer.json) of laion/CLIP-ViT-H-14-laion2B-s32B-b79K or openai/clip-vit-large-patch14 gives the same ids
-up to the pad token, which the causal text tower never lets reach the pooled end-of-text position. The tokenizer
-is read from the HPSv2 folder, else from <models>/rewards/clip/.
+Tokenizer: open_clip's SimpleTokenizer is OpenAI CLIP's byte-level BPE (49408 tokens, context 77, start / end
+tokens 49406 / 49407, zero padding) after `openclip_clean`: ftfy.fix_text, html.unescape twice, whitespace
+collapsed and stripped, lower-cased. transformers' CLIPTokenizer with the same vocab.json + merges.txt (or
+tokenizer.json) of laion/CLIP-ViT-H-14-laion2B-s32B-b79K or openai/clip-vit-large-patch14, run on the cleaned
+text, gives the same ids up to the pad token, which the causal text tower never lets reach the pooled end-of-text
+position. ftfy is used when installed; without it, what only ftfy fixes (mojibake, curly quotes, ligatures,
+full-width forms) is left as typed. The tokenizer is read from the HPSv2 folder, else from <models>/rewards/clip/.
 """
 
 from __future__ import annotations
 
+import functools
+import html
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +68,25 @@ _TOP = {"visual.class_embedding": "vision_model.embeddings.class_embedding",
         "ln_final.bias": "text_model.final_layer_norm.bias",
         "logit_scale": "logit_scale"}
 _KNOWN_HEADS = {1280: 16, 1024: 16, 768: 12, 1664: 16, 512: 8}  # open_clip ViT-H/L/B/bigG vision, text widths
+
+
+@functools.cache
+def _ftfy_fix_text() -> Callable[[str], str] | None:
+    try:
+        import ftfy
+    except ImportError:  # optional here (open_clip requires it); transformers' tokenizer still applies NFC
+        return None
+    return ftfy.fix_text
+
+
+def openclip_clean(text: str) -> str:
+    """open_clip's SimpleTokenizer text cleaning: whitespace_clean(basic_clean(text)).lower()."""
+    fix_text = _ftfy_fix_text()
+    if fix_text is not None:
+        text = fix_text(text)
+    # twice, as open_clip: prompts scraped from HTML are often escaped twice ("&amp;lt;")
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
 
 
 def _heads(width: int, given: int | None, tower: str) -> int:
@@ -206,7 +234,7 @@ def load_hpsv2(path: PathLike | None = None, *, models_dir: PathLike | None = No
                          f"{tok_dir} {len(tokenizer)}")
     model = build_clip_model(config, state)
     size = int(config["vision_config"]["image_size"])
-    pre = ClipPreprocess(size=size, crop=(size, size), clamp=clamp_preprocess)
+    pre = ClipPreprocess.resize_max_size(size, clamp=clamp_preprocess)
     tower = ClipTower(model.to(device), tokenizer, pre, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
-                      cache_size=cache_size)
+                      cache_size=cache_size, text_clean=openclip_clean)
     return HPSv2Score(tower, scale)
