@@ -113,4 +113,20 @@ static inline int64_t dipp_chunk_count_sum(const float *partial, int64_t chunks,
     return total;
 }
 
+/* Whether any element of base[e0, e1) is stored non-finite (exponent all ones). A separate scan of
+ * what the store loop just wrote (still in L1: a chunk is at most DIPP_RED_CHUNK elements): a plain
+ * integer OR that vectorises, where a flag kept inside the store loop slowed it down by up to 60 %. */
+static inline int dipp_any_nonfinite(const void *base, int64_t e0, int64_t e1, int dtype) {
+    unsigned any = 0;
+    if (dtype == DIPP_DT_F32) {
+        const uint32_t *u = (const uint32_t *)base;
+        for (int64_t e = e0; e < e1; ++e) any |= (u[e] & 0x7f800000u) == 0x7f800000u;
+    } else {
+        const uint16_t *u = (const uint16_t *)base;
+        const uint16_t mask = dtype == DIPP_DT_BF16 ? 0x7f80u : 0x7c00u;
+        for (int64_t e = e0; e < e1; ++e) any |= (uint16_t)(u[e] & mask) == mask;
+    }
+    return any != 0;
+}
+
 #endif /* DIPP_CPU_COMMON_H */

@@ -33,6 +33,21 @@ DIPP_ALWAYS_INLINE void huber_chunk_sums(const dipp_huber_args *a, int64_t base,
     out[HUB_BAD] = dipp_fold_lanes32(bad);
 }
 
+/* Elements of [e0, e1) with a non-finite a, b or d' although y and r are finite (pass 1 counted the
+ * others). The slow path of pass 2's count: it runs only for chunks where dipp_any_nonfinite found an
+ * output that overflowed. */
+static int huber_recount(const dipp_huber_args *a, int64_t e0, int64_t e1, float inv_s2, int dt) {
+    int bad = 0;
+    for (int64_t e = e0; e < e1; ++e) {
+        float y, r;
+        dipp_huber_y_r(dipp_load(a->d_p, e, dt), dipp_load(a->d_q, e, dt), dipp_load(a->x0, e, dt), inv_s2, &y, &r);
+        const int stored = dipp_is_finite(dipp_load(a->a_out, e, dt)) && dipp_is_finite(dipp_load(a->b_out, e, dt)) &&
+                           dipp_is_finite(dipp_load(a->dprime_out, e, dt));
+        bad += !stored && dipp_is_finite(y) && dipp_is_finite(r);
+    }
+    return bad;
+}
+
 /* Per-sample factors and outputs from the chunk sums of sample b. */
 static void huber_finish_sample(const dipp_huber_args *a, const float *partial, int64_t chunks,
                                 dipp_huber_sample_t *per, int64_t b) {
@@ -70,18 +85,19 @@ static void huber_finish_sample(const dipp_huber_args *a, const float *partial, 
             const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
             const dipp_huber_sample_t s = per[b];                                                         \
             const float inv_s2 = 1.0f / (a->sigma[b] * a->sigma[b]);                                      \
-            int bad = 0;                                                                                  \
             for (int64_t e = e0; e < e1; ++e) {                                                           \
                 float y, r, va, vb, vd;                                                                   \
                 dipp_huber_y_r(dipp_load(a->d_p, e, DT), dipp_load(a->d_q, e, DT), dipp_load(a->x0, e, DT), \
                                inv_s2, &y, &r);                                                           \
                 dipp_huber_vectors(y, r, s.inv_h, s.yr_over_h2, &va, &vb, &vd);                          \
-                const int stored = dipp_store_finite(a->a_out, e, DT, s.scale * va) &                    \
-                                   dipp_store_finite(a->b_out, e, DT, s.scale * vb) &                    \
-                                   dipp_store_finite(a->dprime_out, e, DT, s.scale * vd);                \
-                bad += (!stored) & dipp_is_finite(y) & dipp_is_finite(r);                                   \
+                dipp_store(a->a_out, e, DT, s.scale * va);                                                \
+                dipp_store(a->b_out, e, DT, s.scale * vb);                                                \
+                dipp_store(a->dprime_out, e, DT, s.scale * vd);                                           \
             }                                                                                             \
-            partial[task * HUB_NQ + HUB_BAD] = (float)bad;                                                \
+            const int any = dipp_any_nonfinite(a->a_out, e0, e1, DT) |                                    \
+                            dipp_any_nonfinite(a->b_out, e0, e1, DT) |                                    \
+                            dipp_any_nonfinite(a->dprime_out, e0, e1, DT);                                \
+            partial[task * HUB_NQ + HUB_BAD] = any ? (float)huber_recount(a, e0, e1, inv_s2, DT) : 0.0f;  \
         }                                                                                                 \
     }                                                                                                     \
     static void huber_sums_##SUFFIX(const dipp_huber_args *a, float *partial, int64_t chunks) {           \

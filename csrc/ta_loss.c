@@ -37,6 +37,16 @@ static void ta_add_output_counts(const dipp_ta_args *a, const float *partial, in
     if (a->nonfinite_out) a->nonfinite_out[b] += dipp_chunk_count_sum(partial, chunks, 2, 1, b);
 }
 
+/* Gradient elements of [e0, e1) stored non-finite from a finite D_TA - x0 (pass 1 counted the others):
+ * the slow path of pass 2's count, run only for chunks where dipp_any_nonfinite found an overflow. */
+static int ta_recount(const dipp_ta_args *a, int64_t e0, int64_t e1, int dt) {
+    int bad = 0;
+    for (int64_t e = e0; e < e1; ++e)
+        bad += !dipp_is_finite(dipp_load(a->grad_out, e, dt)) &&
+               dipp_is_finite(dipp_load(a->d_ta, e, dt) - dipp_load(a->x0, e, dt));
+    return bad;
+}
+
 #define DEFINE_TA(SUFFIX, DT)                                                                             \
     DIPP_HOT static void ta_sums_range_##SUFFIX(const dipp_ta_args *a, float *partial, int64_t chunks,        \
                                                 int64_t begin, int64_t end) {                             \
@@ -57,13 +67,12 @@ static void ta_add_output_counts(const dipp_ta_args *a, const float *partial, in
             const int64_t e0 = b * n + c * DIPP_RED_CHUNK;                                                \
             const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
             const float f = factor[b];                                                                    \
-            int bad = 0;                                                                                  \
             for (int64_t e = e0; e < e1; ++e) {                                                           \
                 const float d_ta = dipp_load(a->d_ta, e, DT), x0 = dipp_load(a->x0, e, DT);               \
-                const int stored = dipp_store_finite(a->grad_out, e, DT, dipp_ta_grad(d_ta, x0, f));      \
-                bad += (!stored) & dipp_is_finite(d_ta - x0);                                               \
+                dipp_store(a->grad_out, e, DT, dipp_ta_grad(d_ta, x0, f));                                \
             }                                                                                             \
-            partial[task * 2 + 1] = (float)bad;                                                           \
+            partial[task * 2 + 1] =                                                                       \
+                dipp_any_nonfinite(a->grad_out, e0, e1, DT) ? (float)ta_recount(a, e0, e1, DT) : 0.0f;    \
         }                                                                                                 \
     }                                                                                                     \
     static void ta_sums_##SUFFIX(const dipp_ta_args *a, float *partial, int64_t chunks) {                 \
