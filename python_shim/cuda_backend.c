@@ -55,6 +55,21 @@ static int load(cuda_backend *b, PyObject *module) {
     }
     DIPP_KERNELS(DIPP_CUDA_RESOLVE)
 #undef DIPP_CUDA_RESOLVE
+    /* A library that loads can still be unusable here (no device, old driver, no kernel image for
+     * this GPU); asking once now lets the caller fall back with one reason instead of failing in
+     * the first kernel with a bare "CUDA runtime call failed". */
+    int (*check)(char *, size_t) = (int (*)(char *, size_t))dlsym(b->handle, "dipp_cuda_device_check");
+    char why[400];
+    int code = 0;
+    if (!check) snprintf(why, sizeof why, "it lacks the symbol dipp_cuda_device_check (rebuild it)");
+    else if ((code = check(why, sizeof why)) != 0) why[sizeof why - 1] = '\0';
+    if (!check || code != 0) {
+        snprintf(b->reason, sizeof b->reason, "the CUDA library %s cannot run here: %s", text, why);
+        Py_DECREF(path);
+        dlclose(b->handle);
+        b->handle = NULL;
+        return -1;
+    }
     Py_DECREF(path);
     return 0;
 }

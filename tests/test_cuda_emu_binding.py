@@ -4,6 +4,11 @@ the kernels (scratch allocation, launches) turning into Python exceptions with n
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import cuda_emu
 import pytest
 import torch
@@ -113,3 +118,61 @@ def test_unusable_cuda_library_raises_naming_why(tmp_path, monkeypatch, what):
             core.cfg_combine(on_device(x), on_device(x), on_device(torch.empty(2, 8)), 2.0)
     assert core.cuda_status()[0] is False
     core.cfg_combine(x, x, torch.empty(2, 8), 2.0)  # the CPU path is unaffected
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"DIPP_EMU_DEVICES": "0"}, r"no usable CUDA device \(no CUDA-capable device is detected\)"),
+    ({"DIPP_EMU_DRIVER_VERSION": "12040"}, r"driver supports CUDA 12\.4 but the library was built with CUDA 13\.0"),
+    ({"DIPP_EMU_NO_KERNEL_IMAGE": "1"}, r"no kernel image for this GPU .* DIPP_CUDA_ARCHS"),
+], ids=["no-device", "old-driver", "no-kernel-image"])
+def test_a_library_that_loads_but_cannot_run_is_refused_with_the_reason(monkeypatch, env, reason):
+    """dlopen succeeds, but the device check the binding runs at load refuses the library, so the
+    caller sees one reason up front (and the Python layer takes the reference), not a failing kernel."""
+    lib = cuda_emu.build_library()
+    monkeypatch.setenv("DIPP_CUDA_LIBRARY", str(lib))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    core = cuda_emu.new_core()
+    loaded, _path, why = core.cuda_status(load=True)
+    assert loaded is False and re.search(reason, why) and "cannot run here" in why, why
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match=reason):
+        core.cfg_combine(on_device(x), on_device(x), on_device(torch.empty(2, 8)), 2.0)
+
+
+FALLBACK_CODE = """
+import warnings, torch
+from diffinstruct import kernels
+from diffinstruct.errors import CudaFallbackWarning
+from diffinstruct.kernels import backend
+backend.is_cuda = backend.is_torch  # this process's CPU tensors stand for CUDA tensors
+x, t, c = (torch.randn(3, 700, generator=torch.Generator().manual_seed(s)) for s in range(3))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first = kernels.generator_grad(x, t, c).grad
+    again = kernels.generator_grad(x, t, c).grad
+    kernels.cfg_combine(x, c, 3.0)
+fallbacks = [w for w in caught if issubclass(w.category, CudaFallbackWarning)]
+assert len(fallbacks) == 1, [str(w.message) for w in caught]
+print(fallbacks[0].message)
+with kernels.use_backend("reference"):
+    expected = kernels.generator_grad(x, t, c).grad
+assert torch.equal(first, expected) and torch.equal(again, expected)
+"""
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"DIPP_EMU_DEVICES": "0"}, "no usable CUDA device"),
+    ({"DIPP_EMU_DRIVER_VERSION": "12080"}, "driver supports CUDA 12.8"),
+    ({"DIPP_EMU_DRIVER_VERSION": "0"}, "no NVIDIA driver is installed"),
+    ({"DIPP_EMU_NO_KERNEL_IMAGE": "1"}, "no kernel image for this GPU"),
+    ({"DIPP_CUDA_LIBRARY": "/nonexistent/libdipp_cuda.so"}, "/nonexistent/libdipp_cuda.so"),
+], ids=["no-device", "old-driver", "no-driver", "no-kernel-image", "failing-dlopen"])
+def test_unusable_cuda_library_gives_one_warning_and_the_reference(env, reason):
+    """Each way the CUDA library cannot be used at run time, simulated: CUDA tensors take the PyTorch
+    reference, with exactly one CudaFallbackWarning naming the reason, however many calls follow."""
+    full_env = {**os.environ, "DIPP_CUDA_LIBRARY": str(cuda_emu.build_library()), **env}
+    out = subprocess.run([sys.executable, "-c", FALLBACK_CODE], capture_output=True, text=True, env=full_env,
+                         cwd=cuda_emu.ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "PyTorch reference" in out.stdout and reason in out.stdout, out.stdout

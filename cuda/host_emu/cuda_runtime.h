@@ -64,6 +64,9 @@ typedef enum cudaError {
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
     cudaErrorInvalidConfiguration = 9,
+    cudaErrorInsufficientDriver = 35,
+    cudaErrorNoDevice = 100,
+    cudaErrorNoKernelImageForDevice = 209,
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorLaunchOutOfResources = 701,
     cudaErrorLaunchFailure = 719,
@@ -71,12 +74,32 @@ typedef enum cudaError {
 
 typedef struct CUstream_st *cudaStream_t;
 
+/* The fields of CUDA's struct that a caller may read here. */
+struct cudaFuncAttributes {
+    int maxThreadsPerBlock;
+    int numRegs;
+};
+
+/* The version this runtime claims, CUDA's encoding (1000 major + 10 minor). */
+#define DIPP_EMU_RUNTIME_VERSION 13000
+
 extern "C" {
 cudaError_t cudaMallocAsync(void **ptr, size_t bytes, cudaStream_t stream);
 cudaError_t cudaFreeAsync(void *ptr, cudaStream_t stream);
 cudaError_t cudaGetLastError(void);
 cudaError_t cudaPeekAtLastError(void);
 const char *cudaGetErrorString(cudaError_t error);
+/* The machine a test simulates (dipp_emu.h: DIPP_EMU_DEVICES, DIPP_EMU_DRIVER_VERSION, DIPP_EMU_NO_KERNEL_IMAGE). */
+cudaError_t cudaRuntimeGetVersion(int *version);
+cudaError_t cudaDriverGetVersion(int *version);
+cudaError_t cudaGetDeviceCount(int *count);
+cudaError_t cudaFuncGetAttributesOf(cudaFuncAttributes *attributes, const void *kernel);
+}
+
+/* CUDA's template form, taking the kernel itself. */
+template <class... P>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes *attributes, void (*kernel)(P...)) {
+    return cudaFuncGetAttributesOf(attributes, reinterpret_cast<const void *>(kernel));
 }
 
 namespace dipp_emu {

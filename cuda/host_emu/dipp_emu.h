@@ -35,6 +35,14 @@ typedef struct {
 } dipp_emu_stats;
 
 /*
+ * The machine the runtime simulates, read from the environment at each query, so that a test can
+ * play the failures a real machine has (dipp_cuda_device_check must turn each into a reason):
+ *   DIPP_EMU_DEVICES=n            cudaGetDeviceCount reports n devices (default 1; 0: cudaErrorNoDevice)
+ *   DIPP_EMU_DRIVER_VERSION=v     cudaDriverGetVersion reports v (default: the runtime's, 13000)
+ *   DIPP_EMU_NO_KERNEL_IMAGE=1    cudaFuncGetAttributes: cudaErrorNoKernelImageForDevice
+ */
+
+/*
  * A new stream (free with dipp_emu_stream_destroy), NULL when out of memory.
  * max_grid: 0 runs every launch as issued; n > 0 runs at most n blocks in x, which
  *   grid-stride kernels must tolerate: it checks that results do not depend on the grid.

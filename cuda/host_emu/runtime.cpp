@@ -424,6 +424,9 @@ const char *cudaGetErrorString(cudaError_t error) {
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorNoKernelImageForDevice: return "no kernel image is available for execution on the device";
     }
     return "unrecognized error code";
 }
@@ -460,5 +463,46 @@ int dipp_emu_stream_stats(void *stream, dipp_emu_stats *out) {
 }
 
 const char *dipp_emu_last_message(void) { return tls_message; }
+
+static int env_int(const char *name, int fallback) {
+    const char *text = getenv(name);
+    if (!text || !text[0]) return fallback;
+    char *end = nullptr;
+    const long value = strtol(text, &end, 10);
+    return *end == '\0' ? (int)value : fallback;
+}
+
+cudaError_t cudaRuntimeGetVersion(int *version) {
+    if (!version) return cudaErrorInvalidValue;
+    *version = DIPP_EMU_RUNTIME_VERSION;
+    return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int *version) {
+    if (!version) return cudaErrorInvalidValue;
+    *version = env_int("DIPP_EMU_DRIVER_VERSION", DIPP_EMU_RUNTIME_VERSION);
+    return cudaSuccess;
+}
+
+cudaError_t cudaGetDeviceCount(int *count) {
+    if (!count) return cudaErrorInvalidValue;
+    *count = env_int("DIPP_EMU_DEVICES", 1);
+    if (*count > 0) return cudaSuccess;
+    *count = 0;
+    fail(cudaErrorNoDevice, nullptr, "cudaGetDeviceCount: no device (DIPP_EMU_DEVICES)");
+    return cudaErrorNoDevice;
+}
+
+cudaError_t cudaFuncGetAttributesOf(cudaFuncAttributes *attributes, const void *kernel) {
+    if (!attributes || !kernel) return cudaErrorInvalidValue;
+    if (env_int("DIPP_EMU_NO_KERNEL_IMAGE", 0)) {
+        fail(cudaErrorNoKernelImageForDevice, nullptr,
+             "cudaFuncGetAttributes: no kernel image (DIPP_EMU_NO_KERNEL_IMAGE)");
+        return cudaErrorNoKernelImageForDevice;
+    }
+    attributes->maxThreadsPerBlock = 1024;
+    attributes->numRegs = 0;
+    return cudaSuccess;
+}
 
 } // extern "C"

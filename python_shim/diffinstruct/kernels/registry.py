@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import warnings
 from collections.abc import Iterator
@@ -102,6 +103,15 @@ def _device_of(lead: Any) -> str:
     return "cuda" if backend.is_cuda(lead) else "cpu"
 
 
+@functools.cache
+def _warn_cuda_fallback(reason: str) -> None:
+    """One warning per process (per distinct reason) that CUDA tensors take the reference, whatever
+    the warning filters: every kernel call would repeat it otherwise."""
+    warnings.warn(f"diffinstruct: CUDA tensors are handled by the PyTorch reference (slower): {reason}. "
+                  "The fused CUDA kernels need a usable libdipp_cuda.so (see kernels.cuda_backend_status())",
+                  CudaFallbackWarning, stacklevel=5)
+
+
 def select(op: Op, lead: Any) -> str:
     """The backend for one call of `op` whose first tensor argument is `lead`."""
     device = _device_of(lead)
@@ -113,8 +123,7 @@ def select(op: Op, lead: Any) -> str:
             return "cuda"
         if op.reference is not None:  # without the extension at all, its import warned once already
             _, path, reason = backend.core.cuda_status()
-            warnings.warn(f"diffinstruct: CUDA tensors are handled by the PyTorch reference ({reason or path}); "
-                          "rebuild with nvcc for the fused CUDA kernels", CudaFallbackWarning, stacklevel=4)
+            _warn_cuda_fallback(reason or str(path))
             return "reference"
     if backend.HAVE_EXTENSION:
         return "cpu"
