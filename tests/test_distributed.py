@@ -42,6 +42,8 @@ CASES: dict[str, dict[str, Any]] = {
     "dipp": {"method": "dipp", "grad_accum": 2, "mode": "full", "reward": True},
     "distar": {"method": "distar", "grad_accum": 1, "mode": "full", "reward": False},
     "lora": {"method": "dipp", "grad_accum": 1, "mode": "shared", "reward": True},
+    # the other pass plan: the TA first, on its own sample, then the generator
+    "fresh": {"method": "dipp", "grad_accum": 2, "mode": "full", "reward": True, "ta_sample": "fresh"},
 }
 EXPECTED_MODE = {"full": "ddp", "shared": "manual"}
 
@@ -49,7 +51,8 @@ EXPECTED_MODE = {"full": "ddp", "shared": "manual"}
 def make_trainer(name: str, rank: int = 0, world_size: int = 1) -> DITrainer:
     case = CASES[name]
     cfg = DIConfig(method=case["method"], batch_size=16, grad_accum=case["grad_accum"], lr_generator=1e-3,
-                   lr_ta=1e-3, alpha=0.1 if case["reward"] else 0.0, seed=3)
+                   lr_ta=1e-3, alpha=0.1 if case["reward"] else 0.0, seed=3,
+                   ta_sample=case.get("ta_sample", "reuse"))
     mixture = GaussianMixture(default_means(4), 0.05)
     if case["mode"] == "full":
         models = build_models(mixture, hidden=16, seed=0)
@@ -245,15 +248,35 @@ def test_effective_batch_is_the_sum_of_the_local_batches(ddp_run, name):
         assert all(torch.equal(g0, g1) for g0, g1 in zip(ddp_grads[key], results[name][1]["grads"][key],
                                                         strict=True))
     refs = [make_trainer(name, rank=r, world_size=WORLD) for r in range(WORLD)]  # no process group: local only
-    # TA half of step 0: each rank's local gradient, not applied
+    local_gen, local_ta = (_local_reuse if CASES[name].get("ta_sample", "reuse") == "reuse" else _local_fresh)(refs)
+    check_mean(ddp_grads["ta"], local_ta, "TA")
+    check_mean(ddp_grads["generator"], local_gen, "generator")
+
+
+def _local_reuse(refs: list[DITrainer]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """The default pass plan: the generator half of step 0, then the TA half on the generator's detached samples;
+    each rank's local gradients (neither applied: both halves read the weights of before the step)."""
+    local_gen, local_ta = [], []
+    for t in refs:
+        samples: list[Any] = []
+        _, bad = t.accumulate_generator_grads(0, samples)
+        assert bad == 0 and len(samples) == t.cfg.grad_accum
+        local_gen.append([p.grad.detach().clone() for p in t.generator_params])
+        _, bad = t.accumulate_ta_grads(0, 0, samples)
+        assert bad == 0
+        local_ta.append([p.grad.detach().clone() for p in t.ta_params])
+    return local_gen, local_ta
+
+
+def _local_fresh(refs: list[DITrainer]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """ta_sample = "fresh": the TA half of step 0 on its own samples, the mean applied as DDP did on every rank,
+    then the generator half."""
     local_ta: list[list[torch.Tensor]] = []
     for t in refs:
         got: dict[str, Any] = {}
         capture_first_step(t.opt_ta, t.ta_params, got, "ta", step=False)
         assert t.ta_step(0)["ta_ok"] == 1.0
         local_ta.append(got["ta"])
-    check_mean(ddp_grads["ta"], local_ta, "TA")
-    # apply the mean, as DDP did on every rank, then the generator half of step 0
     mean_ta = _mean(local_ta)
     local_gen: list[list[torch.Tensor]] = []
     for t in refs:
@@ -267,7 +290,7 @@ def test_effective_batch_is_the_sum_of_the_local_batches(ddp_run, name):
         local_gen.append([p.grad.detach().clone() for p in t.generator_params])
         for p in t.generator_params:
             p.grad = None
-    check_mean(ddp_grads["generator"], local_gen, "generator")
+    return local_gen, local_ta
 
 
 def check_mean(ddp: list[torch.Tensor], local: list[list[torch.Tensor]], what: str) -> None:

@@ -120,3 +120,19 @@ def test_the_heading_parser_reads_the_notes():
     assert "5" in items["10"]  # decision 5: sigma_init
     found, _ = sections(DOCS / f"{NOTES[1]}.md")
     assert {str(n) for n in range(1, 10)} <= found
+
+
+TEST_REF = re.compile(r"(tests/[\w/]+\.py)?::(test_\w+)")
+
+
+def test_every_test_the_notes_name_exists():
+    """"Tested: tests/x.py::test_y" (and a following "::test_z", in the same file) names a test that exists."""
+    missing = []
+    for doc in sorted(DOCS.glob("*.md")):
+        current = None
+        for m in TEST_REF.finditer(doc.read_text(encoding="utf-8")):
+            current = m.group(1) or current
+            path = ROOT / current if current else None
+            if path is None or not path.is_file() or not re.search(rf"def {m.group(2)}\b", path.read_text("utf-8")):
+                missing.append(f"{doc.name}: {current}::{m.group(2)}")
+    assert missing == []

@@ -16,6 +16,8 @@ GENERATOR_WEIGHTINGS = ("normalized", "unit")
 TA_WEIGHTINGS = ("edm", "unit")
 REDUCTIONS = ("mean", "sum")
 DISTAR_WEIGHTINGS = ("sigma2", "unit")
+TA_SAMPLES = ("reuse", "fresh")
+REFERENCE_PASSES = ("joint", "split")
 
 
 @dataclass
@@ -52,6 +54,11 @@ class DIConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     ta_steps: int = 1
+    # the pass plan (docs/ALGORITHM.md section 4): "reuse" trains the TA on the generator step's detached sample
+    # (4 network passes an iteration, as a plain loop would), "fresh" draws its own sample first (one more generator
+    # forward); "joint" runs the reference's cond and uncond as one batch of 2B, "split" as two of B (less memory)
+    ta_sample: str = "reuse"
+    reference_pass: str = "joint"
     ema_decay: float = 0.95
     batch_size: int = 4
     grad_accum: int = 1
@@ -85,6 +92,8 @@ class DIConfig:
         choice("ta_weighting", TA_WEIGHTINGS)
         choice("ta_reduction", REDUCTIONS)
         choice("distar_weighting", DISTAR_WEIGHTINGS)
+        choice("ta_sample", TA_SAMPLES)
+        choice("reference_pass", REFERENCE_PASSES)
         number("alpha", 0.0)
         number("omega", 0.0, 100.0)
         number("sigma_init", 0.0, open_low=True, allow_none=True)

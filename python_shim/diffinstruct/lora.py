@@ -61,7 +61,9 @@ class LoRALayer(nn.Module):
         out = self.base(x)
         role = self.switch.active
         if role is not None and role in self.adapters:
-            out = out + self.scale * self.adapters[role](x)
+            delta = self.adapters[role](x)
+            # the scale rides on the add (one pass over the full-size output, not two); 1.0 is the default
+            out = out + delta if self.scale == 1.0 else torch.add(out, delta, alpha=self.scale)
         return out
 
 

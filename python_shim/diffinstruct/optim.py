@@ -43,7 +43,7 @@ class FusedAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             momentum = beta1 != 0.0
-            params, grads, avgs, sqs, steps = [], [], [], [], []
+            params, grads, avgs, sqs, counts = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -55,14 +55,16 @@ class FusedAdam(torch.optim.Optimizer):
                 if momentum and "exp_avg" not in state:
                     # also when a beta1 = 0 run resumes with beta1 > 0: m starts at zero as in a fresh run
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                state["step"] += 1
                 params.append(p)
                 grads.append(p.grad.contiguous())
                 avgs.append(state.get("exp_avg"))
                 sqs.append(state["exp_avg_sq"])
-                steps.append(int(state["step"].item()))
+                counts.append(state["step"])
             if not params:
                 continue
+            # the step counts (CPU tensors, torch's convention) advanced and read in one go, not one .item() each
+            torch._foreach_add_(counts, 1.0)
+            steps = [int(s) for s in torch.stack(counts).tolist()]
             # one call per distinct step count (normally exactly one)
             for step in sorted(set(steps)):
                 pick = [i for i, s in enumerate(steps) if s == step]

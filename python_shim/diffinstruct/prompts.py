@@ -28,6 +28,19 @@ def _cat(items: list[Any]) -> Any:
     raise TypeError(f"conditioning must be a tensor or a dict of tensors, got {type(first).__name__}")
 
 
+def join_conditioning(cond: Any, uncond: Any) -> Any | None:
+    """cond and uncond stacked along the batch (cond first) for one network pass over both, or None when they do
+    not stack (a tensor pair, or dicts with the same keys, whose shapes differ beyond the batch dimension)."""
+    if isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor):
+        if cond.shape[1:] != uncond.shape[1:] or cond.dtype != uncond.dtype or cond.device != uncond.device:
+            return None
+        return torch.cat([cond, uncond], dim=0)
+    if isinstance(cond, dict) and isinstance(uncond, dict) and cond.keys() == uncond.keys():
+        joined = {k: join_conditioning(cond[k], uncond[k]) for k in cond}
+        return None if any(v is None for v in joined.values()) else joined
+    return None
+
+
 class PromptList:
     """Uniformly sampled prompts; `encode` maps one prompt to conditioning with batch size 1."""
 

@@ -25,7 +25,7 @@ from .denoisers import Denoiser
 from .errors import ConfigError, TrainingDiverged
 from .generator import OneStepGenerator
 from .optim import EMA, FusedAdam
-from .prompts import PromptList
+from .prompts import PromptList, join_conditioning
 from .rewards import Reward
 from .rng import stream_seed
 
@@ -81,12 +81,51 @@ class Models:
     modules: list[nn.Module] = field(default_factory=list)  # for train()/eval() switching and DDP
 
 
-def _grad_norm(params: Sequence[nn.Parameter]) -> float:
-    """L2 norm of all gradients with one host sync; NaN/Inf anywhere makes it non-finite."""
+GENERATOR_METRICS = ("weight", "ref_dist", "gap", "surrogate", "reward", "sigma", "divergence", "h")
+
+
+@dataclass
+class Sample:
+    """One generator micro-batch's detached sample and its conditioning, reused by the TA update."""
+
+    x0: torch.Tensor
+    cond: Any
+
+
+def _grad_norm(params: Sequence[nn.Parameter]) -> Any:
+    """L2 norm of all gradients (foreach, a 0-dim tensor on the device; 0.0 without any); NaN/Inf anywhere makes it
+    non-finite."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    if any(g.dtype != torch.float32 for g in grads):
+        grads = [g.float() for g in grads]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _mean(values: Sequence[Any]) -> Any:
+    return sum(values) / len(values)
+
+
+def to_host(values: Sequence[Any]) -> list[float]:
+    """Every tensor of `values` as a float with one device-to-host transfer (floats and ints pass through)."""
+    tensors = [v.detach().reshape(()).float() for v in values if isinstance(v, torch.Tensor)]
+    host = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()) if tensors else iter(())
+    return [next(host) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
+def _flatten(metrics: dict[str, list[Any]]) -> list[Any]:
+    return [v for values in metrics.values() for v in values]
+
+
+def _unflatten(metrics: dict[str, list[Any]], values: Sequence[float]) -> dict[str, float]:
+    """The per-metric means of `values`, laid out as _flatten(metrics) was (NaN for a metric with no value)."""
+    out, i = {}, 0
+    for name, items in metrics.items():
+        part = values[i:i + len(items)]
+        i += len(items)
+        out[name] = sum(part) / len(part) if part else math.nan
+    return out
 
 
 def _zero(params: Sequence[nn.Parameter]) -> None:
@@ -187,41 +226,75 @@ class DITrainer:
         """Around one micro-batch's forward and backward; distributed, only the last one all-reduces."""
         return nullcontext() if self.ddp is None else self.ddp.micro(role, micro, self.cfg.grad_accum)
 
+    def _scaled(self, grad: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's share of the step's gradient; no copy without accumulation."""
+        return grad if self.cfg.grad_accum == 1 else grad / self.cfg.grad_accum
+
+    def _reference_pair(self, xt: torch.Tensor, sigma: torch.Tensor, batch: Any) -> tuple[torch.Tensor, Any]:
+        """D_ref(x_t | c) and, when omega != 1, D_ref(x_t | null): one batched pass when reference_pass = "joint"
+        and the two conditionings stack (equal shapes), else two passes of batch B."""
+        if self.cfg.omega == 1.0:
+            return self.reference(xt, sigma, batch.cond), None
+        if self.cfg.reference_pass == "joint":
+            both = join_conditioning(batch.cond, batch.uncond)
+            if both is not None:
+                d_cond, d_uncond = self.reference(torch.cat([xt, xt]), torch.cat([sigma, sigma]), both).chunk(2)
+                return d_cond, d_uncond
+        return self.reference(xt, sigma, batch.cond), self.reference(xt, sigma, batch.uncond)
+
     # ------------------------------------------------------------------ TA update
-    def ta_step(self, step: int, inner: int = 0) -> dict[str, float]:
-        """Regress the TA onto the generator's current samples (denoising score matching)."""
+    def _ta_micro(self, step: int, key: int, ta: nn.Module, sample: Sample | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch of denoising score matching: on `sample` (the generator step's, detached) or, None, on a
+        fresh sample drawn from the "ta_*" streams. Returns the mean loss and the non-finite count (on device)."""
+        if sample is None:
+            batch = self.prompts.batch(self.cfg.batch_size, self._seed(step, "ta_prompts", key))
+            with torch.no_grad():
+                x0 = self._generate(self._latents(step, "ta_z", key), batch.cond).float().contiguous()
+            sample = Sample(x0, batch.cond)
+        sigma = self._sigma(step, "ta_sigma", key)
+        with self.clock.measure():
+            xt = kernels.add_noise(sample.x0, sigma, self._seed(step, "ta_eps", key))
+        with self._autocast():
+            d_ta = ta(xt, sigma, sample.cond)
+        with self.clock.measure():
+            res = kernels.ta_loss(d_ta.detach().float().contiguous(), sample.x0, sigma,
+                                  weighting=self.cfg.ta_weighting, sigma_data=self.cfg.sigma_data,
+                                  reduction=self.cfg.ta_reduction)
+        d_ta.backward(self._scaled(res.grad).to(d_ta.dtype))
+        return res.loss.mean(), res.nonfinite.sum()
+
+    def accumulate_ta_grads(self, step: int, inner: int = 0, samples: Sequence[Sample] | None = None
+                            ) -> tuple[list[torch.Tensor], Any]:
+        """Fills the TA parameters' .grad (no optimiser step); returns the micro-batches' losses and the bad count."""
         losses, bad = [], 0
         ta = self.ta if self.ddp is None else self.ddp.ta  # the DDP wrapper all-reduces the TA's gradients
         for micro in range(self.cfg.grad_accum):
-            key = micro + inner * self.cfg.grad_accum
             with self._micro_scope("ta", micro):
-                batch = self.prompts.batch(self.cfg.batch_size, self._seed(step, "ta_prompts", key))
-                with torch.no_grad():
-                    x0 = self._generate(self._latents(step, "ta_z", key), batch.cond).float().contiguous()
-                sigma = self._sigma(step, "ta_sigma", key)
-                with self.clock.measure():
-                    xt = kernels.add_noise(x0, sigma, self._seed(step, "ta_eps", key))
-                with self._autocast():
-                    d_ta = ta(xt, sigma, batch.cond)
-                with self.clock.measure():
-                    res = kernels.ta_loss(d_ta.detach().float().contiguous(), x0, sigma,
-                                          weighting=self.cfg.ta_weighting, sigma_data=self.cfg.sigma_data,
-                                          reduction=self.cfg.ta_reduction)
-                d_ta.backward((res.grad / self.cfg.grad_accum).to(d_ta.dtype))
-                losses.append(float(res.loss.mean()))
-                bad += int(res.nonfinite.sum())
+                loss, nonfinite = self._ta_micro(step, micro + inner * self.cfg.grad_accum, ta,
+                                                 samples[micro] if samples is not None else None)
+            losses.append(loss)
+            bad = bad + nonfinite
         if self.ddp is not None:
             bad = self.ddp.finish("ta", bad)  # summed over ranks; hand-averaged grads in LoRA mode
-        ok = bad == 0 and math.isfinite(_grad_norm(self.ta_params))
+        return losses, bad
+
+    def _apply_ta(self, ok: bool) -> None:
         if ok:
             with self.clock.measure():
                 self.opt_ta.step()
         _zero(self.ta_params)
-        return {"ta_loss": sum(losses) / len(losses), "ta_nonfinite": float(bad), "ta_ok": float(ok)}
+
+    def ta_step(self, step: int, inner: int = 0) -> dict[str, float]:
+        """Regress the TA onto fresh samples of the generator (denoising score matching) and step it."""
+        losses, bad = self.accumulate_ta_grads(step, inner)
+        loss, bad, norm = to_host([_mean(losses), bad, _grad_norm(self.ta_params)])
+        ok = bad == 0 and math.isfinite(norm)
+        self._apply_ta(ok)
+        return {"ta_loss": loss, "ta_nonfinite": bad, "ta_ok": float(ok)}
 
     # ------------------------------------------------------------------ generator update
     def _reward_grad(self, x0: torch.Tensor, xt: torch.Tensor, sigma: torch.Tensor,
-                     batch: Any) -> tuple[torch.Tensor | None, float]:
+                     batch: Any) -> tuple[torch.Tensor | None, Any]:
         """dr/dx0 per sample (None without a reward or with alpha = 0) and the batch's mean reward."""
         if self.reward is None:
             return None, math.nan
@@ -235,40 +308,43 @@ class DITrainer:
             x0r = x0.detach().float().requires_grad_(want_grad)
             r = self.reward(x0r, batch.prompts, batch.cond)
             dr = torch.autograd.grad(r.sum(), x0r)[0].contiguous() if want_grad else None
-        return dr, float(r.detach().mean())
+        return dr, r.detach().mean()
 
-    def _dipp_micro(self, step: int, key: int, metrics: dict[str, list[float]]) -> int:
+    def _dipp_micro(self, step: int, key: int, metrics: dict[str, list[Any]],
+                    samples: list[Sample] | None = None) -> Any:
         cfg = self.cfg
         batch = self.prompts.batch(cfg.batch_size, self._seed(step, "prompts", key))
         x0 = self._generate(self._latents(step, "z", key), batch.cond, train=True)
         x0d = x0.detach().float().contiguous()
+        if samples is not None:
+            samples.append(Sample(x0d, batch.cond))
         sigma = self._sigma(step, "sigma", key)
         with self.clock.measure():
             xt = kernels.add_noise(x0d, sigma, self._seed(step, "eps", key))
         with torch.no_grad(), self._autocast():
             d_ta = self.ta(xt, sigma, batch.cond).float().contiguous()
-            d_cond = self.reference(xt, sigma, batch.cond).float().contiguous()
-            d_uncond = None
-            if cfg.omega != 1.0:
-                d_uncond = self.reference(xt, sigma, batch.uncond).float().contiguous()
+            d_cond, d_uncond = self._reference_pair(xt, sigma, batch)
+            d_cond = d_cond.float().contiguous()
+            d_uncond = d_uncond.float().contiguous() if d_uncond is not None else None
         dr, reward_mean = self._reward_grad(x0d, xt, sigma, batch)
         with self.clock.measure():
             res = kernels.generator_grad(x0d, d_ta, d_cond, d_uncond=d_uncond, omega=cfg.omega,
                                          dr=dr if cfg.alpha != 0.0 else None, alpha=cfg.alpha,
                                          weighting=cfg.generator_weighting)
-        x0.backward((res.grad / cfg.grad_accum).to(x0.dtype))
-        metrics["weight"].append(float(res.weight.mean()))
-        metrics["ref_dist"].append(float(res.ref_dist.mean()))
-        metrics["gap"].append(float(res.gap.mean()))
-        metrics["surrogate"].append(float(res.surrogate.mean()))
+        x0.backward(self._scaled(res.grad).to(x0.dtype))
+        for name, value in (("weight", res.weight), ("ref_dist", res.ref_dist), ("gap", res.gap),
+                            ("surrogate", res.surrogate), ("sigma", sigma)):
+            metrics[name].append(value.mean())
         metrics["reward"].append(reward_mean)
-        metrics["sigma"].append(float(sigma.mean()))
-        return int(res.nonfinite.sum())
+        return res.nonfinite.sum()
 
-    def _distar_micro(self, step: int, key: int, metrics: dict[str, list[float]]) -> int:
+    def _distar_micro(self, step: int, key: int, metrics: dict[str, list[Any]],
+                    samples: list[Sample] | None = None) -> Any:
         cfg = self.cfg
         batch = self.prompts.batch(cfg.batch_size, self._seed(step, "prompts", key))
         x0 = self._generate(self._latents(step, "z", key), batch.cond, train=True)
+        if samples is not None:
+            samples.append(Sample(x0.detach().float().contiguous(), batch.cond))
         sigma = self._sigma(step, "sigma", key)
         eps = torch.empty_like(x0, dtype=torch.float32)
         with self.clock.measure():
@@ -276,43 +352,42 @@ class DITrainer:
         s = sigma.reshape((-1,) + (1,) * (x0.dim() - 1))
         xt = x0.float() + s * eps  # live: gradients flow through x_t into the generator
         with self._autocast():
-            d_p = self.reference(xt, sigma, batch.cond)
-            if cfg.omega != 1.0:
-                d_u = self.reference(xt, sigma, batch.uncond)
+            d_p, d_u = self._reference_pair(xt, sigma, batch)
+            if d_u is not None:
                 d_p = d_u + cfg.omega * (d_p - d_u)
             d_q = self.ta(xt, sigma, batch.cond)
         d_p, d_q = d_p.float(), d_q.float()
         with self.clock.measure():
             surrogate, res = distar_surrogate(x0.float(), d_p, d_q, sigma, cfg.huber_c * math.sqrt(x0[0].numel()),
                                               cfg.distar_weighting)
-        reward_mean = math.nan
+        reward_mean: Any = math.nan
         if self.reward is not None:
             r = self.reward(x0.float(), batch.prompts, batch.cond)
-            reward_mean = float(r.detach().mean())
+            reward_mean = r.detach().mean()
             if cfg.alpha != 0.0:
                 surrogate = surrogate - cfg.alpha * r.sum() / cfg.batch_size
         (surrogate / cfg.grad_accum).backward()
-        metrics["divergence"].append(float(res.value.mean()))
-        metrics["h"].append(float(res.h.mean()))
+        metrics["divergence"].append(res.value.mean())
+        metrics["h"].append(res.h.mean())
         metrics["reward"].append(reward_mean)
-        metrics["sigma"].append(float(sigma.mean()))
-        return int(res.nonfinite.sum())
+        metrics["sigma"].append(sigma.mean())
+        return res.nonfinite.sum()
 
-    def accumulate_generator_grads(self, step: int) -> tuple[dict[str, list[float]], int]:
-        """Fills the generator parameters' .grad for this step (no optimiser step); returns metrics, bad count."""
-        metrics: dict[str, list[float]] = {k: [] for k in ("weight", "ref_dist", "gap", "surrogate", "reward",
-                                                           "sigma", "divergence", "h")}
-        bad = 0
+    def accumulate_generator_grads(self, step: int, samples: list[Sample] | None = None
+                                   ) -> tuple[dict[str, list[Any]], Any]:
+        """Fills the generator parameters' .grad for this step (no optimiser step); returns metrics (per micro-batch,
+        tensors on the device until to_host) and the bad count. `samples` collects each micro-batch's detached
+        sample for the TA update (ta_sample = "reuse")."""
+        metrics: dict[str, list[Any]] = {k: [] for k in GENERATOR_METRICS}
+        bad: Any = 0
         frozen = [p for p in self.ta_params if p.requires_grad]
         for p in frozen:  # DI*'s VJPs pass through the TA; its weights must not collect gradients
             p.requires_grad_(False)
+        micro_step = self._distar_micro if self.cfg.method == "distar" else self._dipp_micro
         try:
             for micro in range(self.cfg.grad_accum):
                 with self._micro_scope("generator", micro):
-                    if self.cfg.method == "distar":
-                        bad += self._distar_micro(step, micro, metrics)
-                    else:
-                        bad += self._dipp_micro(step, micro, metrics)
+                    bad = bad + micro_step(step, micro, metrics, samples)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -320,30 +395,60 @@ class DITrainer:
             bad = self.ddp.finish("generator", bad)  # summed over ranks; hand-averaged grads in LoRA mode
         return metrics, bad
 
-    def generator_step(self, step: int) -> dict[str, float]:
-        metrics, bad = self.accumulate_generator_grads(step)
-        norm = _grad_norm(self.generator_params)
-        ok = bad == 0 and math.isfinite(norm)
-        grad_norm = norm if ok else math.nan
+    def _apply_generator(self, ok: bool) -> None:
         if ok:
             with self.clock.measure():
                 self.opt_generator.step()
                 self.ema.update()
         _zero(self.generator_params)
-        out = {k: (sum(v) / len(v) if v else math.nan) for k, v in metrics.items()}
-        out.update({"generator_nonfinite": float(bad), "generator_ok": float(ok), "generator_grad_norm": grad_norm})
+
+    def generator_step(self, step: int) -> dict[str, float]:
+        metrics, bad = self.accumulate_generator_grads(step)
+        values = to_host([bad, _grad_norm(self.generator_params), *_flatten(metrics)])
+        out = self._generator_metrics(metrics, values)
+        self._apply_generator(bool(out["generator_ok"]))
+        return out
+
+    @staticmethod
+    def _generator_metrics(metrics: dict[str, list[Any]], values: list[float]) -> dict[str, float]:
+        """The generator half's metrics from to_host's [bad, grad norm, *flattened metrics]."""
+        bad, norm = values[0], values[1]
+        ok = bad == 0 and math.isfinite(norm)
+        out = _unflatten(metrics, values[2:])
+        out.update({"generator_nonfinite": bad, "generator_ok": float(ok),
+                    "generator_grad_norm": norm if ok else math.nan})
         return out
 
     # ------------------------------------------------------------------ one iteration
+    def _reuse_step(self, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        """The default pass plan: the generator half, then the TA's first update on the generator's detached sample
+        (no second generator forward), then one host transfer of every number both halves produced."""
+        samples: list[Sample] = []
+        metrics, gen_bad = self.accumulate_generator_grads(step, samples)
+        losses, ta_bad = self.accumulate_ta_grads(step, 0, samples)
+        values = to_host([gen_bad, _grad_norm(self.generator_params), *_flatten(metrics),
+                          _mean(losses), ta_bad, _grad_norm(self.ta_params)])
+        gen = self._generator_metrics(metrics, values[:-3])
+        ta_loss, ta_bad_n, ta_norm = values[-3:]
+        ta_ok = ta_bad_n == 0 and math.isfinite(ta_norm)
+        self._apply_generator(bool(gen["generator_ok"]))
+        self._apply_ta(ta_ok)
+        ta = {"ta_loss": ta_loss, "ta_nonfinite": ta_bad_n, "ta_ok": float(ta_ok)}
+        for inner in range(1, self.cfg.ta_steps):  # further TA updates (TA:G > 1) draw fresh samples
+            ta = self.ta_step(step, inner)
+        return ta, gen
+
     def train_step(self, step: int) -> dict[str, float]:
         start = time.perf_counter()
         kernel_before = self.clock.seconds
         for module in self.models.modules:
             module.train()
-        ta_metrics: dict[str, float] = {}
-        for inner in range(self.cfg.ta_steps):
-            ta_metrics = self.ta_step(step, inner)
-        gen_metrics = self.generator_step(step)
+        if self.cfg.ta_sample == "reuse":
+            ta_metrics, gen_metrics = self._reuse_step(step)
+        else:  # "fresh": ta_steps TA updates on their own samples, then the generator
+            for inner in range(self.cfg.ta_steps):
+                ta_metrics = self.ta_step(step, inner)
+            gen_metrics = self.generator_step(step)
         ok = bool(ta_metrics["ta_ok"]) and bool(gen_metrics["generator_ok"])
         if ok:
             self.bad_in_a_row = 0

@@ -1,0 +1,166 @@
+"""The DI++ step's pass plan (docs/ALGORITHM.md section 4): which networks run how often, on what batch, and how
+often the step waits for the device.
+
+ta_sample = "reuse" (default): generator forward + backward, TA and reference (cond + uncond as one batch of 2B)
+forward, then the TA's update on the generator's detached sample: 4 network passes. "fresh": the TA first, on its
+own sample (one more generator forward). reference_pass = "split": cond and uncond as two passes of B.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from diffinstruct import kernels, toy
+from diffinstruct.config import DIConfig
+from diffinstruct.errors import ConfigError
+from diffinstruct.prompts import join_conditioning
+from diffinstruct.rewards import TargetReward
+from diffinstruct.trainer import DITrainer
+from engine_helpers import full_state
+
+BASE = dict(method="dipp", alpha=0.5, omega=2.0, batch_size=8, lr_generator=1e-3, lr_ta=1e-3)
+
+
+def make(**over):
+    mix = toy.GaussianMixture(toy.default_means(4), s2=0.05)
+    models = toy.build_models(mix, hidden=32, seed=0)
+    trainer = DITrainer(DIConfig(**{**BASE, **over}), models, toy.class_prompts(4),
+                        TargetReward(torch.tensor([1.0, 1.0])))
+    return models, trainer
+
+
+def count_passes(models, trainer, step=1):
+    """Forward calls (and their batch sizes) of the generator's, the TA's and the reference's networks."""
+    calls = collections.defaultdict(list)
+    hooks = [net.register_forward_pre_hook(lambda m, args, name=name: calls[name].append(args[0].shape[0]))
+             for name, net in (("generator", models.generator), ("ta", models.ta), ("reference", models.reference))]
+    try:
+        trainer.train_step(step)
+    finally:
+        for h in hooks:
+            h.remove()
+    return dict(calls)
+
+
+@pytest.mark.parametrize("plan, reference_pass, expected", [
+    ("reuse", "joint", {"generator": [8], "ta": [8, 8], "reference": [16]}),
+    ("reuse", "split", {"generator": [8], "ta": [8, 8], "reference": [8, 8]}),
+    ("fresh", "joint", {"generator": [8, 8], "ta": [8, 8], "reference": [16]}),
+    ("fresh", "split", {"generator": [8, 8], "ta": [8, 8], "reference": [8, 8]}),
+])
+def test_network_passes_per_iteration(plan, reference_pass, expected):
+    models, trainer = make(ta_sample=plan, reference_pass=reference_pass)
+    assert count_passes(models, trainer) == expected
+
+
+def test_omega_one_runs_no_unconditional_pass():
+    models, trainer = make(omega=1.0)
+    assert count_passes(models, trainer)["reference"] == [8]
+
+
+def test_more_ta_steps_draw_fresh_samples_after_the_reused_one():
+    models, trainer = make(ta_steps=3)
+    calls = count_passes(models, trainer)
+    assert calls["generator"] == [8, 8, 8] and calls["ta"] == [8, 8, 8, 8]
+
+
+def test_the_ta_trains_on_the_generator_steps_sample():
+    """Reuse: the TA's regression target is exactly the sample the generator step drew (detached)."""
+    _, trainer = make()
+    samples = []
+    trainer.accumulate_generator_grads(3, samples)
+    seen = []
+    original = trainer.ta
+
+    def spy(xt, sigma, cond):
+        seen.append(xt.detach().clone())
+        return original(xt, sigma, cond)
+
+    trainer.ta = spy
+    trainer.accumulate_ta_grads(3, 0, samples)
+    (sample,) = samples
+    assert not sample.x0.requires_grad
+    # x_t = x0 + sigma eps with sigma, eps from the TA's own streams: x_t - x0 is the same noise a fresh plan draws
+    sigma = trainer._sigma(3, "ta_sigma", 0)
+    eps = (seen[0] - sample.x0) / sigma[:, None]
+    fresh_noise = torch.empty_like(eps)
+    kernels.fill_normal(fresh_noise, trainer._seed(3, "ta_eps", 0))
+    torch.testing.assert_close(eps, fresh_noise, rtol=1e-4, atol=1e-4)
+
+
+def test_joint_and_split_reference_give_the_same_step():
+    """One batch of 2B or two of B: the same gradients up to float32 rounding of the batched matmuls."""
+    grads = {}
+    for mode in ("joint", "split"):
+        models, trainer = make(reference_pass=mode)
+        trainer.accumulate_generator_grads(2)
+        grads[mode] = torch.cat([p.grad.flatten() for p in models.generator_params])
+    assert grads["joint"].abs().max() > 0
+    torch.testing.assert_close(grads["joint"], grads["split"], rtol=1e-5, atol=1e-7)
+
+
+def test_conditionings_that_do_not_stack_fall_back_to_two_passes():
+    assert join_conditioning(torch.zeros(2, 3), torch.zeros(2, 4)) is None
+    assert join_conditioning({"a": torch.zeros(2, 3)}, {"b": torch.zeros(2, 3)}) is None
+    joined = join_conditioning({"a": torch.ones(2, 3)}, {"a": torch.zeros(2, 3)})
+    assert joined["a"].shape == (4, 3) and joined["a"][:2].eq(1).all() and joined["a"][2:].eq(0).all()
+
+
+def test_one_device_to_host_transfer_per_step(monkeypatch):
+    """No .item()/float()/int()/bool() of a tensor inside a step; one .tolist() for every metric and decision, plus
+    one per optimiser for its CPU step counters (torch keeps `step` on the CPU: no device sync)."""
+    _, trainer = make()
+    trainer.train_step(0)
+    counts = collections.Counter()
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    trainer.train_step(1)
+    monkeypatch.undo()
+    assert counts == {"tolist": 1 + 2}
+
+
+def test_no_gradient_copy_without_accumulation():
+    _, trainer = make()
+    g = torch.ones(3)
+    assert trainer._scaled(g) is g
+    _, trainer2 = make(grad_accum=2)
+    torch.testing.assert_close(trainer2._scaled(g), g / 2)
+
+
+@pytest.mark.parametrize("plan", ["reuse", "fresh"])
+def test_both_plans_train_and_are_reproducible(plan):
+    states = []
+    for _ in range(2):
+        _, trainer = make(ta_sample=plan)
+        for step in range(4):
+            metrics = trainer.train_step(step)
+            assert metrics["ta_ok"] == 1.0 and metrics["generator_ok"] == 1.0
+        states.append(full_state(trainer))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_the_plans_differ():
+    """The two plans are different algorithms' orders (the TA lags the generator by one step under reuse)."""
+    out = {}
+    for plan in ("reuse", "fresh"):
+        models, trainer = make(ta_sample=plan)
+        for step in range(3):
+            trainer.train_step(step)
+        out[plan] = torch.cat([p.detach().flatten() for p in models.generator_params])
+    assert not torch.equal(out["reuse"], out["fresh"])
+
+
+@pytest.mark.parametrize("key, value", [("ta_sample", "both"), ("reference_pass", "batched")])
+def test_bad_plan_names_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"{key} = '{value}' is not valid"):
+        DIConfig(**{key: value}).validate()
