@@ -164,3 +164,42 @@ def test_the_plans_differ():
 def test_bad_plan_names_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"{key} = '{value}' is not valid"):
         DIConfig(**{key: value}).validate()
+
+
+def _shared(bf16: bool):
+    from diffinstruct import assembly
+    from diffinstruct.denoisers import EDMDenoiser
+
+    torch.manual_seed(0)
+    teacher = EDMDenoiser(toy.MLPNet(2, 4, 32))
+    models = assembly.build_models(teacher, (2,), mode="shared", rank=2, sigma_init=2.5)
+    cfg = DIConfig(**{**BASE, "bf16": bf16})
+    return models, DITrainer(cfg, models, toy.class_prompts(4), TargetReward(torch.tensor([1.0, 1.0])))
+
+
+def test_bf16_keeps_the_frozen_base_in_bf16_with_the_same_bits(monkeypatch):
+    """Under bf16 the shared base's frozen weights are stored in bf16 (autocast cast them to the same values on
+    every pass): the training run is bit-identical to casting on the fly, and the adapters stay float32."""
+    from diffinstruct import lora
+    from diffinstruct import trainer as trainer_module
+
+    models, trainer = _shared(bf16=True)
+    layers = [m for m in models.reference.modules() if isinstance(m, lora.LoRALayer)]
+    assert layers and all(m.base.weight.dtype == torch.bfloat16 for m in layers)
+    assert all(p.dtype == torch.float32 for p in trainer.generator_params + trainer.ta_params)
+    monkeypatch.setattr(trainer_module, "store_frozen_in", lambda module, dtype: 0)
+    models_cast, trainer_cast = _shared(bf16=True)
+    assert all(m.base.weight.dtype == torch.float32 for m in models_cast.reference.modules()
+               if isinstance(m, lora.LoRALayer))
+    for step in range(3):
+        trainer.train_step(step)
+        trainer_cast.train_step(step)
+    a, b = full_state(trainer), full_state(trainer_cast)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bf16_base_runs_outside_autocast():
+    models, _ = _shared(bf16=True)
+    x = torch.randn(5, 2)
+    out = models.reference(x, torch.full((5,), 0.7), torch.zeros(5, dtype=torch.long))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

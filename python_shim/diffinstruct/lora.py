@@ -40,6 +40,7 @@ class LoRALayer(nn.Module):
         self.base = base
         self.switch = switch
         self.scale = alpha / rank
+        self.frozen_dtype: torch.dtype | None = None  # set by store_frozen_in
         self.adapters = nn.ModuleDict()
         for role in roles:
             if isinstance(base, nn.Linear):
@@ -58,13 +59,34 @@ class LoRALayer(nn.Module):
             self.adapters[role] = nn.Sequential(down, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        weight = getattr(self.base, "weight", None)
+        if self.frozen_dtype is not None and x.dtype != self.frozen_dtype and not torch.is_autocast_enabled(
+                x.device.type):
+            # a base stored in bf16 (store_frozen_in) outside autocast: run it in its own dtype
+            out = self.base(x.to(weight.dtype)).to(x.dtype)
+        else:
+            out = self.base(x)
         role = self.switch.active
         if role is not None and role in self.adapters:
             delta = self.adapters[role](x)
             # the scale rides on the add (one pass over the full-size output, not two); 1.0 is the default
             out = out + delta if self.scale == 1.0 else torch.add(out, delta, alpha=self.scale)
         return out
+
+
+def store_frozen_in(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Keep the frozen float32 base weights of every LoRA layer in `dtype` (bf16 training): autocast then uses them
+    as they are instead of casting every weight on every pass, with the same values (the cast it did rounds the same
+    way), and the base takes half the memory. Outside autocast such a layer runs its base in `dtype`. Returns the
+    number of layers converted."""
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, LoRALayer) and getattr(module.base, "weight", None) is not None:
+            if module.base.weight.dtype == torch.float32 and not module.base.weight.requires_grad:
+                module.base.to(dtype)
+                module.frozen_dtype = dtype
+                converted += 1
+    return converted
 
 
 def default_target(name: str, module: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from .config import DIConfig
 from .denoisers import Denoiser
 from .errors import ConfigError, TrainingDiverged
 from .generator import OneStepGenerator
+from .lora import store_frozen_in
 from .optim import EMA, FusedAdam
 from .prompts import PromptList, join_conditioning
 from .rewards import Reward
@@ -169,6 +170,9 @@ class DITrainer:
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
+        if self.cfg.bf16:  # the shared base's frozen weights as autocast would cast them on every pass
+            for module in models.modules:
+                store_frozen_in(module, torch.bfloat16)
         self.reference = VEView(models.reference)
         self.ta = VEView(models.ta)
         self.sigma_min = self.cfg.sigma_min if self.cfg.sigma_min is not None else self.reference.sigma_min
