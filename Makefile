@@ -12,7 +12,7 @@ all: build
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" "numpy>=1.25" "safetensors>=0.4" "tqdm>=4.60" "matplotlib>=3.7" \
-		"transformers>=4.40" tokenizers pillow "diffusers>=0.32" "pytest>=7" "ruff>=0.4" "setuptools>=64" wheel
+		"transformers>=4.40" tokenizers pillow "ftfy>=6.1" "diffusers>=0.32" "pytest>=7" "ruff>=0.4" "setuptools>=64" wheel
 	touch $@
 
 # Editable build: the extension and (with nvcc) libdipp_cuda.so land in python_shim/diffinstruct/.

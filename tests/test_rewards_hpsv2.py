@@ -238,3 +238,14 @@ def test_missing_and_wrong_files(tmp_path, hps_folder):
     torch.save({"state_dict": {"weight": torch.zeros(2)}}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not an open_clip ViT CLIP state dict"):
         load_hpsv2(tmp_path / "bad.pt", tokenizer_path=models / "rewards" / "clip")
+
+
+def test_ftfy_fixes_what_open_clip_fixes(bpe_hps):
+    """open_clip runs ftfy.fix_text first (ftfy is a dependency of the rewards extra): curly quotes, ligatures and
+    mojibake tokenise as their plain forms."""
+    assert openclip_clean("\u201ca red circle\u201d") == '"a red circle"'
+    assert openclip_clean("\ufb01ne cat") == "fine cat"
+    assert openclip_clean("caf\u00c3\u00a9") == "caf\u00e9"  # UTF-8 read as Latin-1
+    score, _, _ = bpe_hps
+    ids, mask = score.tower.tokenize(["\u201ca red circle\u201d", '"a red circle"'])
+    assert torch.equal(ids[0], ids[1]) and torch.equal(mask[0], mask[1])
