@@ -1,19 +1,21 @@
 """ComfyUI entry point of the diffinstruct node pack (clone this repository into ComfyUI's custom_nodes/).
 
-The package lives in python_shim/; when it is not installed (no `pip install`), that folder is put on
-sys.path so the nodes find it. ComfyUI imports this file as a package under its own path-derived name,
-so the relative import below never collides with ComfyUI's top-level `nodes` module.
+This file is the diffinstruct node pack entry point (the wheel's loader looks for that phrase: a clone beside it
+wins, docs/COMFYUI.md section 1). The package lives in python_shim/; the clone runs its own copy of it, so that
+folder goes first on sys.path unless diffinstruct is already imported. ComfyUI imports this file as a package
+under its own path-derived name, so the relative import below never collides with ComfyUI's top-level `nodes`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 _SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python_shim")
-if importlib.util.find_spec("diffinstruct") is None and os.path.isdir(_SHIM):
+if "diffinstruct" not in sys.modules and os.path.isdir(_SHIM) and _SHIM not in sys.path:
     sys.path.insert(0, _SHIM)
+
+WEB_DIRECTORY = "./nodes/web"  # the canvas extension: results and the live status on the nodes
 
 if __package__:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
@@ -24,4 +26,4 @@ else:
     NODE_CLASS_MAPPINGS: dict[str, type] = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

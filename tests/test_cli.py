@@ -111,7 +111,7 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
 
 
 def test_example_config_is_valid():
-    spec = run.load_config(ROOT / "examples" / "toy2d.toml")
+    spec = run.load_config(ROOT / "configs" / "toy2d.toml")
     assert spec.problem == "toy2d" and spec.reward["name"] == "target"
     assert spec.train.seed == spec.seed  # [train] seed defaults to [run] seed
 

@@ -263,12 +263,12 @@ def test_training_copies_are_released_after_the_run(objects, tmp_path, monkeypat
 
 
 def test_shipped_api_workflows_use_the_node_schemas():
-    workflows = sorted((ROOT / "workflows").glob("*_api.json"))
+    workflows = sorted((ROOT / "workflows" / "api").glob("*_api.json"))
     assert [p.name for p in workflows] == ["align_one_click_api.json", "composed_pipeline_api.json",
                                            "evaluate_before_after_api.json", "tiny_demo_api.json"]
     for path in workflows:
         prompt = json.loads(path.read_text())
-        assert json.loads(path.with_name(path.name.replace("_api", "")).read_text())["nodes"]
+        assert json.loads((ROOT / "workflows" / path.name.replace("_api", "")).read_text())["nodes"]
         for node_id, entry in prompt.items():
             cls = NODES.get(entry["class_type"])
             if cls is None:
@@ -333,23 +333,3 @@ def test_save_failure_leaves_no_file(objects, tmp_path, monkeypatch):
     assert list((tmp_path / "out" / "dipp").iterdir()) == []
     with pytest.raises(ValueError, match="relative name"):
         node("DIPPSave").save(weights, "../escape", str(tmp_path / "out"))
-
-
-# ============================================================================================== installer
-def test_installer_writes_a_loader_that_registers_the_nodes(tmp_path):
-    from diffinstruct import cli, comfyui
-
-    (tmp_path / "main.py").write_text("")
-    path = comfyui.install(tmp_path)
-    assert path == tmp_path / "custom_nodes" / "diffinstruct_loader.py"
-    assert [p.name for p in path.parent.iterdir()] == ["diffinstruct_loader.py"]
-    spec = importlib.util.spec_from_file_location("loader_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert sorted(module.NODE_CLASS_MAPPINGS) == sorted(NODES)
-    assert comfyui.install(tmp_path) == path  # idempotent
-    assert cli.main(["comfyui", "uninstall", "--comfyui", str(tmp_path)]) == 0 and not path.exists()
-    (path.parent / "diffinstruct_loader.py").write_text("# someone else's file\n")
-    with pytest.raises(comfyui.InstallError, match="not written by this installer"):
-        comfyui.install(tmp_path)
-    assert cli.main(["comfyui", "install", "--comfyui", str(tmp_path / "nowhere")]) == 2

@@ -1,4 +1,4 @@
-"""The tiny demo workflow (workflows/tiny_demo_api.json) executed node by node through the pack, without ComfyUI:
+"""The tiny demo workflow (workflows/api/tiny_demo_api.json) executed node by node through the pack, without ComfyUI:
 the same tiny models as `make demo`, stage 1 DI, stage 2 learned reward, stage 3 DI++, evaluation before/after."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from test_nodes import NODES, ROOT
 from diffinstruct.errors import ConfigError
 from diffinstruct.hosts import comfy_tiny_demo
 
-WORKFLOW = ROOT / "workflows" / "tiny_demo_api.json"
+WORKFLOW = ROOT / "workflows" / "api" / "tiny_demo_api.json"
 # The learned reward is a Bradley-Terry score (unbounded logits; data images span about -4..4). Measured with the
 # shipped workflow: see the report printed by the test. A margin well below that, above run-to-run noise.
 MIN_GAIN = 0.3

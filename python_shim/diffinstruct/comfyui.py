@@ -3,8 +3,9 @@
     diffinstruct comfyui install --comfyui /path/to/ComfyUI      (or python -m diffinstruct.comfyui install ...)
     diffinstruct comfyui uninstall --comfyui /path/to/ComfyUI
 
-ComfyUI only discovers node packs in its custom_nodes folders (not pip packages), so `install` writes
-custom_nodes/diffinstruct_loader.py (atomically), which imports the node classes from this package.
+ComfyUI only discovers node packs in its custom_nodes folders (not pip packages), so `install` writes the
+folder custom_nodes/diffinstruct_loader/: an __init__.py that imports the node classes from this package, and
+workflows/, a copy of the shipped templates (ComfyUI lists and serves a pack's templates from its own folder).
 The nodes ship in the wheel as `diffinstruct.comfy_nodes`; in a source checkout they are the repository's
 nodes/ folder, found next to python_shim/.
 """
@@ -15,20 +16,44 @@ import argparse
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
 
-from .atomic import write_text_atomic
+from .atomic import write_bytes_atomic, write_text_atomic
 from .errors import InstallError
 
-LOADER_NAME = "diffinstruct_loader.py"
+LOADER_NAME = "diffinstruct_loader"  # a folder: ComfyUI serves templates only from a pack folder's workflows/
 MARKER = "# written by: python -m diffinstruct.comfyui install"
+CLONE_MARKER = "diffinstruct node pack entry point"  # in the repository root's __init__.py
 LOADER = f'''"""Registers the diffinstruct (Diff-Instruct++) nodes from the installed Python package."""
 {MARKER}
-from diffinstruct.comfyui import load_nodes
+import logging
+import os
 
-NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = load_nodes()
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+
+
+def _clone(name):  # a clone of the repository beside this loader wins: it is checked before diffinstruct is imported
+    init = os.path.join(_ROOT, name, "__init__.py")
+    if name.endswith(".disabled") or os.path.join(_ROOT, name) == _HERE or not os.path.isfile(init):
+        return False
+    with open(init, encoding="utf-8", errors="replace") as f:
+        return "{CLONE_MARKER}" in f.read()
+
+
+_CLONES = [os.path.join(_ROOT, n) for n in sorted(os.listdir(_ROOT)) if _clone(n)]
+if _CLONES:
+    logging.getLogger("diffinstruct").warning(
+        "diffinstruct is installed twice: the clone %s and the wheel's loader %s; the clone's nodes are used. "
+        "Remove one (python -m diffinstruct.comfyui uninstall --comfyui ...)", _CLONES[0], _HERE)
+    NODE_CLASS_MAPPINGS = {{}}
+else:
+    from diffinstruct.comfyui import loader_exports
+
+    globals().update(loader_exports(__file__))
 '''
 _SOURCE_MODULE = "diffinstruct_comfy_nodes"
 
@@ -39,7 +64,7 @@ def nodes_module() -> ModuleType:
         return importlib.import_module("diffinstruct.comfy_nodes")
     if _SOURCE_MODULE in sys.modules:
         return sys.modules[_SOURCE_MODULE]
-    folder = Path(__file__).resolve().parents[2] / "nodes"
+    folder = _source_nodes()
     init = folder / "__init__.py"
     if not init.is_file():
         raise ImportError(f"the diffinstruct node classes were not found: neither the package "
@@ -56,9 +81,50 @@ def nodes_module() -> ModuleType:
     return module
 
 
+def _source_nodes() -> Path:
+    return Path(__file__).resolve().parents[2] / "nodes"
+
+
 def load_nodes() -> tuple[dict[str, type], dict[str, str]]:
     module = nodes_module()
     return dict(module.NODE_CLASS_MAPPINGS), dict(module.NODE_DISPLAY_NAME_MAPPINGS)
+
+
+def pack_folder() -> Path:
+    """The folder holding the pack's web/ and workflows/: the packaged nodes, else the checkout's nodes/."""
+    return Path(nodes_module().__file__).resolve().parent
+
+
+def loader_exports(init_file: str) -> dict[str, object]:
+    """What the wheel's loader (custom_nodes/diffinstruct_loader/__init__.py) exports to ComfyUI: the node
+    classes, the web extension (an absolute WEB_DIRECTORY: ComfyUI joins it to the pack folder) and, refreshed here
+    so that an upgraded wheel brings its templates along, the loader's copy of the workflows."""
+    here = Path(init_file).resolve().parent
+    sync_workflows(pack_folder() / "workflows", here / "workflows")
+    classes, names = load_nodes()
+    web = pack_folder() / "web"
+    return {"NODE_CLASS_MAPPINGS": classes, "NODE_DISPLAY_NAME_MAPPINGS": names,
+            "WEB_DIRECTORY": str(web) if web.is_dir() else None}
+
+
+def sync_workflows(source: Path, target: Path) -> list[Path]:
+    """Copy the shipped templates (workflows/*.json and their *.jpg thumbnails) into `target`, rewriting only the
+    files that differ (each atomically) and removing stale ones; returns the files written."""
+    if not source.is_dir():
+        return []
+    wanted = {p.name: p for p in sorted(source.iterdir()) if p.suffix in (".json", ".jpg") and p.is_file()}
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, src in wanted.items():
+        dst = target / name
+        data = src.read_bytes()
+        if not dst.is_file() or dst.read_bytes() != data:
+            write_bytes_atomic(dst, data)
+            written.append(dst)
+    for stale in target.iterdir():
+        if stale.is_file() and stale.suffix in (".json", ".jpg") and stale.name not in wanted:
+            stale.unlink()
+    return written
 
 
 def custom_nodes_dir(comfyui: str | os.PathLike[str]) -> Path:
@@ -73,14 +139,26 @@ def custom_nodes_dir(comfyui: str | os.PathLike[str]) -> Path:
     return root / "custom_nodes"
 
 
+def _ours(init: Path) -> bool:
+    return init.is_file() and MARKER in init.read_text(encoding="utf-8", errors="replace")
+
+
 def install(comfyui: str | os.PathLike[str]) -> Path:
-    """Write the loader into ComfyUI's custom_nodes/ (temporary file + rename); returns its path."""
+    """Write the loader folder into ComfyUI's custom_nodes/ (its __init__.py and the templates, each atomically);
+    returns the folder. A loader file of an older version of this installer is replaced."""
     folder = custom_nodes_dir(comfyui)
     folder.mkdir(exist_ok=True)
     target = folder / LOADER_NAME
-    if target.exists() and MARKER not in target.read_text(encoding="utf-8", errors="replace"):
+    init = target / "__init__.py"
+    if target.exists() and not _ours(init):
         raise InstallError(f"{target} exists and was not written by this installer; remove it first")
-    write_text_atomic(target, LOADER)
+    old = folder / f"{LOADER_NAME}.py"
+    if old.exists() and not _ours(old):
+        raise InstallError(f"{old} exists and was not written by this installer; remove it first")
+    target.mkdir(exist_ok=True)
+    write_text_atomic(init, LOADER)
+    sync_workflows(pack_folder() / "workflows", target / "workflows")
+    old.unlink(missing_ok=True)
     return target
 
 
@@ -88,9 +166,9 @@ def uninstall(comfyui: str | os.PathLike[str]) -> Path | None:
     target = custom_nodes_dir(comfyui) / LOADER_NAME
     if not target.exists():
         return None
-    if MARKER not in target.read_text(encoding="utf-8", errors="replace"):
+    if not _ours(target / "__init__.py"):
         raise InstallError(f"{target} was not written by this installer; not removing it")
-    target.unlink()
+    shutil.rmtree(target)
     return target
 
 

@@ -1,7 +1,7 @@
 """The node pack inside a real ComfyUI (a local checkout named by COMFYUI_PATH, CPU torch).
 
 ComfyUI's own custom-node loader loads the pack (the cloned-repository route and the wheel's loader file),
-and ComfyUI's executor runs every API-format workflow of workflows/ on a tiny SD1.5-architecture model with
+and ComfyUI's executor runs every API-format workflow of workflows/api/ on a tiny SD1.5-architecture model with
 the TAESD VAE; the workflows' CheckpointLoaderSimple is swapped for a test node that builds that model in
 memory, and sizes and step counts are reduced so each runs in seconds on a CPU.
 """
@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-WORKFLOWS = ROOT / "workflows"
+WORKFLOWS = ROOT / "workflows"  # what the Templates browser lists (UI format)
+API = WORKFLOWS / "api"  # their API-format twins, one level down so that they are not listed
 TINY_LOADER = "TestTinySD15Checkpoint"
 SIZE = 64  # pixels: 8 x 8 latents
 ALIGN_STEPS = 30
@@ -108,8 +109,8 @@ def errors(server: ServerStub) -> list[dict]:
 
 
 def workflow(name: str, overrides: dict[str, dict]) -> dict:
-    """An API-format workflow of workflows/ with the checkpoint loader swapped and the given inputs changed."""
-    prompt = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+    """An API-format workflow of workflows/api/ with the checkpoint loader swapped and the given inputs changed."""
+    prompt = json.loads((API / f"{name}_api.json").read_text())
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = TINY_LOADER, {"seed": 0}
@@ -135,11 +136,13 @@ def test_pack_loads_through_comfyui_loader(host):
     assert "LoraLoader" in mappings and "KSampler" in mappings  # core nodes are intact
 
 
-def test_wheel_loader_file_loads_through_comfyui(host, tmp_path):
+def test_wheel_loader_folder_loads_through_comfyui(host, tmp_path):
     from diffinstruct import comfyui
 
     (tmp_path / "main.py").write_text("")
     loader = comfyui.install(tmp_path)
+    shipped = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    assert sorted(p.stem for p in (loader / "workflows").glob("*.json")) == shipped
     before = dict(host.nodes.NODE_CLASS_MAPPINGS)
     for key in [k for k in before if k.startswith("DIPP")]:
         del host.nodes.NODE_CLASS_MAPPINGS[key]
@@ -153,10 +156,8 @@ def test_wheel_loader_file_loads_through_comfyui(host, tmp_path):
 
 def test_ui_workflows_match_their_api_twins(host):
     for ui_path in sorted(WORKFLOWS.glob("*.json")):
-        if ui_path.name.endswith("_api.json"):
-            continue
         ui = json.loads(ui_path.read_text())
-        api = json.loads(ui_path.with_name(ui_path.stem + "_api.json").read_text())
+        api = json.loads((API / f"{ui_path.stem}_api.json").read_text())
         expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
         assert ui_to_api(host, ui) == expected, ui_path.name
 
@@ -191,7 +192,7 @@ def test_one_click_workflow_raises_the_reward_and_its_lora_loads_in_comfyui(host
     folder = host.tmp / "align_run"
     executor, server = run(host, workflow("align_one_click", align_overrides(folder)))
     assert not errors(server), errors(server)
-    align_id = next(k for k, v in json.loads((WORKFLOWS / "align_one_click_api.json").read_text()).items()
+    align_id = next(k for k, v in json.loads((API / "align_one_click_api.json").read_text()).items()
                     if v["class_type"] == "DIPPAlign")
     steps = [v for v, total, node in host.progress if node == align_id]
     assert steps == list(range(0, ALIGN_STEPS + 1)), "the progress bar must advance every step"
@@ -208,7 +209,7 @@ def test_one_click_workflow_raises_the_reward_and_its_lora_loads_in_comfyui(host
     executor, server = run(host, workflow("evaluate_before_after", evaluation))
     assert not errors(server), errors(server)
     outputs = executor.history_result["outputs"]
-    api = json.loads((WORKFLOWS / "evaluate_before_after_api.json").read_text())
+    api = json.loads((API / "evaluate_before_after_api.json").read_text())
     by_title = {v["_meta"]["title"]: outputs[k] for k, v in api.items() if v["class_type"] == "DIPPEvaluate"}
     before, after = by_title["Before"]["mean"][0], by_title["After"]["mean"][0]
     print(f"\none-click alignment ({ALIGN_STEPS} steps, brightness, tiny SD1.5 + TAESD): mean reward over the "

@@ -1,11 +1,11 @@
-"""The tiny demo workflow (workflows/tiny_demo_api.json) in real ComfyUI: the pack loaded by ComfyUI's loader,
+"""The tiny demo workflow (workflows/api/tiny_demo_api.json) in real ComfyUI: the pack loaded by ComfyUI's loader,
 the prompt validated and run by its PromptExecutor, with its own CLIP Text Encode and Preview Image nodes."""
 
 from __future__ import annotations
 
 import json
 
-from test_comfy_host import WORKFLOWS, errors, host, run, ui_to_api  # noqa: F401 - host is a fixture
+from test_comfy_host import API, WORKFLOWS, errors, host, run, ui_to_api  # noqa: F401 - host is a fixture
 
 # The learned reward is a Bradley-Terry score (unbounded); measured in CI (tests/test_nodes_tiny_demo.py) with the
 # same workflow: -0.54 (DI) -> 4.99 (DI++). A margin well below that.
@@ -15,12 +15,12 @@ MAX_FIDELITY_LOSS = 5.0  # percentage points of attribute accuracy; measured 96.
 
 def test_tiny_demo_ui_workflow_matches_its_api_twin(host):  # noqa: F811
     ui = json.loads((WORKFLOWS / "tiny_demo.json").read_text())
-    api = json.loads((WORKFLOWS / "tiny_demo_api.json").read_text())
+    api = json.loads((API / "tiny_demo_api.json").read_text())
     assert ui_to_api(host, ui) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
 
 
 def test_tiny_demo_workflow_raises_the_learned_reward_in_comfyui(host):  # noqa: F811
-    prompt = json.loads((WORKFLOWS / "tiny_demo_api.json").read_text())
+    prompt = json.loads((API / "tiny_demo_api.json").read_text())
     for key, node in prompt.items():  # the runs' folders in the test's folder, not ComfyUI's output folder
         for name in ("checkpoint_dir", "folder"):
             if name in node["inputs"]:
