@@ -10,6 +10,7 @@
     │   ├── RewardWeightsNotFound  (also FileNotFoundError) a reward's weight file or folder is missing
     │   ├── UnsupportedModel       (also TypeError) a MODEL of a kind the engine cannot train
     │   ├── InstallError           (also RuntimeError) a ComfyUI folder the pack cannot be installed into
+    │   ├── PathNotAllowed         (also PermissionError) a node's path outside ComfyUI's folders
     │   └── BackendUnavailable     (also RuntimeError) a kernel backend asked for that cannot run here
     │       └── NoBackend          (also ImportError) no backend here can run an op
     └── RunFailure                 the work failed while running: the CLI exits 1 with the message, no traceback
@@ -87,6 +88,11 @@ class UnsupportedModel(UsageError, TypeError):
 
 class InstallError(UsageError, RuntimeError):
     """The ComfyUI folder is not usable; the message says why."""
+
+
+class PathNotAllowed(UsageError, PermissionError):
+    """A path a ComfyUI node would write or read lies outside the folders ComfyUI allows; the message names the
+    input, the folders allowed and the opt-in."""
 
 
 class BackendUnavailable(UsageError, RuntimeError):
