@@ -1,0 +1,36 @@
+"""The pack in a real ComfyUI server on loopback: the Templates route lists and serves every shipped workflow and
+its thumbnail on both install routes, and nothing else (no API twins)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+COMFY = os.environ.get("COMFYUI_PATH", "")
+if not COMFY or not (Path(COMFY) / "main.py").is_file():
+    pytest.skip("real-ComfyUI server tests skipped: set COMFYUI_PATH to a ComfyUI checkout", allow_module_level=True)
+
+from comfy_server import ROOT, comfy_server  # noqa: E402
+
+TEMPLATES = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("route", ["clone", "wheel"])
+def test_templates_are_listed_and_served_with_thumbnails(route, tmp_path):
+    with comfy_server(COMFY, tmp_path, route) as server:
+        listing = server.get_json("/api/workflow_templates")
+        assert {k: sorted(v) for k, v in listing.items()} == {server.module: TEMPLATES}, listing
+        for name in TEMPLATES:
+            status, _, body = server.get(f"/api/workflow_templates/{server.module}/{name}.json")
+            assert status == 200, (name, status)
+            assert json.loads(body) == json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+            status, kind, body = server.get(f"/api/workflow_templates/{server.module}/{name}.jpg")
+            assert status == 200 and kind == "image/jpeg" and body[:2] == b"\xff\xd8", (name, status, kind)
+        extensions = server.get_json("/extensions")
+        assert any(e.endswith("/diffinstruct.js") for e in extensions), extensions
+        nodes = server.get_json("/object_info")
+        assert len([k for k in nodes if k.startswith("DIPP")]) == 13
+        assert "installed twice" not in server.log_text()
