@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: all build test test-c test-comfy bench demo lint wheel clean
+.PHONY: all build test test-c test-comfy bench demo lint wheel gpu-check clean
 
 all: build
 
@@ -62,6 +62,16 @@ wheel: $(STAMP) $(WHEEL_TOOLS)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair --wheel-dir $(DIST) $(DIST)/raw/diffinstruct-*.whl
 	rm -rf $(DIST)/raw
 	$(VENV)/bin/auditwheel show $(DIST)/diffinstruct-*manylinux*.whl
+
+# On a machine with an NVIDIA GPU (PyTorch with CUDA, nvcc, setuptools, pytest and diffusers installed; no network):
+# builds the extension and libdipp_cuda.so for that GPU only into build/gpu_check, runs the CUDA tests and the
+# parity suites on it, measures every kernel against the device's copy bandwidth and times DI++ iterations of an
+# SD1.5 UNet (random weights) in shared and full mode; writes gpu-check/report.md and report.json (about 4 min).
+# Without a GPU it runs the CPU-side parts and says so (exit 0). Uses .venv when there is one, else $(PYTHON);
+# deliberately not after `build`, which installs packages from the network.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py --out gpu-check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info python_shim/*.egg-info python_shim/diffinstruct/*.so
