@@ -3,7 +3,8 @@ cuda/host_emu, and drives them through the real binding (diffinstruct._core's CU
 
 - `build_library(threads=256)` compiles the unmodified .cu files (g++, FMA contraction off like
   nvcc --fmad=false) into a library with libdipp_cuda.so's exports; `threads` rebuilds them for
-  another DIPP_CUDA_THREADS block size. Cached under build/host_emu/ by a hash of the sources.
+  another DIPP_CUDA_THREADS block size. Cached under build/host_emu/ by a hash of the sources; each new
+  build prunes the folders past the KEEP_BUILDS most recently used (`prune`).
 - `Emulated(lib)` is a fresh instance of the extension module whose CUDA library is that build
   (multi-phase init gives every instance its own state, so the process's own _core is untouched).
 - `on_device(t)` presents a CPU tensor as a CUDA tensor to the binding: DLPack device (kDLCUDA, id)
@@ -20,6 +21,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,19 +65,49 @@ def build_command(output: Path, sources: list[Path], threads: int | None = None)
             *map(str, sources), "-o", str(output)]
 
 
+CACHE = ROOT / "build" / "host_emu"
+# Builds kept: each edit of a kernel source or header makes four new ones (release, 32 and 1024 threads, probes);
+# twelve keep the last three versions' worth, so switching back and forth while editing does not rebuild.
+KEEP_BUILDS = 12
+PRUNE_GRACE_S = 600.0  # a build used this recently is kept whatever its rank: another run may be about to load it
+
+
+def prune(cache: Path = CACHE, keep: int = KEEP_BUILDS, grace_s: float = PRUNE_GRACE_S) -> list[Path]:
+    """Removes the build folders of `cache` past the `keep` most recently used (and unused for `grace_s`);
+    returns those removed. A library already loaded stays valid after its file is removed."""
+    now = time.time()
+    folders = sorted((p for p in cache.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True) \
+        if cache.is_dir() else []
+    removed = []
+    for folder in folders[keep:]:
+        try:
+            if now - folder.stat().st_mtime > grace_s:
+                shutil.rmtree(folder)
+                removed.append(folder)
+        except FileNotFoundError:  # another run pruned it first
+            pass
+    return removed
+
+
 def _build(name: str, sources: list[Path], threads: int | None) -> Path:
     digest = hashlib.sha256()
     for path in sources + headers():
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(" ".join(build_command(Path("x"), sources, threads)).encode())
-    out = ROOT / "build" / "host_emu" / f"{digest.hexdigest()[:16]}-t{threads or 'default'}" / name
-    if not out.exists():
+    out = CACHE / f"{digest.hexdigest()[:16]}-t{threads or 'default'}" / name
+    if out.exists():
+        try:
+            os.utime(out.parent)  # used now: the folder's time is what prune ranks by
+        except OSError:  # a read-only cache is used as it is
+            pass
+    else:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         result = subprocess.run(build_command(tmp, sources, threads), capture_output=True, text=True, cwd=ROOT)
         if result.returncode != 0:
             raise RuntimeError(f"g++ failed to build {name}:\n{result.stderr}")
         os.replace(tmp, out)
+        prune()
     return out
 
 

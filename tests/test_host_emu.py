@@ -4,7 +4,9 @@ subset the kernels use, and reports what a GPU would leave undefined instead of 
 from __future__ import annotations
 
 import ctypes
+import os
 import re
+import time
 
 import cuda_emu
 import numpy as np
@@ -203,3 +205,24 @@ def test_injected_failures_and_foreign_streams(probes):
         assert stream.stats().failed == 2 and "launch 2 failed" in stream.stats().message.decode()
     not_a_stream = np.zeros(64, np.uint64)
     assert lib.probe_ids(1, 1, 1, 1, 1, 1, ptr(out), ptr(not_a_stream)) == INVALID_HANDLE
+
+
+def test_build_cache_keeps_the_most_recently_used_builds(tmp_path):
+    """build/host_emu keeps the newest builds; one used within the grace period stays whatever its rank."""
+    now = time.time()
+    ages = {"a": 5000, "b": 4000, "c": 3000, "d": 2000, "e": 1000, "recent": 10}
+    for name, age in ages.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "libdipp_cuda_emu.so").write_bytes(b"")
+        os.utime(tmp_path / name, (now - age, now - age))
+    (tmp_path / "stray.tmp").write_bytes(b"")  # files are not builds
+    removed = cuda_emu.prune(tmp_path, keep=2, grace_s=2500)
+    assert sorted(p.name for p in removed) == ["a", "b", "c"]  # "d" is past the rank but within the grace
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "e", "recent", "stray.tmp"]
+    assert cuda_emu.prune(tmp_path / "absent") == []
+
+
+def test_a_cached_build_is_marked_as_used(tmp_path):
+    lib = cuda_emu.build_library()
+    os.utime(lib.parent, (1.0, 1.0))
+    assert cuda_emu.build_library() == lib and time.time() - lib.parent.stat().st_mtime < 60
