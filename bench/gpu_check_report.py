@@ -116,15 +116,13 @@ def _unet(timing: dict[str, Any], gpu: bool) -> list[str]:
               "copies) + engine.build_engine, DITrainer.train_step with omega = 4.5 CFG and TargetReward "
               "(alpha = 0.1). Time: median of the timed iterations after warm-up, synchronised; peak: "
               "torch.cuda.max_memory_allocated over the row (building included).", "",
-              "| mode | batch | s / iteration | peak GiB | after build GiB | trainable (G) | kernels % | finite "
-              "| note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| mode | batch | s / iteration | peak GiB | after build GiB | trainable (G) | finite | note |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         trainable = f"{r['generator_trainable'] / 1e6:.1f}M" if "generator_trainable" in r else "—"
         timed = f"{r['timed']} timed after {r['warmup']} warm-up" if "timed" in r else ""
         lines.append(f"| {r['mode']} | {r['batch']} | {_f(r.get('s_per_it'), '.3f')} | {_f(r.get('peak_gib'), '.2f')} "
                      f"| {_f(r.get('built_gib'), '.2f')} | {trainable} "
-                     f"| {_f(r.get('kernel_share') and 100 * r['kernel_share'], '.1f')} "
                      f"| {'yes' if r.get('finite') else ('no' if 'finite' in r else '—')} "
                      f"| {r.get('error', timed)[:200]} |")
     return lines + [""]

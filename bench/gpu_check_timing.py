@@ -246,7 +246,6 @@ def _train_row(spec: dict[str, Any], mode: str, batch: int, device: torch.device
         sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - t1)
-            row["kernel_share"] = m["time_kernels"] / max(m["time_total"], 1e-9)
         finite = finite and all(math.isfinite(float(m[k])) for k in ("ta_loss", "generator_grad_norm"))
     row.update(s_per_it=statistics.median(times), min_s=min(times), timed=len(times), warmup=warmup, finite=finite)
     return row

@@ -73,7 +73,7 @@ def gpu_report() -> dict:
               "checked": True}
     rows = [{"mode": "shared", "batch": 1, "model": "SD1.5 UNet", "dtype": "bf16", "s_per_it": 0.21, "min_s": 0.2,
              "timed": 3, "warmup": 2, "finite": True, "peak_gib": 6.5, "built_gib": 3.4, "generator_trainable": 2.5e7,
-             "kernel_share": 0.01, "params": 8.6e8},
+             "params": 8.6e8},
             {"mode": "full", "batch": 8, "model": "SD1.5 UNet", "dtype": "bf16", "peak_gib": 79.0,
              "error": "out of memory: OutOfMemoryError: CUDA out of memory"}]
     return {"date": "today", "quick": False, "seconds": 200.0, "not_run": [],
@@ -101,19 +101,21 @@ def test_gpu_report_renders_and_an_out_of_memory_row_is_no_failure():
     text = gpu_check_report.render(report)
     assert "**Status: PASS.** NVIDIA H200 (compute capability 9.0)." in text
     assert "| large 64x4x256x256 | f32 | cfg_combine | 0.2000 | 4000.0 | 90 % |" in text
-    assert "| shared | 1 | 0.210 | 6.50 | 3.40 | 25.0M | 1.0 | yes |" in text
+    assert "| shared | 1 | 0.210 | 6.50 | 3.40 | 25.0M | yes |" in text
     assert "| full | 8 | — | 79.00 |" in text and "out of memory" in text
     assert "sm_90 + PTX" in text and "4400.0 GB/s" in text
 
 
-def test_a_kernel_that_disagrees_or_a_failing_test_fails_the_check():
+def test_a_failing_test_kernel_or_row_fails_the_check():
     report = gpu_report()
     report["timing"]["kernels"][0]["error"] = "AssertionError: cfg_combine: output 0 differs"
     report["tests"][0].update(ok=False, failed=1)
+    report["timing"]["unet"][0]["error"] = "RuntimeError: x0 is on cuda:0 but sigma is on cpu:0"
     report["failed"] = gpu_check.failed_parts(report)
     assert gpu_check.status_of(report) == "fail"
     assert report["failed"] == ["tests: CPU vs CUDA parity on the device",
-                                "kernel cfg_combine (large 64x4x256x256, f32)"]
+                                "kernel cfg_combine (large 64x4x256x256, f32)",
+                                "DI++ shared batch 1: RuntimeError: x0 is on cuda:0 but sigma is on cpu:0"]
 
 
 def test_the_build_targets_the_device_or_the_newest_architecture_below_it():
