@@ -9,8 +9,8 @@ no network. With a GPU (torch.cuda.is_available()):
    capability, or the newest one nvcc has below it, plus PTX) into build/gpu_check/lib; every later step imports
    diffinstruct from there (PYTHONPATH), so the package in the source tree and any installed copy stay as they were.
 2. Tests on the device: tests/test_cuda_parity.py and tests/test_cuda_build.py (CPU vs CUDA kernels, the
-   library and its exports; the slow wheel builds left out), the CUDA cases of tests/ops (`-k cuda`), and the
-   host-emulated CUDA suite (tests/test_cuda_emu_parity.py, test_host_emu.py, test_cuda_emu_binding.py).
+   library and its exports; the slow wheel builds left out), the CUDA cases of tests/ops (`-k cuda`), and a
+   quick subset of the host-emulated CUDA suite (every launcher at one size; `make test` runs all of it).
 3. Bandwidth (bench/gpu_check_timing.py): a device-to-device copy first, then every kernel of
    bench/bench_cases.py, validated against the PyTorch reference and timed, as GB/s and a fraction of the copy.
 4. DI++ iterations of an SD1.5-architecture UNet with random weights, bf16, shared and full mode, batch 1/4/8,
@@ -18,8 +18,10 @@ no network. With a GPU (torch.cuda.is_available()):
 
 About 4 minutes on an H100/H200-class GPU; steps start only while the --budget-s (default 420 s) lasts.
 
-Without a GPU it says so, and runs what the CPUs can: the build (C extension only), the host-emulated CUDA suite,
-and the timing code at smoke sizes on the CPU with a tiny UNet (a check that the code runs, not a measurement).
+Without a GPU it says so, and runs what the CPUs can: the build (C extension only), the whole host-emulated CUDA
+suite (tests/test_cuda_emu_parity.py, test_host_emu.py, test_cuda_emu_binding.py), and the timing code at smoke
+sizes on the CPU with a tiny UNet (a check that the code runs, not a measurement). --quick: the emulated suite's
+quick subset and fewer repetitions (what tests/test_gpu_check.py runs).
 
 Writes OUT/report.md and OUT/report.json (plus build.log, the pytest logs and junit files, timing.json).
 Exit status: 0 when every part that could run here passed (the report's status is "pass" with a GPU, "no-gpu"
@@ -302,8 +304,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         report["not_run"].append("the CUDA tests on the device (" + ", ".join(" ".join(g[1]) for g in DEVICE_GROUPS)
                                  + "): no GPU")
     print("gpu-check: tests: CUDA kernels on the CPU runtime (host emulation) ...", flush=True)
+    # on a GPU machine the device time is better spent on the device: the emulated suite is CPU work that
+    # `make test` runs in full, so only its quick subset runs there
     report["tests"].append(run_pytest("CUDA kernels on the CPU runtime (host emulation)",
-                                      EMU_QUICK if args.quick else EMU_FILES, env, args.out, 900))
+                                      EMU_QUICK if args.quick or gpu else EMU_FILES, env, args.out, 900))
     remaining = deadline - time.monotonic()
     print(f"gpu-check: timing on {'cuda' if gpu else 'cpu (smoke)'} ({remaining:.0f} s left) ...", flush=True)
     report["timing"] = run_timing("cuda" if gpu else "cpu", args.out, env, args.quick, remaining - 20)
