@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from diffinstruct.hosts.comfy_live import LiveSettings
 from diffinstruct.hosts.comfy_specs import MAX_ALPHA, MAX_OMEGA, LossSpec, ReferenceSpec, RewardSpec, TASpec
 
 from ._common import (
@@ -50,9 +51,25 @@ def _common_inputs() -> dict[str, Any]:
     }
 
 
-def _outputs(result: Any) -> tuple[Any, ...]:
-    return (result.model, result.weights, result.curves, result.preview,
-            json.dumps(result.summary, default=str, sort_keys=True))
+def _live_inputs() -> dict[str, Any]:
+    return {
+        "preview_every": ("INT", {"default": 10, "min": 0, "max": 1_000_000, "tooltip": "Every that many steps, "
+                                  "show one-step samples and the reward, diversity and distance curves on this node "
+                                  "(0: only at the end)."}),
+        "diversity_warning": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "Warn on "
+                                        "the node when the samples' diversity falls below this fraction of the "
+                                        "reference's (every sample of a prompt alike: reward hacking). 0: never."}),
+    }
+
+
+def _live(preview_every: int, diversity_warning: float) -> LiveSettings:
+    return LiveSettings(every=preview_every, warn_fraction=diversity_warning)
+
+
+def _outputs(result: Any) -> dict[str, Any]:
+    """The outputs, and the numbers and paths the node shows on the canvas (docs/COMFYUI.md section 10)."""
+    return {"ui": result.ui(), "result": (result.model, result.weights, result.curves, result.preview,
+                                          json.dumps(result.summary, default=str, sort_keys=True))}
 
 
 class DIPPTrain:
@@ -84,13 +101,15 @@ class DIPPTrain:
                 "resume": ("BOOLEAN", {"default": True, "tooltip": "Resume a run found in checkpoint_dir (off: "
                                                                    "refuse to touch it)."}),
             },
-            "optional": {"clip": ("CLIP", {"tooltip": "Encodes the prompts (needed when prompts are given)."})},
+            "optional": {"clip": ("CLIP", {"tooltip": "Encodes the prompts (needed when prompts are given)."}),
+                         **_live_inputs()},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def train(self, model: Any, loss: LossSpec, vae: Any, prompts: str, steps: int, batch_size: int,
               learning_rate: float, seed: int, width: int, height: int, checkpoint_dir: str, checkpoint_every: int,
-              resume: bool, clip: Any = None, unique_id: str | None = None) -> tuple[Any, ...]:
+              resume: bool, clip: Any = None, preview_every: int = 10, diversity_warning: float = 0.5,
+              unique_id: str | None = None) -> dict[str, Any]:
         from diffinstruct.hosts import comfy_train
         from diffinstruct.hosts.comfy import parse_prompts
 
@@ -98,7 +117,7 @@ class DIPPTrain:
         opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=checkpoint_dir.strip() or default_run_dir("train"),
                                         batch_size=batch_size, lr_generator=learning_rate, seed=seed, width=width,
                                         height=height, checkpoint_every=checkpoint_every, resume=resume,
-                                        node_id=unique_id)
+                                        node_id=unique_id, live=_live(preview_every, diversity_warning))
         return _outputs(comfy_train.train(loss, model, opts, vae=vae, prompts=prompt_list, clip=clip))
 
 
@@ -140,6 +159,7 @@ class DIPPAlign:
                 "ta_learning_rate": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-6,
                                                "round": False, "tooltip": "Adam learning rate of the TA."}),
                 **_common_inputs(),
+                **_live_inputs(),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -147,7 +167,8 @@ class DIPPAlign:
     def align(self, model: Any, clip: Any, vae: Any, prompts: str, reward: RewardSpec, alpha: float, omega: float,
               steps: int, negative_prompt: str = "", rank: int = 8, ta_learning_rate: float = 1e-4,
               batch_size: int = 1, learning_rate: float = 1e-4, seed: int = 0, width: int = 512, height: int = 512,
-              checkpoint_dir: str = "", checkpoint_every: int = 50, unique_id: str | None = None) -> tuple[Any, ...]:
+              checkpoint_dir: str = "", checkpoint_every: int = 50, preview_every: int = 10,
+              diversity_warning: float = 0.5, unique_id: str | None = None) -> dict[str, Any]:
         from diffinstruct.hosts import comfy_train
         from diffinstruct.hosts.comfy import encode_prompts, parse_prompts
 
@@ -157,5 +178,6 @@ class DIPPAlign:
         loss = LossSpec(reference, TASpec("lora", rank, ta_learning_rate), reward, alpha)
         opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=checkpoint_dir.strip() or default_run_dir("align"),
                                         batch_size=batch_size, lr_generator=learning_rate, seed=seed, width=width,
-                                        height=height, checkpoint_every=checkpoint_every, node_id=unique_id)
+                                        height=height, checkpoint_every=checkpoint_every, node_id=unique_id,
+                                        live=_live(preview_every, diversity_warning))
         return _outputs(comfy_train.train(loss, model, opts, vae=vae, prompts=prompt_list, clip=clip))

@@ -98,7 +98,8 @@ from diffinstruct.kernels import backend
 assert not backend.HAVE_EXTENSION
 objs = {{"model": tn.tiny.tiny_model(), "clip": tn.tiny.TinyTextEncoder(), "vae": tn.tiny.TinyDecoder()}}
 out = tn.node("DIPPAlign").align(objs["model"], objs["clip"], objs["vae"], tn.PROMPTS, tn.reward(), 1000.0, 1.5, 2,
-                                 batch_size=2, learning_rate=1e-2, width=32, height=32, checkpoint_dir=sys.argv[1])
+                                 batch_size=2, learning_rate=1e-2, width=32, height=32,
+                                 checkpoint_dir=sys.argv[1])["result"]
 print(json.dumps(json.loads(out[4])["reward_first"]))
 """
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ref")], capture_output=True, text=True)
@@ -107,7 +108,7 @@ print(json.dumps(json.loads(out[4])["reward_first"]))
     objs = {"model": tiny.tiny_model(), "clip": tiny.TinyTextEncoder(), "vae": tiny.TinyDecoder()}
     out = node("DIPPAlign").align(objs["model"], objs["clip"], objs["vae"], PROMPTS, reward(), 1000.0, 1.5, 2,
                                   batch_size=2, learning_rate=1e-2, width=32, height=32,
-                                  checkpoint_dir=str(tmp_path / "c"))
+                                  checkpoint_dir=str(tmp_path / "c"))["result"]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == pytest.approx(json.loads(out[4])["reward_first"],
                                                                               abs=1e-5)
 
@@ -127,7 +128,8 @@ def train(objects, loss, folder, steps=6, **kw):
     args = dict(batch_size=2, learning_rate=1e-2, seed=0, width=32, height=32, checkpoint_dir=str(folder),
                 checkpoint_every=2, resume=True, clip=objects["clip"])
     args.update(kw)
-    return node("DIPPTrain").train(objects["model"], loss, objects["vae"], args.pop("prompts", PROMPTS), steps, **args)
+    return node("DIPPTrain").train(objects["model"], loss, objects["vae"], args.pop("prompts", PROMPTS), steps,
+                                   **args)["result"]
 
 
 def evaluate(objects, model, reward_spec, seed=0):
@@ -169,7 +171,7 @@ def test_align_one_click_raises_the_reward(objects, tmp_path):
     before = evaluate(objects, objects["model"], reward())["result"][0]
     out = node("DIPPAlign").align(objects["model"], objects["clip"], objects["vae"], PROMPTS, reward(), 1000.0, 1.0,
                                   8, batch_size=2, learning_rate=1e-2, ta_learning_rate=1e-3, width=32, height=32,
-                                  checkpoint_dir=str(tmp_path / "align"))
+                                  checkpoint_dir=str(tmp_path / "align"))["result"]
     after = evaluate(objects, out[0], reward())["result"][0]
     assert after > before + 0.02, (before, after)
 
@@ -189,7 +191,8 @@ def test_v_prediction_and_flow_models(objects, prediction, tmp_path):
     model = tiny.tiny_model(1, prediction=prediction)
     objs = dict(objects, model=model)
     out = node("DIPPAlign").align(model, objects["clip"], objects["vae"], PROMPTS, reward(), 1000.0, 2.0, 3,
-                                  batch_size=2, learning_rate=1e-2, width=32, height=32, checkpoint_dir=str(tmp_path))
+                                  batch_size=2, learning_rate=1e-2, width=32, height=32,
+                                  checkpoint_dir=str(tmp_path))["result"]
     assert json.loads(out[4])["process"] == ("flow" if prediction == "flow" else "ve")
     assert out[0].diffinstruct_sigma_init == (2.5 if prediction == "v" else model.sigma_max)
     cond = [[objects["clip"]("a red car"), {}]]
@@ -287,7 +290,7 @@ def test_bad_inputs_give_clear_errors(objects, tmp_path):
     cond = [[clip("x"), {}]]
     with pytest.raises(ValueError, match="prompt list is empty"):
         node("DIPPAlign").align(model, clip, objects["vae"], " \n# only a comment\n", reward(), 10.0, 1.0, 2,
-                                checkpoint_dir=str(tmp_path / "a"))
+                                checkpoint_dir=str(tmp_path / "a"))["result"]
     with pytest.raises(ConfigError, match="alpha"):
         composed_loss(objects, alpha=-1.0)
     with pytest.raises(ConfigError, match="alpha"):

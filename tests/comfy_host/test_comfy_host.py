@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib
 import json
 import os
 import sys
@@ -57,10 +58,14 @@ def host(tmp_path_factory):
         from comfy.cli_args import args
 
         args.cpu = True  # before comfy.model_management is imported (docs/COMFYUI.md section 5)
+        # ComfyUI's top-level utils package first, as main.py does: its nodes module puts comfy/ (and so
+        # comfy/utils.py) on sys.path, after which the server's `utils.install_util` would not import
+        importlib.import_module("utils.install_util")
         import comfy.model_management
         import comfy.utils
         import execution
         import folder_paths
+        import server as comfy_server_module
 
         import nodes as comfy_nodes
     except ImportError as exc:
@@ -76,16 +81,21 @@ def host(tmp_path_factory):
     assert asyncio.run(comfy_nodes.load_custom_node(str(ROOT))), "ComfyUI could not load the repository as a pack"
     assert asyncio.run(comfy_nodes.load_custom_node(str(HERE / "testing_nodes" / "dipp_test_nodes")))
     progress: list[tuple[int, int, str | None]] = []
+    previews: list[tuple[int, str | None, object]] = []
 
     def hook(value, total, preview_image, prompt_id=None, node_id=None):  # what main.hijack_progress installs
         comfy.model_management.throw_exception_if_processing_interrupted()
         progress.append((value, total, node_id))
+        if preview_image is not None:
+            previews.append((value, node_id, preview_image))
         if ns.interrupt_at is not None and value == ns.interrupt_at:
             comfy.model_management.interrupt_current_processing(True)  # the UI's Cancel button
 
     comfy.utils.set_progress_bar_global_hook(hook)
+    status = ServerStub()  # the status events to the canvas go through PromptServer.instance
+    comfy_server_module.PromptServer.instance = status
     ns = SimpleNamespace(nodes=comfy_nodes, execution=execution, folder_paths=folder_paths, mm=comfy.model_management,
-                         tmp=tmp, progress=progress, interrupt_at=None)
+                         tmp=tmp, progress=progress, previews=previews, status=status, interrupt_at=None)
     return ns
 
 
@@ -100,6 +110,8 @@ def run(host, prompt: dict, executor=None) -> tuple[object, ServerStub]:
     valid = asyncio.run(host.execution.validate_prompt(prompt_id, prompt, None))
     assert valid[0], (valid[1], valid[3])
     host.progress.clear()
+    host.previews.clear()
+    host.status.messages.clear()
     executor.execute(prompt, prompt_id, {"client_id": "test"}, valid[2])  # a client: errors are sent to it
     return executor, server
 
@@ -121,7 +133,7 @@ def workflow(name: str, overrides: dict[str, dict]) -> dict:
 def align_overrides(folder: Path, **extra) -> dict[str, dict]:
     return {"DIPPAlign": {"steps": ALIGN_STEPS, "width": SIZE, "height": SIZE, "batch_size": 2, "alpha": 1000.0,
                           "learning_rate": 1e-2, "ta_learning_rate": 1e-3, "checkpoint_dir": str(folder),
-                          "checkpoint_every": 10, **extra}}
+                          "checkpoint_every": 10, "preview_every": 10, **extra}}
 
 
 def test_pack_loads_through_comfyui_loader(host):
@@ -196,6 +208,14 @@ def test_one_click_workflow_raises_the_reward_and_its_lora_loads_in_comfyui(host
                     if v["class_type"] == "DIPPAlign")
     steps = [v for v, total, node in host.progress if node == align_id]
     assert steps == list(range(0, ALIGN_STEPS + 1)), "the progress bar must advance every step"
+    # the live view: a picture with the progress every 10 steps, the status on the node, the numbers when done
+    assert [(v, node) for v, node, _ in host.previews] == [(10, align_id), (20, align_id), (30, align_id)]
+    kind, picture, max_size = host.previews[-1][2]
+    assert kind == "JPEG" and max_size is None and picture.size[0] > 4 * 64
+    events = [d for e, d in host.status.messages if e == "diffinstruct.progress" and d["node"] == align_id]
+    assert [d["lines"][0] for d in events] == ["step 0 of 30", "step 10 of 30", "step 20 of 30", "step 30 of 30"]
+    shown = executor.history_result["outputs"][align_id]["text"][0]
+    assert shown.startswith("reward ") and f"checkpoint folder {folder}" in shown and "diversity" in shown
     saved = Path(executor.history_result["outputs"][next(k for k, v in workflow("align_one_click", {}).items()
                                                          if v["class_type"] == "DIPPSave")]["text"][0])
     assert saved.parent == host.tmp / "loras" / "diffinstruct" and saved.is_file()
@@ -232,7 +252,7 @@ def test_aligned_model_matches_comfyui_lora_loader(host):
         long_prompt = "a very long prompt about a cat " * 20  # > 77 tokens: two CLIP windows
         out = mappings["DIPPAlign"]().align(model, clip, vae, f"a cat\na dog\n{long_prompt}", reward, 1000.0, 1.5, 3,
                                             width=SIZE, height=SIZE, learning_rate=1e-2, batch_size=3,
-                                            checkpoint_dir=str(host.tmp / "match"))
+                                            checkpoint_dir=str(host.tmp / "match"))["result"]
         path = save_weights(out[1], host.tmp / "loras", "match/lora")
         loaded = mappings["LoraLoader"]().load_lora(model, clip, f"match/{path.name}", 1.0, 1.0)[0]
         cond = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
@@ -329,7 +349,8 @@ def test_v_prediction_and_flow_models_align(host, model_type, tmp_path):
         assert model_family(model)[0] == ("flow" if model_type == "FLOW" else "ve")
         reward = mappings["DIPPReward"]().build("brightness", 1.0, "")[0]
         out = mappings["DIPPAlign"]().align(model, clip, vae, "a cat\na dog", reward, 1000.0, 2.0, 3, width=SIZE,
-                                            height=SIZE, learning_rate=1e-2, checkpoint_dir=str(tmp_path / "run"))
+                                            height=SIZE, learning_rate=1e-2,
+                                            checkpoint_dir=str(tmp_path / "run"))["result"]
         cond = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
         a = comfy_train.one_step_sample(out[0], cond, 0, 2, SIZE, SIZE)
         base = comfy_train.one_step_sample(model, cond, 0, 2, SIZE, SIZE)
@@ -356,7 +377,8 @@ def test_sdxl_composed_nodes_on_conditioning(host, tmp_path):
         ta = mappings["DIPPTAModel"]().build(model, "lora", 4, 1e-3)[0]
         reward = mappings["DIPPReward"]().build("saturation", 1.0, "")[0]
         loss = mappings["DIPPGeneratorLoss"]().build(ref, ta, 100.0, "DI++", "normalized", -2.0, 2.0, reward)[0]
-        out = mappings["DIPPTrain"]().train(model, loss, vae, "", 3, 2, 1e-2, 0, SIZE, SIZE, str(tmp_path), 2, True)
+        out = mappings["DIPPTrain"]().train(model, loss, vae, "", 3, 2, 1e-2, 0, SIZE, SIZE, str(tmp_path), 2,
+                                            True)["result"]
         a = comfy_train.one_step_sample(out[0], positive, 0, 2, SIZE, SIZE)
         base = comfy_train.one_step_sample(model, positive, 0, 2, SIZE, SIZE)
     assert json.loads(out[4])["process"] == "ve" and out[1].metadata["diffinstruct.base_model"] == "SDXL (EPS)"
@@ -378,7 +400,8 @@ def test_full_weights_are_comfyui_diffusion_model_weights(host, tmp_path):
         ref = mappings["DIPPReferenceScore"]().build(model, cond, cond, 1.0)[0]
         ta = mappings["DIPPTAModel"]().build(model, "full", 4, 1e-4)[0]
         loss = mappings["DIPPGeneratorLoss"]().build(ref, ta, 0.0, "DI", "normalized", -2.0, 2.0, None)[0]
-        out = mappings["DIPPTrain"]().train(model, loss, vae, "", 2, 1, 1e-3, 0, SIZE, SIZE, str(tmp_path), 2, True)
+        out = mappings["DIPPTrain"]().train(model, loss, vae, "", 2, 1, 1e-3, 0, SIZE, SIZE, str(tmp_path), 2,
+                                            True)["result"]
         weights = out[1]
         assert weights.kind == "full"
         assert set(weights.tensors) == set(model.model.diffusion_model.state_dict())

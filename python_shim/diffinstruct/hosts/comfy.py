@@ -327,14 +327,33 @@ class HostHooks:
         self._mm = mm
         self._bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
-    def progress(self, done: int) -> None:
+    def progress(self, done: int, preview: Any = None) -> None:
+        """Advance the bar; `preview` (a PIL image) goes with it through ComfyUI's progress-with-preview path,
+        shown on the node at full size (no max_size)."""
         if self._bar is not None:
-            self._bar.update_absolute(done, self.total)
+            self._bar.update_absolute(done, self.total, ("JPEG", preview, None) if preview is not None else None)
 
     def check_interrupt(self) -> None:
         """Raises ComfyUI's InterruptProcessingException when the user pressed Cancel."""
         if self._mm is not None:
             self._mm.throw_exception_if_processing_interrupted()
+
+
+STATUS_EVENT = "diffinstruct.progress"  # what nodes/web/diffinstruct.js listens to (docs/COMFYUI.md section 10)
+
+
+def send_status(node_id: str | None, lines: Sequence[str], warning: bool = False) -> bool:
+    """Show `lines` on node `node_id` on the canvas (the pack's web extension), when ComfyUI's server runs."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None or node_id is None:
+        return False
+    instance.send_sync(STATUS_EVENT, {"node": str(node_id), "lines": list(lines), "warning": bool(warning)},
+                       getattr(instance, "client_id", None))
+    return True
 
 
 def release_memory() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import time
 import traceback
@@ -31,10 +32,12 @@ from ..generator import OneStepGenerator, default_sigma_init
 from ..prompts import PromptList, _cat
 from ..rewards import LatentToImageReward, load_spec
 from . import comfy as host
+from . import comfy_live
 from .comfy_io import curves_image, lora_for_host, merge_lora
 from .comfy_specs import LossSpec, RewardSpec, TrainedWeights
 
 NULL = ""  # PromptList's null prompt: the negative conditioning
+LOG = logging.getLogger("diffinstruct")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class TrainOptions:
     bf16: bool = train_option("bf16", default=False)
     preview_count: int = 4
     node_id: str | None = None
+    live: comfy_live.LiveSettings = field(default_factory=comfy_live.LiveSettings)
 
     def check(self, downscale: int) -> None:
         for name, low in (("steps", 1), ("batch_size", 1), ("checkpoint_every", 1), ("seed", 0),
@@ -63,6 +67,10 @@ class TrainOptions:
                 raise ConfigError(f"{name} must be a positive multiple of {downscale} pixels, got {value!r}")
         if not self.checkpoint_dir or not str(self.checkpoint_dir).strip():
             raise ConfigError("checkpoint_dir is empty: name a folder for the run's checkpoints")
+        out = Path(self.checkpoint_dir).expanduser()
+        if out.exists() and not out.is_dir():  # before any setup, not after the models are copied
+            raise ConfigError(f"checkpoint_dir {out} exists and is not a folder")
+        self.live.check()
 
 
 @dataclass
@@ -72,6 +80,11 @@ class TrainResult:
     curves: torch.Tensor
     preview: torch.Tensor
     summary: dict[str, Any] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)  # what the node shows on the canvas when it is done
+    warning: bool = False
+
+    def ui(self) -> dict[str, list[Any]]:
+        return {"text": ["\n".join(self.lines)], **({"warning": [True]} if self.warning else {})}
 
 
 # ============================================================================================== conditioning
@@ -125,34 +138,69 @@ def build_reward(spec: RewardSpec | None, model: Any, vae: Any, device: torch.de
 
 # ============================================================================================== training
 class ComfyHooks(runner.RunHooks):
-    """runner.run's hooks inside ComfyUI: its progress bar, and its Cancel button checked before every step.
+    """runner.run's hooks inside ComfyUI: its progress bar (with the live view's picture every N steps), the
+    status on the node, and its Cancel button checked before every step.
 
     Any exception between steps (Cancel's InterruptProcessingException above all) first checkpoints the completed
-    steps, so the run resumes from there. Outside ComfyUI (host.HostHooks finds no comfy) both do nothing."""
+    steps, so the run resumes from there; the node and the log say where. Outside ComfyUI (host.HostHooks finds no
+    comfy) the bar and Cancel do nothing, and the live view still runs (its pictures are the previews' record)."""
 
     not_a_folder = "checkpoint folder {out} exists and is not a folder"
     holds_a_run = ("checkpoint folder {out} already holds a run (newest {newest}); enable resume to continue it, "
                    "or choose another folder")
     beyond_steps = "the run in {out} is at step {step}, beyond steps = {steps}; raise steps"
 
-    def __init__(self, node_id: str | None = None) -> None:
+    def __init__(self, node_id: str | None = None, live: comfy_live.LiveView | None = None,
+                 out_dir: Path | None = None) -> None:
         self.node_id = node_id
+        self.live = live
+        self.out_dir = out_dir
+        self.steps = 0
+        self.previews: list[comfy_live.Update] = []
+        self._warned = False
         self._host: host.HostHooks | None = None
 
     def started(self, start: int, steps: int) -> None:
+        self.steps = steps
         self._host = host.HostHooks(steps, self.node_id)
         self._host.progress(start)
+        where = f"resuming {self.out_dir} at step {start}" if start else f"run folder {self.out_dir}"
+        LOG.info("diffinstruct: %s (%d steps)", where, steps)
+        host.send_status(self.node_id, [f"step {start} of {steps}", where])
 
     def before_step(self, step: int) -> None:
         if self._host is not None:
             self._host.check_interrupt()
 
     def after_step(self, completed: int, record: dict[str, Any]) -> None:
+        update = None
+        if self.live is not None:
+            self.live.observe(record)
+            if self.live.due(completed, self.steps):
+                update = self.live.update(completed, record)
+                self.previews.append(update)
         if self._host is not None:
-            self._host.progress(completed)
+            self._host.progress(completed, update.image if update is not None else None)
+        if update is not None:
+            host.send_status(self.node_id, [f"{update.lines[0]} of {self.steps}", *update.lines[1:]], update.warning)
+            LOG.info("diffinstruct: %s", "; ".join(update.lines))
+            if update.warning and not self._warned:
+                self._warned = True
+                LOG.warning("diffinstruct: %s", update.lines[-1])
 
     def checkpoint_on(self, exc: BaseException) -> bool:
         return True
+
+    def interrupted(self, exc: BaseException, completed: int, in_step: bool, written: Path | None,
+                    resume_from: str | None) -> None:
+        saved = written if written is not None else (Path(resume_from) if resume_from else None)
+        if saved is not None:
+            lines = [f"stopped after {completed} steps: checkpoint {saved}",
+                     "queue the same workflow again to resume from it"]
+        else:
+            lines = [f"stopped after {completed} steps: no checkpoint was written", f"run folder {self.out_dir}"]
+        LOG.warning("diffinstruct: %s", "; ".join(lines))
+        host.send_status(self.node_id, lines, warning=True)
 
 
 def train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any = None,
@@ -204,12 +252,43 @@ def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, p
         meta = {"base_model": label, "host": "comfyui" if host.is_comfy_model(ref.model) else "package",
                 "ta_mode": loss.ta.mode, "rank": loss.ta.rank, "reward": loss.reward.spec_string() if loss.reward
                 else "", "width": opts.width, "height": opts.height}
+        start_net = gen_init if gen_init is not None else models.reference  # the reference's samples' source
+        live = comfy_live.start(models.generator, OneStepGenerator(start_net, sigma_init),
+                                image_decoder(vae, ref.model, device), labels, table, latent_shape, opts.seed, device,
+                                opts.live)
+        hooks = ComfyHooks(opts.node_id, live, out)
         run = runner.run(trainer, runner.RunOptions(opts.steps, out, opts.checkpoint_every, resume=opts.resume,
-                                                    metadata=meta, curves=False), ComfyHooks(opts.node_id))
+                                                    metadata=meta, curves=False), hooks)
         result = _finish(trainer, loss, generator_model, models, teacher, labels, table, vae, opts, label)
         result.summary.update(start_step=run["start_step"], wall_seconds=time.perf_counter() - started,
-                              checkpoint_dir=str(out), process=process)
+                              checkpoint_dir=str(out), process=process, previews=len(hooks.previews))
+        result.lines, result.warning = result_lines(result.summary, hooks.previews)
     return result
+
+
+def image_decoder(vae: Any, model: Any, device: torch.device) -> Any:
+    """Model-space latents -> images [B, 3, H, W] in [0, 1] (the channels' sigmoid when there is no VAE)."""
+    if vae is None:
+        return lambda x0: x0[:, :3].float().sigmoid()
+    decoder = host.differentiable_decoder(vae, device)
+    return lambda x0: decoder(host.to_raw_latent(model, x0.float()))
+
+
+def result_lines(summary: dict[str, Any], previews: Sequence[comfy_live.Update]) -> tuple[list[str], bool]:
+    """What Train / Align show on the canvas when done: reward before -> after, the last preview's diversity and
+    distance (and its warning), the steps, the checkpoint folder."""
+    lines = []
+    first, last = summary.get("reward_first"), summary.get("reward_last")
+    if first is not None and last is not None:
+        lines.append(f"reward {first:.4g} -> {last:.4g} ({last - first:+.4g})")
+    warning = bool(previews) and previews[-1].warning
+    if previews:
+        lines += [ln for ln in previews[-1].lines if ln.startswith(("diversity", "distance", "WARNING"))]
+    start, steps = summary.get("start_step", 0), summary.get("steps")
+    lines.append(f"steps {start} -> {steps}" + (f" (resumed at {start})" if start else ""))
+    lines.append(f"checkpoint folder {summary.get('checkpoint_dir')}")
+    lines.append(f"{summary.get('wall_seconds', 0.0):.1f} s")
+    return lines, warning
 
 
 def _finish(trainer: Any, loss: LossSpec, generator_model: Any, models: Any, teacher: Any, labels: list[str],
