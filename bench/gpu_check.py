@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib.util
 import json
 import os
 import platform
@@ -91,10 +92,16 @@ def nvcc_info() -> dict[str, Any]:
     return info
 
 
+def missing_modules() -> list[str]:
+    """What the steps import and an offline machine cannot fetch: setup.py (numpy, setuptools), the tests (pytest),
+    the DI++ rows (diffusers)."""
+    return [name for name in ("numpy", "setuptools", "pytest", "diffusers") if importlib.util.find_spec(name) is None]
+
+
 def probe() -> dict[str, Any]:
     """Python, PyTorch and the GPU as PyTorch sees it (no CUDA context is created)."""
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "cpus": os.cpu_count(), "nvcc": nvcc_info()}
+                            "cpus": os.cpu_count(), "nvcc": nvcc_info(), "missing": missing_modules()}
     try:
         import torch
     except ImportError as exc:
@@ -190,6 +197,8 @@ def run_pytest(name: str, args: list[str], env: dict[str, str], out: Path, timeo
     xml, log = out / f"pytest_{slug}.xml", out / f"pytest_{slug}.log"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *args]
     result: dict[str, Any] = {"name": name, "command": "pytest " + " ".join(args), "log": log.name}
+    if importlib.util.find_spec("pytest") is None:
+        return {**result, "seconds": 0.0, "ok": False, "error": "not run: pytest is not installed"}
     t0 = time.perf_counter()
     xml.unlink(missing_ok=True)
     with open(log, "w") as f:

@@ -50,6 +50,8 @@ def _machine(report: dict[str, Any]) -> list[str]:
         lines.append(f"- nvcc: {nvcc['path']} ({nvcc.get('version', '?')}); builds {archs}")
     else:
         lines.append("- nvcc: not found (NVCC, PATH, /usr/local/cuda/bin)")
+    if m.get("missing"):
+        lines.append(f"- **missing Python packages: {', '.join(m['missing'])}** (the steps that import them fail)")
     return lines + [""]
 
 
