@@ -6,9 +6,6 @@ Nodes are classic (V1) ComfyUI classes that import without ComfyUI; everything h
 
 from __future__ import annotations
 
-import os
-import time
-import uuid
 from typing import Any
 
 CATEGORY = "Diff-Instruct++"
@@ -38,17 +35,11 @@ def seed_input() -> tuple[str, dict[str, Any]]:
                     "tooltip": "Seed of every random draw (noise, sigmas, prompt order): equal seeds give equal runs."})
 
 
-def default_run_dir(kind: str) -> str:
-    """A fresh run folder in ComfyUI's output folder (or the temp folder without ComfyUI)."""
-    try:
-        import folder_paths
+def default_run_dir(kind: str, prompt: dict[str, Any] | None = None, node_id: str | None = None) -> str:
+    """The run folder for an empty checkpoint_dir: named after the queued run, so re-queueing resumes it."""
+    from diffinstruct.hosts.comfy_runs import default_run_dir as named
 
-        root = os.path.join(folder_paths.get_output_directory(), "diffinstruct_runs")
-    except ImportError:
-        import tempfile
-
-        root = os.path.join(tempfile.gettempdir(), "diffinstruct_runs")
-    return os.path.join(root, f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    return named(kind, prompt, node_id)
 
 
 def always_run(**_: Any) -> float:

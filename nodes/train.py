@@ -103,18 +103,19 @@ class DIPPTrain:
             },
             "optional": {"clip": ("CLIP", {"tooltip": "Encodes the prompts (needed when prompts are given)."}),
                          **_live_inputs()},
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     def train(self, model: Any, loss: LossSpec, vae: Any, prompts: str, steps: int, batch_size: int,
               learning_rate: float, seed: int, width: int, height: int, checkpoint_dir: str, checkpoint_every: int,
               resume: bool, clip: Any = None, preview_every: int = 10, diversity_warning: float = 0.5,
-              unique_id: str | None = None) -> dict[str, Any]:
+              unique_id: str | None = None, prompt: dict[str, Any] | None = None) -> dict[str, Any]:
         from diffinstruct.hosts import comfy_train
         from diffinstruct.hosts.comfy import parse_prompts
 
         prompt_list = parse_prompts(prompts) if prompts.strip() else None
-        opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=checkpoint_dir.strip() or default_run_dir("train"),
+        folder = checkpoint_dir.strip() or default_run_dir("train", prompt, unique_id)
+        opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=folder,
                                         batch_size=batch_size, lr_generator=learning_rate, seed=seed, width=width,
                                         height=height, checkpoint_every=checkpoint_every, resume=resume,
                                         node_id=unique_id, live=_live(preview_every, diversity_warning))
@@ -161,14 +162,15 @@ class DIPPAlign:
                 **_common_inputs(),
                 **_live_inputs(),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     def align(self, model: Any, clip: Any, vae: Any, prompts: str, reward: RewardSpec, alpha: float, omega: float,
               steps: int, negative_prompt: str = "", rank: int = 8, ta_learning_rate: float = 1e-4,
               batch_size: int = 1, learning_rate: float = 1e-4, seed: int = 0, width: int = 512, height: int = 512,
               checkpoint_dir: str = "", checkpoint_every: int = 50, preview_every: int = 10,
-              diversity_warning: float = 0.5, unique_id: str | None = None) -> dict[str, Any]:
+              diversity_warning: float = 0.5, unique_id: str | None = None,
+              prompt: dict[str, Any] | None = None) -> dict[str, Any]:
         from diffinstruct.hosts import comfy_train
         from diffinstruct.hosts.comfy import encode_prompts, parse_prompts
 
@@ -176,7 +178,8 @@ class DIPPAlign:
         negative = [encode_prompts(clip, [negative_prompt])[negative_prompt]]
         reference = ReferenceSpec(model, None, negative, omega)
         loss = LossSpec(reference, TASpec("lora", rank, ta_learning_rate), reward, alpha)
-        opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=checkpoint_dir.strip() or default_run_dir("align"),
+        folder = checkpoint_dir.strip() or default_run_dir("align", prompt, unique_id)
+        opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=folder,
                                         batch_size=batch_size, lr_generator=learning_rate, seed=seed, width=width,
                                         height=height, checkpoint_every=checkpoint_every, node_id=unique_id,
                                         live=_live(preview_every, diversity_warning))

@@ -304,6 +304,35 @@ def test_cancel_stops_within_a_step_and_the_run_resumes(host):
     assert [v for v, _, node in host.progress if node == align_id] == [6]  # nothing left to train: resumed at 6
 
 
+def test_cancel_with_the_default_folder_says_where_and_requeueing_resumes(host, caplog):
+    """checkpoint_dir empty (the shipped default): Cancel leaves a checkpoint in a folder named after the run, the
+    node's status and the log name it, and queueing the same workflow again resumes there."""
+    prompt = workflow("align_one_click", align_overrides(host.tmp, steps=6, checkpoint_every=100))
+    align_id = next(k for k, v in prompt.items() if v["class_type"] == "DIPPAlign")
+    prompt[align_id]["inputs"]["checkpoint_dir"] = ""
+    runs = Path(host.folder_paths.get_output_directory()) / "diffinstruct_runs"
+    host.interrupt_at = 3
+    try:
+        with caplog.at_level("WARNING", logger="diffinstruct"):
+            _, server = run(host, prompt)
+    finally:
+        host.interrupt_at = None
+    assert [e for e, _ in server.messages if e == "execution_interrupted"]
+    (folder,) = [p for p in runs.iterdir() if p.name.startswith("align-")]
+    assert (folder / "latest").read_text().strip() == "step-000003"
+    said = [d["lines"] for e, d in host.status.messages if e == "diffinstruct.progress" and d["node"] == align_id]
+    assert said[-1] == [f"stopped after 3 steps: checkpoint {folder / 'step-000003'}",
+                        "queue the same workflow again to resume from it"]
+    assert str(folder / "step-000003") in caplog.text
+    prompt[align_id]["inputs"]["steps"] = 7  # more steps continue the same run
+    executor, server = run(host, prompt)
+    assert not errors(server), errors(server)
+    assert [p for p in runs.iterdir() if p.name.startswith("align-")] == [folder]
+    assert [v for v, _, node in host.progress if node == align_id][0] == 3  # resumed at step 3
+    assert (folder / "latest").read_text().strip() == "step-000007"
+    assert "(resumed at 3)" in executor.history_result["outputs"][align_id]["text"][0]
+
+
 def test_bad_input_reaches_the_ui_as_an_error(host):
     prompt = workflow("align_one_click", align_overrides(host.tmp / "bad"))
     align = next(v for v in prompt.values() if v["class_type"] == "DIPPAlign")
