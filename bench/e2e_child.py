@@ -1,0 +1,283 @@
+"""One implementation of one configuration in its own process, for bench/e2e.py.
+
+The parent starts one such process per (implementation, configuration) and drives them in turn over stdin/stdout
+(`step`, `profile`, `quit`), so the timings of ours and the peer loop interleave while each process's peak RSS
+(VmHWM) is its own. Implementations: "ours" (engine.assemble + engine.build_engine, DITrainer.train_step), "peer"
+(bench/peer_loop.py), and ours with a prototype of an engine change applied here by monkeypatching (PROTOTYPES),
+so that its effect is measured without touching the engine's files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from memory import SD15_UNET, status_bytes  # noqa: E402
+from peer_loop import PeerLoop  # noqa: E402
+
+# SD1.5's UNet cut down to CPU size: the same block types, four levels, one layer per block
+E2E_UNET: dict[str, Any] = {**SD15_UNET, "sample_size": 32, "block_out_channels": [64, 128, 256, 256],
+                            "layers_per_block": 1, "cross_attention_dim": 64}
+TINY_UNET: dict[str, Any] = {**SD15_UNET, "sample_size": 8, "block_out_channels": [32, 32], "layers_per_block": 1,
+                             "norm_num_groups": 8, "cross_attention_dim": 16, "attention_head_dim": 2,
+                             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+TOKENS = 77
+PROMPTS = 4
+OMEGA = 4.5
+RANK = 8
+FINITE = ("ta_loss", "generator_grad_norm", "generator_loss")
+
+
+@dataclass
+class Spec:
+    impl: str  # "ours", "peer", or "ours+<prototype>[+<prototype>]"
+    mode: str = "shared"
+    bf16: bool = False
+    batch: int = 2
+    latent: int = 32
+    tiny: bool = False
+    seed: int = 0
+
+    def unet_config(self) -> dict[str, Any]:
+        return {**(TINY_UNET if self.tiny else E2E_UNET), "sample_size": self.latent}
+
+
+def build_unet(spec: Spec) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(spec.seed)
+    return UNet2DConditionModel.from_config(spec.unet_config()).eval()
+
+
+def text_table(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """PROMPTS random prompt embeddings [P, 77, D] and the null prompt's [1, 77, D], the same in every process."""
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    dim = spec.unet_config()["cross_attention_dim"]
+    return torch.randn(PROMPTS, TOKENS, dim, generator=g), torch.randn(1, TOKENS, dim, generator=g)
+
+
+def sd15_sigmas() -> torch.Tensor:
+    """The SD1.5 (scaled_linear) sigma table from diffusers' scheduler, as a peer would get it."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    a = sched.alphas_cumprod
+    return ((1 - a) / a).sqrt().float()
+
+
+def build_ours(spec: Spec, unet: nn.Module | None = None) -> Any:
+    from diffinstruct import engine
+    from diffinstruct.config import DIConfig
+    from diffinstruct.hosts import diffusers as H
+    from diffinstruct.prompts import PromptList
+
+    unet = build_unet(spec) if unet is None else unet
+    models = engine.assemble(H.unet_denoiser(unet), (4, spec.latent, spec.latent), mode=spec.mode, rank=RANK,
+                             target=H.attention_and_conv_target, seed=spec.seed)
+    prompts, null = text_table(spec)
+    table = {f"prompt {i}": prompts[i:i + 1] for i in range(PROMPTS)} | {"": null}
+    plist = PromptList([f"prompt {i}" for i in range(PROMPTS)], encode=table.__getitem__)
+    cfg = DIConfig(batch_size=spec.batch, omega=OMEGA, alpha=0.0, bf16=spec.bf16, seed=spec.seed)
+    return engine.build_engine(models, plist, cfg)
+
+
+def build_peer(spec: Spec, unet: nn.Module | None = None) -> PeerLoop:
+    prompts, null = text_table(spec)
+    return PeerLoop(build_unet(spec) if unet is None else unet, sd15_sigmas(), prompts, null, mode=spec.mode,
+                    rank=RANK, batch=spec.batch, latent=(4, spec.latent, spec.latent), omega=OMEGA, bf16=spec.bf16,
+                    seed=spec.seed)
+
+
+# ---------------------------------------------------------------------------------------------- prototypes
+def _frozen_bf16(trainer: Any) -> None:
+    """Frozen Linear/Conv2d weights stored in bf16 when bf16 is on (autocast then has nothing to re-cast)."""
+    if not trainer.cfg.bf16:
+        return
+    # the reference is the frozen network in both modes: shared mode's base, full mode's teacher
+    for m in trainer.models.reference.modules():
+        if isinstance(m, nn.Linear | nn.Conv2d) and not m.weight.requires_grad:
+            m.to(torch.bfloat16)
+
+
+def inplace_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """LoRALayer.forward adding the adapter's delta into the base output in place (no second full-size tensor per
+    adapted layer); autograd allows it because Linear/Conv2d backward needs their inputs and weights, not outputs."""
+    out = self.base(x)
+    role = self.switch.active
+    if role is not None and role in self.adapters:
+        delta = self.adapters[role](x)
+        out = out.add_(delta) if self.scale == 1.0 else out.add_(delta, alpha=self.scale)
+    return out
+
+
+def _inplace_lora_add(_: Any) -> None:
+    from diffinstruct import lora
+
+    lora.LoRALayer.forward = inplace_forward  # type: ignore[method-assign]
+
+
+def _one_ta_pass(trainer: Any) -> None:
+    """The TA's update regresses on the generator step's own x_t (the same sigma and eps), so one TA forward with grad
+    serves both halves: its detached output enters G, its DSM loss trains the TA. Three network passes instead of four
+    (generator, TA, reference); both estimators stay unbiased, they only share the noise draw."""
+    from diffinstruct import kernels
+    from diffinstruct.trainer import GENERATOR_METRICS, _flatten, _grad_norm, to_host
+
+    cfg = trainer.cfg
+    if cfg.grad_accum != 1 or cfg.ta_steps != 1 or cfg.method == "distar":
+        raise ValueError("the one-pass prototype covers grad_accum = 1, ta_steps = 1, dipp only")
+
+    def reuse_step(step: int) -> tuple[dict[str, float], dict[str, float]]:
+        batch = trainer.prompts.batch(cfg.batch_size, trainer._seed(step, "prompts", 0))
+        x0 = trainer._generate(trainer._latents(step, "z", 0), batch.cond, train=True)
+        x0d = x0.detach().float().contiguous()
+        sigma = trainer._sigma(step, "sigma", 0)
+        xt = kernels.add_noise(x0d, sigma, trainer._seed(step, "eps", 0))
+        with trainer._autocast():
+            d_ta = trainer.ta(xt, sigma, batch.cond)
+        d_ta_f = d_ta.detach().float().contiguous()
+        ta = kernels.ta_loss(d_ta_f, x0d, sigma, weighting=cfg.ta_weighting, sigma_data=cfg.sigma_data,
+                             reduction=cfg.ta_reduction)
+        d_ta.backward(ta.grad.to(d_ta.dtype))  # frees the TA's graph before the reference runs
+        with torch.no_grad(), trainer._autocast():
+            d_cond, d_uncond = trainer._reference_pair(xt, sigma, batch)
+        res = kernels.generator_grad(x0d, d_ta_f, d_cond.float().contiguous(),
+                                     d_uncond=None if d_uncond is None else d_uncond.float().contiguous(),
+                                     omega=cfg.omega, alpha=0.0, weighting=cfg.generator_weighting)
+        x0.backward(res.grad.to(x0.dtype))
+        metrics: dict[str, list[Any]] = {k: [] for k in GENERATOR_METRICS}
+        for name, value in (("weight", res.weight), ("ref_dist", res.ref_dist), ("gap", res.gap),
+                            ("surrogate", res.surrogate), ("sigma", sigma)):
+            metrics[name].append(value.mean())
+        values = to_host([res.nonfinite.sum(), _grad_norm(trainer.generator_params), *_flatten(metrics),
+                          ta.loss.mean(), ta.nonfinite.sum(), _grad_norm(trainer.ta_params)])
+        gen = trainer._generator_metrics(metrics, values[:-3])
+        ta_loss, ta_bad, ta_norm = values[-3:]
+        ta_ok = ta_bad == 0 and math.isfinite(ta_norm)
+        trainer._apply_generator(bool(gen["generator_ok"]))
+        trainer._apply_ta(ta_ok)
+        return {"ta_loss": ta_loss, "ta_nonfinite": ta_bad, "ta_ok": float(ta_ok)}, gen
+
+    trainer._reuse_step = reuse_step
+
+
+PROTOTYPES: dict[str, Callable[[Any], None]] = {"bf16w": _frozen_bf16, "inplace": _inplace_lora_add,
+                                                 "onepass": _one_ta_pass}
+PROTOTYPE_TEXT = {
+    "bf16w": "frozen Linear/Conv2d weights kept in bf16 under bf16 (shared: the base; full: the reference)",
+    "inplace": "LoRALayer adds the adapter's delta into the base output in place",
+    "onepass": "the TA's update reuses the generator step's x_t (its sigma and eps), so one TA forward with grad "
+               "serves both halves: 3 network passes an iteration instead of 4",
+}
+
+
+def build(spec: Spec) -> Callable[[int], dict[str, float]]:
+    """The implementation's one-iteration callable."""
+    if spec.impl == "peer":
+        loop = build_peer(spec)
+        return lambda step: loop.step()
+    name, *protos = spec.impl.split("+")
+    if name != "ours" or any(p not in PROTOTYPES for p in protos):
+        raise ValueError(f"unknown implementation {spec.impl!r}")
+    for p in protos:
+        if p == "inplace":
+            PROTOTYPES[p](None)
+    trainer = build_ours(spec)
+    for p in protos:
+        if p != "inplace":
+            PROTOTYPES[p](trainer)
+    return trainer.train_step
+
+
+# ---------------------------------------------------------------------------------------------- profile
+CATEGORIES = (
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+    ("conv", ("convolution", "conv2d", "mkldnn_conv")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
+    ("norm", ("group_norm", "layer_norm")),
+    ("casts/copies", ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous")),
+    ("elementwise", ("aten::",)),
+)
+
+
+def categorise(name: str) -> str | None:
+    for label, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return label
+    return None
+
+
+def profile(step_fn: Callable[[int], dict[str, float]], step: int) -> dict[str, Any]:
+    """One step under torch.profiler: aten self-CPU seconds per category and the calls of the cast ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step_fn(step)
+        wall = time.perf_counter() - t0
+    seconds: dict[str, float] = {}
+    casts = 0
+    for ev in prof.key_averages():
+        label = categorise(ev.key)
+        if label is None:
+            continue
+        seconds[label] = seconds.get(label, 0.0) + ev.self_cpu_time_total / 1e6
+        if ev.key in ("aten::_to_copy",):
+            casts += ev.count
+    seconds["outside aten (Python, our C kernels)"] = max(0.0, wall - sum(seconds.values()))
+    return {"wall": wall, "seconds": seconds, "to_copy_calls": casts}
+
+
+# ---------------------------------------------------------------------------------------------- the child
+def serve(spec: Spec) -> None:
+    torch.set_num_threads(1)
+    import diffusers  # noqa: F401 - imported before the baseline in every process alike
+
+    import diffinstruct.trainer  # noqa: F401
+
+    out = sys.stdout
+    baseline = status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    step_fn = build(spec)
+    built = status_bytes("VmRSS")
+
+    def send(tag: str, record: dict[str, Any]) -> None:
+        out.write(f"{tag} {json.dumps(record)}\n")
+        out.flush()
+
+    send("READY", {"build_s": time.perf_counter() - t0, "built_mib": (built - baseline) / 2**20,
+                   "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")})
+    step = 0
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        if cmd[0] == "step":
+            t, c = time.perf_counter(), time.process_time()
+            metrics = step_fn(step)
+            seconds, cpu = time.perf_counter() - t, time.process_time() - c
+            finite = all(math.isfinite(metrics[k]) for k in FINITE if k in metrics)
+            send("STEP", {"seconds": seconds, "cpu": cpu, "finite": finite,
+                          "peak_mib": (status_bytes("VmHWM") - baseline) / 2**20})
+        elif cmd[0] == "profile":
+            send("PROFILE", profile(step_fn, step))
+        step += 1
+
+
+if __name__ == "__main__":
+    serve(Spec(**json.loads(sys.argv[1])))
