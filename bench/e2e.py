@@ -177,12 +177,30 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text)
 
 
+def save(path: Path, rows: list[dict[str, Any]], points: list[dict[str, Any]], elapsed: float) -> None:
+    def plain(item: dict[str, Any]) -> dict[str, Any]:
+        return {k: ({i: asdict(r) for i, r in v.items()} if k == "results" else asdict(v) if k == "result" else v)
+                for k, v in item.items()}
+
+    path.write_text(json.dumps({"rows": [plain(r) for r in rows], "points": [plain(p) for p in points],
+                                "elapsed": elapsed}, indent=1))
+
+
+def load(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+    data = json.loads(path.read_text())
+    rows = [{**r, "results": {i: Result(**v) for i, v in r["results"].items()}} for r in data["rows"]]
+    points = [{**p, "result": Result(**p["result"])} for p in data["points"]]
+    return rows, points, data["elapsed"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny UNet, two repeats: a smoke test")
     parser.add_argument("--part", choices=("all", "compare", "scaling"), default="all")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step of each process")
     parser.add_argument("--output", type=Path, default=None, help="write the section into this Markdown file")
+    parser.add_argument("--json", type=Path, default=None, help="also save the measurements here")
+    parser.add_argument("--from-json", type=Path, default=None, help="report saved measurements, run nothing")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.no_profile:
@@ -192,9 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    rows = compare(plan, log) if args.part in ("all", "compare") else []
-    points = scaling(plan, log) if args.part in ("all", "scaling") else []
-    text = report(rows, points, plan, time.perf_counter() - t0, quick=args.quick)
+    if args.from_json is not None:
+        rows, points, elapsed = load(args.from_json)
+    else:
+        rows = compare(plan, log) if args.part in ("all", "compare") else []
+        points = scaling(plan, log) if args.part in ("all", "scaling") else []
+        elapsed = time.perf_counter() - t0
+    if args.json is not None:
+        save(args.json, rows, points, elapsed)
+    text = report(rows, points, plan, elapsed, quick=args.quick)
     print(text)
     if args.output is not None:
         write_section(args.output, text)

@@ -245,6 +245,11 @@ def profile(step_fn: Callable[[int], dict[str, float]], step: int) -> dict[str, 
 
 # ---------------------------------------------------------------------------------------------- the child
 def serve(spec: Spec) -> None:
+    if sys.platform.startswith("linux"):  # end with the parent, also when it is killed
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     torch.set_num_threads(1)
     import diffusers  # noqa: F401 - imported before the baseline in every process alike
 

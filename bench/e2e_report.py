@@ -162,6 +162,26 @@ def compare_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def why_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per row: the profiled iteration split into aten ops (the networks' work) and the rest, for both loops."""
+    out = []
+    for row in rows:
+        ours, peer = row["results"]["ours"].profile, row["results"]["peer"].profile
+        if not ours or not peer:
+            continue
+        rest = "outside aten (Python, our C kernels)"
+        aten = [sum(v for k, v in p["seconds"].items() if k != rest) for p in (ours, peer)]
+        out.append(f"- {row['mode']} {_dtype(row['bf16'])}: aten ops {aten[0]:.2f} s (ours) vs {aten[1]:.2f} s "
+                   f"(peer), the rest {ours['seconds'][rest]:.2f} s vs {peer['seconds'][rest]:.2f} s, casts/copies "
+                   f"{ours['seconds'].get('casts/copies', 0.0):.2f} s vs {peer['seconds'].get('casts/copies', 0.0):.2f}"
+                   f" s ({ours['to_copy_calls']} vs {peer['to_copy_calls']} `aten::_to_copy` calls); with nothing "
+                   f"but its aten ops ours would be {peer['wall'] / aten[0]:.2f}x the peer's profiled iteration.")
+    if not out:
+        return []
+    return ["Why (from the profiled iterations below): both loops run the same four network passes on the same "
+            "ops, so the networks' aten time is nearly the same and what differs is the rest:", "", *out, ""]
+
+
 def prototype_lines(rows: list[dict[str, Any]]) -> list[str]:
     proto_rows = [(row, impl) for row in rows for impl in row["results"] if impl.startswith("ours+")]
     if not proto_rows:
@@ -255,6 +275,7 @@ def report(rows: list[dict[str, Any]], points: list[dict[str, Any]], plan: Plan,
            quick: bool = False) -> str:
     lines = header(plan, elapsed, quick)
     lines += compare_lines(rows) if rows else []
+    lines += why_lines(rows)
     lines += prototype_lines(rows)
     lines += profile_lines(rows)
     lines += scaling_lines(points, plan.tiny)

@@ -155,6 +155,8 @@ def test_interleaved_processes_and_report(tmp_path: Path) -> None:
     assert "| shared | bf16 autocast | " in text and "1.00x" in text and "op class" in text
     assert "ours+bf16w+inplace+onepass" in text
     assert "time = 0.00 s + 0.10 s x batch" in text and "time grows as tokens^1.00" in text
+    e2e.save(tmp_path / "m.json", rows, points, 1.0)  # --json, then --from-json renders the same section
+    assert e2e_report.report(*e2e.load(tmp_path / "m.json")[:2], e2e.QUICK, 1.0, quick=True) == text
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nkernels\n")
     e2e.write_section(out, "first")
