@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_cases as cases  # noqa: E402
+import bench_contenders as contenders  # noqa: E402
 from bench_report import DISTURBED, LARGE, MAX_RETRIES, Row, Timing, _gbs, _mb, _ms, cpu_mhz, report  # noqa: E402
 
 from diffinstruct import _core  # noqa: E402
@@ -196,8 +197,8 @@ def check_all(sizes: list[str], log: Callable[[str], None]) -> int:
     failed = 0
     for size in sizes:
         for dname, dtype in DTYPES.items():
-            for builder, kw, _target in cases.BUILDERS:
-                case = builder(SIZES[size], dtype, 1, **kw)
+            for builder, kw, _target in cases.ALL_BUILDERS:
+                case = contenders.attach(builder(SIZES[size], dtype, 1, **kw))
                 try:
                     case.check()
                     log(f"ok      {case.kernel:32s} {size:19s} {dname}")
@@ -219,10 +220,10 @@ def measure_all(sizes: list[str], s: Settings, flush_bytes: int,
     for size in sizes:
         shape = SIZES[size]
         for dname, dtype in DTYPES.items():
-            for builder, kw, target in cases.BUILDERS:
+            for builder, kw, target in cases.ALL_BUILDERS:
                 probe = builder(shape, dtype, 1, **kw)
                 nsets = 1 if size != LARGE else max(2, math.ceil(flush_bytes / probe.set_bytes))
-                case = probe if nsets == 1 else builder(shape, dtype, nsets, **kw)
+                case = contenders.attach(probe if nsets == 1 else builder(shape, dtype, nsets, **kw))
                 del probe
                 try:
                     case.check()
@@ -243,10 +244,11 @@ def measure_all(sizes: list[str], s: Settings, flush_bytes: int,
                 assert c_t is not None
                 row = Row(case.kernel, size.split()[0], dname, case.nbytes, math.prod(shape), nsets,
                           nsets * case.set_bytes, c_t, t.get("c_np"), t.get("torch"), t.get("numpy"), target,
-                          dist.fraction)
+                          dist.fraction, {k: t[k] for k in contenders.CONTENDERS if t.get(k) is not None})
                 rows.append(row)
+                others = " ".join(f"{k}={_ms(v)}" for k, v in row.others.items() if k != "torch")
                 log(f"{case.kernel:32s} {size:19s} {dname:4s} sets={nsets:2d} c={c_t.median * 1e3:8.3f} "
-                    f"c_np={_ms(row.c_np):>8s} torch={_ms(row.torch):>8s} numpy={_ms(row.numpy):>8s} ms "
+                    f"c_np={_ms(row.c_np):>8s} torch={_ms(row.torch):>8s} numpy={_ms(row.numpy):>8s} {others} ms "
                     f"{_gbs(row):5.1f} GB/s busy={dist.fraction * 100:.0f}%")
                 del case, t
                 gc.collect()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from bench_check import against_reference  # noqa: F401  (re-exported: bench/gpu_check_timing.py)
 
 from diffinstruct import kernels as K
 
@@ -37,56 +38,18 @@ class Case:
     impls: dict[str, list[Fn] | None] = field(default_factory=dict)
     run: Callable[[object], object] | None = None  # the fused call on one buffer set, returning its outputs
     first_set: object = None
+    sets: list = field(default_factory=list)  # every buffer set (bench_contenders builds on them)
+    extra: dict[str, object] = field(default_factory=dict)  # per-sample inputs (sigma, ...) of the call
+    checks: list[Callable[[], None]] = field(default_factory=list)  # contenders' validations (raise on failure)
 
     def check(self) -> None:
         """Raises unless the fused kernel, run once on copies of the first buffer set, agrees with the same
-        call on the PyTorch reference backend (the llm.c dev/cuda habit: validate, then time)."""
+        call on the PyTorch reference backend (the llm.c dev/cuda habit: validate, then time), and so does
+        every contender attached by bench_contenders."""
         assert self.run is not None, self.kernel
         against_reference(self.kernel, self.run, self.first_set)
-
-
-# Per output dtype: the fused kernels compute in float32 (reductions in float64 chunks), the reference
-# in float64/float32, each rounds once to the output dtype; atol is relative to the output's magnitude.
-CHECK_TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1.6e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
-
-
-def _outputs(result: object) -> list[torch.Tensor]:
-    if result is None:
-        return []
-    if isinstance(result, (tuple, list)):
-        return [t for item in result for t in _outputs(item)]
-    return [torch.as_tensor(result)]
-
-
-def _copy(d: object) -> object:
-    if isinstance(d, dict):
-        return {k: _copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_copy(v) for v in d]
-    return d.clone() if isinstance(d, torch.Tensor) else d
-
-
-def against_reference(kernel: str, run: Callable[[object], object], first_set: object) -> None:
-    """Raises unless run(a copy of first_set) on the default backend equals it on the PyTorch reference."""
-    got = _outputs(run(_copy(first_set)))
-    with K.use_backend("reference"):
-        want = _outputs(run(_copy(first_set)))
-    if not got or len(got) != len(want):
-        raise AssertionError(f"{kernel}: {len(got)} outputs, the reference gives {len(want)}")
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        if a.dtype != b.dtype or a.shape != b.shape:
-            raise AssertionError(f"{kernel}: output {i} is {a.dtype}{tuple(a.shape)}, the reference's "
-                                 f"{b.dtype}{tuple(b.shape)}")
-        if not a.is_floating_point():
-            if not torch.equal(a, b):
-                raise AssertionError(f"{kernel}: output {i} (integers) differs from the reference")
-            continue
-        rtol, atol = CHECK_TOLERANCE[a.dtype]
-        scale = max(1.0, float(b.double().abs().max()))
-        try:
-            torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * scale, equal_nan=True)
-        except AssertionError as error:
-            raise AssertionError(f"{kernel}: output {i} differs from the PyTorch reference: {error}") from None
+        for check in self.checks:
+            check()
 
 
 def _esize(dtype: torch.dtype) -> int:
@@ -133,26 +96,29 @@ def _col(v: torch.Tensor | np.ndarray, ndim: int) -> torch.Tensor | np.ndarray:
 # ---------------------------------------------------------------------------------------------- random fills
 
 
-def fill_normal(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
+def fill_normal(shape: tuple[int, ...], dtype: torch.dtype, nsets: int, normal: bool = True) -> Case:
     n, s = math.prod(shape), _esize(dtype)
     bufs = [torch.empty(shape, dtype=dtype) for _ in range(nsets)]
     rng = np.random.default_rng(0)
+    fill = K.fill_normal if normal else K.fill_uniform
 
     def c(out: torch.Tensor) -> Fn:
-        return lambda: K.fill_normal(out, 1234, 0)
+        return lambda: fill(out, 1234, 0)
 
     def t(out: torch.Tensor) -> Fn:
-        return lambda: out.normal_()
+        return (lambda: out.normal_()) if normal else (lambda: out.uniform_())
 
     def npy(out: np.ndarray) -> Fn:
-        return lambda: rng.standard_normal(out=out, dtype=np.float32)
+        if normal:
+            return lambda: rng.standard_normal(out=out, dtype=np.float32)
+        return lambda: rng.random(out=out, dtype=np.float32)
 
     f32 = dtype == torch.float32
     return Case(
-        "fill_normal", "W out: n*s", n * s, _tbytes(bufs[0]),
+        "fill_normal" if normal else "fill_uniform", "W out: n*s", n * s, _tbytes(bufs[0]),
         {"c": [c(b) for b in bufs], "c_np": [c(b.numpy()) for b in bufs] if f32 else None,
          "torch": [t(b) for b in bufs], "numpy": [npy(b.numpy()) for b in bufs] if f32 else None},
-        run=lambda b: c(b)(), first_set=bufs[0],
+        run=lambda b: c(b)(), first_set=bufs[0], sets=bufs,
     )
 
 
@@ -194,7 +160,7 @@ def add_noise(shape: tuple[int, ...], dtype: torch.dtype, nsets: int, with_eps: 
     return Case(
         name, model, (3 if with_eps else 2) * n * s, _tbytes(*sets[0].values()),
         _impls(sets, f32, c, t, npy, (sigma.numpy(),)),
-        run=lambda d: c(d)(), first_set=sets[0],
+        run=lambda d: c(d)(), first_set=sets[0], sets=sets, extra={"sigma": sigma},
     )
 
 
@@ -222,7 +188,7 @@ def cfg_combine(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
     return Case(
         "cfg_combine", "R uncond, cond, W out: 3*n*s", 3 * n * s, _tbytes(*sets[0].values()),
         _impls(sets, f32, c, t, npy, ()),
-        run=lambda d: c(d)(), first_set=sets[0],
+        run=lambda d: c(d)(), first_set=sets[0], sets=sets,
     )
 
 
@@ -265,7 +231,7 @@ def ta_loss(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
         "ta_loss (grad)", "pass 1 R d_ta, x0; pass 2 R d_ta, x0, W grad: 5*n*s", 5 * n * s,
         3 * n * s,
         _impls(sets, f32, c, t, npy, (sigma.numpy(),)),
-        run=lambda d: c(d)(), first_set=sets[0],
+        run=lambda d: c(d)(), first_set=sets[0], sets=sets, extra={"sigma": sigma},
     )
 
 
@@ -322,7 +288,7 @@ def generator_grad(shape: tuple[int, ...], dtype: torch.dtype, nsets: int, with_
     return Case(
         name, model, k * n * s, _tbytes(*sets[0].values()),
         _impls(sets, f32, c, t, npy, ()),
-        run=lambda d: c(d)(), first_set=sets[0],
+        run=lambda d: c(d)(), first_set=sets[0], sets=sets,
     )
 
 
@@ -376,7 +342,7 @@ def huber_terms(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
         "huber_terms", "pass 1 R x0, d_p, d_q; pass 2 R x0, d_p, d_q, W a, b, d': 9*n*s", 9 * n * s,
         _tbytes(*sets[0].values()) * 2,
         _impls(sets, f32, c, t, npy, (sigma.numpy(),)),
-        run=lambda d: c(d)(), first_set=sets[0],
+        run=lambda d: c(d)(), first_set=sets[0], sets=sets, extra={"sigma": sigma},
     )
 
 
@@ -422,7 +388,7 @@ def ema_update(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
     return Case(
         f"ema_update ({N_PARAM_TENSORS} tensors)", "R ema, param; W ema: 3*n*s", 3 * n * s, 2 * n * s,
         _impls(sets, f32, c, t, npy, ()),
-        run=lambda d: c(d)(), first_set=sets[0],
+        run=lambda d: c(d)(), first_set=sets[0], sets=sets,
     )
 
 
@@ -477,7 +443,7 @@ def adam_step(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
         "R param, grad (s each), exp_avg, exp_avg_sq (f32); W param (s), exp_avg, exp_avg_sq (f32): n*(3*s + 16)",
         n * (3 * s + 16), n * (2 * s + 8),
         _impls(sets, f32, c, t, npy, ()),
-        run=lambda d: c(d)(), first_set=sets[0],
+        run=lambda d: c(d)(), first_set=sets[0], sets=sets,
     )
 
 
@@ -494,3 +460,6 @@ BUILDERS: list[tuple[Callable[..., Case], dict[str, object], bool]] = [
     (ema_update, {}, True),
     (adam_step, {}, True),
 ]
+
+# bench/bench.py also times fill_uniform (kept out of BUILDERS, which bench/gpu_check_timing.py reads too).
+ALL_BUILDERS = BUILDERS[:1] + [(fill_normal, {"normal": False}, False)] + BUILDERS[1:]
