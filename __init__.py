@@ -18,7 +18,9 @@ if "diffinstruct" not in sys.modules and os.path.isdir(_SHIM) and _SHIM not in s
 WEB_DIRECTORY = "./nodes/web"  # the canvas extension: results and the live status on the nodes
 
 if __package__:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from . import nodes as _nodes
+
+    globals().update(_nodes.exports())  # inside ComfyUI: comfy_entrypoint (V3); outside: the declarations
 else:
     # Imported as a plain top-level module: a tool walking the checkout (pytest run from the root of a
     # folder whose name is not an identifier, e.g. ComfyUI-DiffInstruct) rather than ComfyUI, which always
@@ -26,4 +28,4 @@ else:
     NODE_CLASS_MAPPINGS: dict[str, type] = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+__all__ = ["WEB_DIRECTORY"]

@@ -1,13 +1,20 @@
-"""Diff-Instruct++ nodes for ComfyUI (classic node API): compose DI++ in the graph or align in one click."""
+"""Diff-Instruct++ nodes for ComfyUI: compose DI++ in the graph or align in one click.
+
+The classes below declare the nodes (inputs, outputs, tooltips, the function that runs each) and need nothing
+from ComfyUI; inside ComfyUI the pack registers them as V3 nodes (v3.py, comfy_api v0_0_2) through
+`comfy_entrypoint`, and outside it (tests, tools) `exports()` hands out the declarations themselves.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from .compose import DIPPGeneratorLoss, DIPPReferenceScore, DIPPReward, DIPPRewardCombine, DIPPTAModel
 from .tiny_demo import DIPPTinyDemoModels, DIPPTinyFidelity, DIPPTinyTasteReward
 from .tools import DIPPEvaluate, DIPPOneStepSample, DIPPSave
 from .train import DIPPAlign, DIPPTrain
 
-NODE_CLASS_MAPPINGS = {
+DEFINITIONS: dict[str, type] = {
     "DIPPReferenceScore": DIPPReferenceScore,
     "DIPPTAModel": DIPPTAModel,
     "DIPPReward": DIPPReward,
@@ -23,7 +30,7 @@ NODE_CLASS_MAPPINGS = {
     "DIPPTinyFidelity": DIPPTinyFidelity,
 }
 
-NODE_DISPLAY_NAME_MAPPINGS = {
+DISPLAY_NAMES = {
     "DIPPReferenceScore": "DI++ Reference Score",
     "DIPPTAModel": "DI++ TA Model",
     "DIPPReward": "DI++ Reward",
@@ -39,4 +46,29 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DIPPTinyFidelity": "DI++ Tiny Fidelity",
 }
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+
+def exports() -> dict[str, Any]:
+    """What a pack's __init__ gives ComfyUI: inside ComfyUI only `comfy_entrypoint` (V3; ComfyUI reads the V1
+    mappings first when a module has them), outside it the declarations as the classic mappings. An older
+    ComfyUI gets an ImportError naming the version it needs, which ComfyUI shows in its log and load summary."""
+    from diffinstruct.hosts.comfy_version import host_problem, inside_comfyui
+
+    if not inside_comfyui():
+        return {"NODE_CLASS_MAPPINGS": dict(DEFINITIONS), "NODE_DISPLAY_NAME_MAPPINGS": dict(DISPLAY_NAMES)}
+    problem = host_problem()
+    if problem is not None:
+        raise ImportError(problem)
+    from .v3 import DiffInstructExtension
+
+    async def comfy_entrypoint() -> DiffInstructExtension:
+        return DiffInstructExtension(DEFINITIONS, DISPLAY_NAMES)
+
+    return {"comfy_entrypoint": comfy_entrypoint}
+
+
+# the declarations under ComfyUI's classic names, for tools and tests that walk a pack without ComfyUI
+NODE_CLASS_MAPPINGS = DEFINITIONS
+NODE_DISPLAY_NAME_MAPPINGS = DISPLAY_NAMES
+
+__all__ = ["DEFINITIONS", "DISPLAY_NAMES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "exports"]

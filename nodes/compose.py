@@ -98,8 +98,28 @@ class DIPPReward:
                                                                   "Empty: looked up in ComfyUI's models folder."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, reward: str, weights_path: str) -> bool | str:  # noqa: N802 - ComfyUI's name
+        """At queue time, on this node: a model reward whose weights are not installed is named before any work."""
+        from diffinstruct.errors import UsageError
+
+        try:
+            _check_weights(reward, weights_path)
+            RewardSpec([RewardTerm(1.0, reward, weights_path.strip() or None)])  # an explicit path exists
+        except (UsageError, OSError, ValueError) as exc:
+            return str(exc)
+        return True
+
     def build(self, reward: str, weight: float, weights_path: str) -> tuple[RewardSpec]:
+        _check_weights(reward, weights_path)
         return (RewardSpec([RewardTerm(weight, reward, weights_path.strip() or None)]),)
+
+
+def _check_weights(reward: str, weights_path: str) -> None:
+    from diffinstruct.hosts.comfy import models_dir
+    from diffinstruct.hosts.comfy_specs import check_reward_weights
+
+    check_reward_weights(reward, weights_path.strip() or None, models_dir())
 
 
 class DIPPRewardCombine:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from diffinstruct.hosts.comfy_live import LiveSettings
@@ -66,6 +67,14 @@ def _live(preview_every: int, diversity_warning: float) -> LiveSettings:
     return LiveSettings(every=preview_every, warn_fraction=diversity_warning)
 
 
+def check_folder(checkpoint_dir: str) -> bool | str:
+    """At queue time, on the training node: a checkpoint_dir that is a file is named before any work."""
+    path = Path(checkpoint_dir.strip()).expanduser() if checkpoint_dir and checkpoint_dir.strip() else None
+    if path is not None and path.exists() and not path.is_dir():
+        return f"checkpoint_dir {path} exists and is not a folder"
+    return True
+
+
 def _outputs(result: Any) -> dict[str, Any]:
     """The outputs, and the numbers and paths the node shows on the canvas (docs/COMFYUI.md section 10)."""
     return {"ui": result.ui(), "result": (result.model, result.weights, result.curves, result.preview,
@@ -81,10 +90,15 @@ class DIPPTrain:
     RETURN_NAMES = OUTPUT_NAMES
     OUTPUT_TOOLTIPS = OUTPUT_TOOLTIPS
     FUNCTION = "train"
+    TRAINS = True  # never a cached result (V3: fingerprint_inputs)
 
     @classmethod
     def IS_CHANGED(cls, **inputs: Any) -> float:
         return always_run(**inputs)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, checkpoint_dir: str = "") -> bool | str:  # noqa: N802 - ComfyUI's name
+        return check_folder(checkpoint_dir)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -132,10 +146,15 @@ class DIPPAlign:
     RETURN_NAMES = OUTPUT_NAMES
     OUTPUT_TOOLTIPS = OUTPUT_TOOLTIPS
     FUNCTION = "align"
+    TRAINS = True
 
     @classmethod
     def IS_CHANGED(cls, **inputs: Any) -> float:
         return always_run(**inputs)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, checkpoint_dir: str = "") -> bool | str:  # noqa: N802 - ComfyUI's name
+        return check_folder(checkpoint_dir)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:

@@ -315,8 +315,15 @@ def test_missing_reward_weights_name_where_to_put_them(objects, tmp_path, monkey
     from diffinstruct.errors import RewardWeightsNotFound
 
     monkeypatch.setenv("DIFFINSTRUCT_MODELS_DIR", str(tmp_path))
+    # on the Reward node the user wired, at queue time (VALIDATE_INPUTS) and when it runs, not later on Align
+    message = NODES["DIPPReward"].VALIDATE_INPUTS("pickscore", "")
+    assert isinstance(message, str) and "rewards/pickscore" in message
     with pytest.raises(RewardWeightsNotFound, match="rewards/pickscore"):
-        evaluate(objects, objects["model"], reward("pickscore"))
+        node("DIPPReward").build("pickscore", 1.0, "")
+    assert NODES["DIPPReward"].VALIDATE_INPUTS("brightness", "") is True
+    (tmp_path / "rewards" / "pickscore").mkdir(parents=True)
+    assert NODES["DIPPReward"].VALIDATE_INPUTS("pickscore", "") is True
+    assert "does not exist" in NODES["DIPPReward"].VALIDATE_INPUTS("aesthetic", str(tmp_path / "nope.safetensors"))
 
 
 def test_save_failure_leaves_no_file(objects, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -113,3 +114,26 @@ def test_installed_twice_the_clone_wins_and_both_paths_are_named(tmp_path, caplo
     clone.rename(clone.parent / "off")  # a disabled clone does not count
     (clone.parent / "off" / "__init__.py").rename(clone.parent / (clone.name + ".disabled") / "__init__.py")
     assert len(load_module("loader_alone", folder / "__init__.py").NODE_CLASS_MAPPINGS) == 13
+
+
+def test_an_older_comfyui_gets_one_clear_message():
+    """Inside a ComfyUI without comfy_api v0_0_2 (this venv has none), loading the pack fails with the version it
+    needs; ComfyUI prints that in its log and lists the pack under its import failures."""
+    init = str(ROOT / "__init__.py")
+    code = ("import importlib.util, sys, types; sys.modules['folder_paths'] = types.ModuleType('folder_paths');"
+            "v = types.ModuleType('comfyui_version'); v.__version__ = '0.3.40'; sys.modules['comfyui_version'] = v;"
+            f"spec = importlib.util.spec_from_file_location('pack', {init!r}, submodule_search_locations=[]);"
+            "m = importlib.util.module_from_spec(spec); sys.modules['pack'] = m; spec.loader.exec_module(m)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode != 0
+    assert "ImportError: diffinstruct needs ComfyUI >= 0.3.64" in result.stderr and "0.3.40" in result.stderr
+
+
+def test_version_rule():
+    from diffinstruct.hosts import comfy_version
+
+    assert comfy_version.parse_version("0.3.64") == (0, 3, 64) == comfy_version.MIN_COMFYUI
+    assert comfy_version.parse_version("v0.3.100-rc1") == (0, 3, 100) and comfy_version.parse_version("dev") is None
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'requires-comfyui = ">=0.3.64"' in pyproject
+    assert "ComfyUI >= 0.3.64" in (ROOT / "README.md").read_text()

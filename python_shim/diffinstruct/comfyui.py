@@ -86,8 +86,9 @@ def _source_nodes() -> Path:
 
 
 def load_nodes() -> tuple[dict[str, type], dict[str, str]]:
+    """The node declarations and their display names (ComfyUI registers them as V3 nodes)."""
     module = nodes_module()
-    return dict(module.NODE_CLASS_MAPPINGS), dict(module.NODE_DISPLAY_NAME_MAPPINGS)
+    return dict(module.DEFINITIONS), dict(module.DISPLAY_NAMES)
 
 
 def pack_folder() -> Path:
@@ -101,10 +102,8 @@ def loader_exports(init_file: str) -> dict[str, object]:
     so that an upgraded wheel brings its templates along, the loader's copy of the workflows."""
     here = Path(init_file).resolve().parent
     sync_workflows(pack_folder() / "workflows", here / "workflows")
-    classes, names = load_nodes()
     web = pack_folder() / "web"
-    return {"NODE_CLASS_MAPPINGS": classes, "NODE_DISPLAY_NAME_MAPPINGS": names,
-            "WEB_DIRECTORY": str(web) if web.is_dir() else None}
+    return {**nodes_module().exports(), "WEB_DIRECTORY": str(web) if web.is_dir() else None}
 
 
 def sync_workflows(source: Path, target: Path) -> list[Path]:

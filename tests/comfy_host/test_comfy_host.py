@@ -116,6 +116,12 @@ def run(host, prompt: dict, executor=None) -> tuple[object, ServerStub]:
     return executor, server
 
 
+def declarations(host) -> dict:
+    """ComfyUI's registered classes, with the pack's V3 nodes replaced by the declarations they are built from
+    (their functions are what the V3 nodes' execute runs), for calling nodes directly in a test."""
+    return {k: getattr(v, "DEFINITION", v) for k, v in host.nodes.NODE_CLASS_MAPPINGS.items()}
+
+
 def errors(server: ServerStub) -> list[dict]:
     return [data for event, data in server.messages if event in ("execution_error", "execution_interrupted")]
 
@@ -142,10 +148,38 @@ def test_pack_loads_through_comfyui_loader(host):
     mappings = host.nodes.NODE_CLASS_MAPPINGS
     ours = sorted(k for k in mappings if k.startswith("DIPP"))
     assert len(ours) == 13
+    from comfy_api.v0_0_2 import io
+
     for key in ours:
-        assert mappings[key].CATEGORY == "Diff-Instruct++"
+        assert issubclass(mappings[key], io.ComfyNode), key  # V3 nodes, pinned to comfy_api v0_0_2
+        schema = mappings[key].GET_SCHEMA()
+        assert schema.category == "Diff-Instruct++" and schema.node_id == key
         assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS[key].startswith("DI++")
+    align = mappings["DIPPAlign"].GET_SCHEMA()
+    reward_input = next(i for i in align.inputs if i.id == "reward")
+    assert reward_input.get_io_type() == "DIPP_REWARD"  # the pack's own socket types
+    assert mappings["DIPPAlign"].fingerprint_inputs() != mappings["DIPPAlign"].fingerprint_inputs()
     assert "LoraLoader" in mappings and "KSampler" in mappings  # core nodes are intact
+
+
+def test_bad_input_is_refused_at_queue_time_on_the_node_the_user_wired(host, tmp_path, monkeypatch):
+    """A model reward whose weights are not installed fails on the Reward node, and a checkpoint_dir that is a
+    file on Align, both when the prompt is queued (validation), before anything runs."""
+    monkeypatch.setenv("DIFFINSTRUCT_MODELS_DIR", str(tmp_path / "models"))
+    prompt = workflow("align_one_click", align_overrides(tmp_path / "never"))
+    reward_id = next(k for k, v in prompt.items() if v["class_type"] == "DIPPReward")
+    align_id = next(k for k, v in prompt.items() if v["class_type"] == "DIPPAlign")
+    prompt[reward_id]["inputs"]["reward"] = "imagereward"
+    (tmp_path / "a_file").write_text("")
+    prompt[align_id]["inputs"]["checkpoint_dir"] = str(tmp_path / "a_file")
+    valid = asyncio.run(host.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    assert not valid[0]
+    node_errors = valid[3]
+    assert set(node_errors) == {reward_id, align_id}, node_errors
+    said = {k: " ".join(e["details"] for e in v["errors"]) for k, v in node_errors.items()}
+    assert "rewards/imagereward" in said[reward_id] and "Nothing is downloaded" in said[reward_id]
+    assert "is not a folder" in said[align_id]
+    assert not (tmp_path / "never").exists()
 
 
 def test_wheel_loader_folder_loads_through_comfyui(host, tmp_path):
@@ -244,7 +278,7 @@ def test_aligned_model_matches_comfyui_lora_loader(host):
     from diffinstruct.hosts import comfy_train
     from diffinstruct.hosts.comfy_io import save_weights
 
-    mappings = host.nodes.NODE_CLASS_MAPPINGS
+    mappings = declarations(host)
     with torch.inference_mode():  # as ComfyUI runs nodes
         model, clip, vae = tiny_comfy.tiny_model(), tiny_comfy.tiny_clip(), tiny_comfy.tiny_vae()
         original = {k: v.clone() for k, v in model.model.state_dict().items()}
@@ -372,7 +406,7 @@ def test_v_prediction_and_flow_models_align(host, model_type, tmp_path):
     from diffinstruct.hosts import comfy_train
     from diffinstruct.hosts.comfy import model_family
 
-    mappings = host.nodes.NODE_CLASS_MAPPINGS
+    mappings = declarations(host)
     with torch.inference_mode():
         model, clip, vae = tiny_comfy.tiny_model(0, model_type), tiny_comfy.tiny_clip(), tiny_comfy.tiny_vae()
         assert model_family(model)[0] == ("flow" if model_type == "FLOW" else "ve")
@@ -397,7 +431,7 @@ def test_sdxl_composed_nodes_on_conditioning(host, tmp_path):
 
     from diffinstruct.hosts import comfy_train
 
-    mappings = host.nodes.NODE_CLASS_MAPPINGS
+    mappings = declarations(host)
     with torch.inference_mode():
         model, vae = tiny_comfy.tiny_sdxl_model(), tiny_comfy.tiny_vae()
         positive = tiny_comfy.sdxl_conditioning(1) + tiny_comfy.sdxl_conditioning(2)
@@ -422,7 +456,7 @@ def test_full_weights_are_comfyui_diffusion_model_weights(host, tmp_path):
 
     from diffinstruct.hosts import comfy_train
 
-    mappings = host.nodes.NODE_CLASS_MAPPINGS
+    mappings = declarations(host)
     with torch.inference_mode():
         model, clip, vae = tiny_comfy.tiny_model(), tiny_comfy.tiny_clip(), tiny_comfy.tiny_vae()
         cond = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))

@@ -72,6 +72,23 @@ class RewardTerm:
     path: str | None = None
 
 
+def check_reward_weights(name: str, path: str | None, models: str | None) -> None:
+    """The Reward node's check before anything runs: without a `weights_path`, a model reward's weights are in
+    <models>/rewards/<kind>, where they will be read from; RewardWeightsNotFound names the place and the files.
+    Only presence is checked here; the files' contents are checked when the reward loads."""
+    from ..rewards.paths import missing, reward_path
+    from ..rewards.registry import MODEL_REWARDS, canonical
+
+    kind = canonical(name)
+    if kind not in MODEL_REWARDS or path:  # an explicit path is RewardSpec's check (it names the path as typed)
+        return
+    if kind == "preference":
+        raise ConfigError("the preference reward needs weights_path: the .safetensors a preference fit wrote")
+    where = reward_path(kind, None, models)
+    if not where.exists():
+        raise missing(kind, where, "the weights")
+
+
 @dataclass
 class RewardSpec:
     """A weighted sum of registry rewards (built-ins, or model rewards read from local files)."""
