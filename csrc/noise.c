@@ -1,35 +1,37 @@
 /* Fused forward noising: eps drawn in place from Philox, x_t written in one pass. */
-#include "cpu_common.h"
+#include "philox_cpu.h"
 
+/* Elements [e0, e1) of sample noise: eps of element e is lane e % 4 of block offset + e / 4. */
 DIPP_ALWAYS_INLINE void noise_range(const dipp_noise_args *a, int64_t e0, int64_t e1, float sigma, int dt, int flow,
                                     int write_eps) {
-    for (int64_t e = e0; e < e1;) {
-        uint32_t bits[4];
-        float eps[4];
-        dipp_philox_block(a->seed, a->offset + (uint64_t)e / 4u, bits);
-        dipp_normal4(bits, eps);
-        for (int lane = (int)(e % 4); lane < 4 && e < e1; ++lane, ++e) {
-            float x0 = dipp_load(a->x0, e, dt);
-            float xt = flow ? dipp_noise_flow(x0, sigma, eps[lane]) : dipp_noise_ve(x0, sigma, eps[lane]);
-            dipp_store(a->xt, e, dt, xt);
-            if (write_eps) dipp_store(a->eps_out, e, dt, eps[lane]);
+    for (int64_t base = e0 / 4 * 4; base < e1; base += 4 * DIPP_PHILOX_GROUP) {
+        float eps[4 * DIPP_PHILOX_GROUP];
+        dipp_philox_values(a->seed, a->offset + (uint64_t)base / 4u, 1, dt, eps);
+        const int64_t lo = base < e0 ? e0 : base, hi = dipp_min64(base + 4 * DIPP_PHILOX_GROUP, e1);
+        for (int64_t e = lo; e < hi; ++e) {
+            const float x0 = dipp_load(a->x0, e, dt), z = eps[e - base];
+            dipp_store(a->xt, e, dt, flow ? dipp_noise_flow(x0, sigma, z) : dipp_noise_ve(x0, sigma, z));
+            if (write_eps) dipp_store(a->eps_out, e, dt, z);
         }
     }
 }
 
 typedef void (*noise_fn)(const dipp_noise_args *a);
 
-#define DEFINE_NOISE(NAME, DT, FLOW, EPS)                                                           \
-    static void noise_##NAME(const dipp_noise_args *a) {                                            \
-        const int64_t chunks = dipp_chunk_count(a->per_sample), total = a->batch * chunks;          \
-        const int dipp_parallel = dipp_worth_threads(a->batch * a->per_sample);                     \
-        DIPP_OMP_FOR                                                                                \
-        for (int64_t task = 0; task < total; ++task) {                                              \
-            const int64_t b = task / chunks, c = task % chunks;                                     \
-            const int64_t e0 = b * a->per_sample + c * DIPP_RED_CHUNK;                              \
+#define DEFINE_NOISE(NAME, DT, FLOW, EPS)                                                             \
+    DIPP_HOT static void noise_tasks_##NAME(const dipp_noise_args *a, int64_t chunks, int64_t begin,  \
+                                            int64_t end) {                                            \
+        for (int64_t task = begin; task < end; ++task) {                                              \
+            const int64_t b = task / chunks, c = task % chunks;                                       \
+            const int64_t e0 = b * a->per_sample + c * DIPP_RED_CHUNK;                                \
             const int64_t e1 = b * a->per_sample + dipp_min64((c + 1) * DIPP_RED_CHUNK, a->per_sample); \
-            noise_range(a, e0, e1, a->sigma[b], DT, FLOW, EPS);                                     \
-        }                                                                                           \
+            noise_range(a, e0, e1, a->sigma[b], DT, FLOW, EPS);                                       \
+        }                                                                                             \
+    }                                                                                                 \
+    static void noise_##NAME(const dipp_noise_args *a) {                                              \
+        const int64_t chunks = dipp_chunk_count(a->per_sample);                                       \
+        DIPP_PARALLEL_TASKS(a->batch * a->per_sample, a->batch * chunks,                              \
+                            noise_tasks_##NAME(a, chunks, begin, end));                               \
     }
 #define DEFINE_NOISE_FLAGS(SUFFIX, DT)      \
     DEFINE_NOISE(SUFFIX##_00, DT, 0, 0)     \

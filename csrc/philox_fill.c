@@ -1,28 +1,27 @@
 /* Uniform and standard-normal fills from Philox4x32-10, keyed by (seed, offset). */
-#include "cpu_common.h"
+#include "philox_cpu.h"
 
+/* Elements [e0, e1) of the fill: element e is lane e % 4 of block offset + e / 4. */
 DIPP_ALWAYS_INLINE void fill_range(const dipp_fill_args *a, int64_t e0, int64_t e1, int normal, int dt) {
-    for (int64_t e = e0; e < e1;) {
-        uint32_t bits[4];
-        float values[4];
-        dipp_philox_block(a->seed, a->offset + (uint64_t)e / 4u, bits);
-        if (normal) dipp_normal4(bits, values);
-        else for (int lane = 0; lane < 4; ++lane) values[lane] = dipp_uniform_in(dipp_uniform_open(bits[lane]), dt);
-        for (int lane = (int)(e % 4); lane < 4 && e < e1; ++lane, ++e) dipp_store(a->out, e, dt, values[lane]);
+    for (int64_t base = e0 / 4 * 4; base < e1; base += 4 * DIPP_PHILOX_GROUP) {
+        float values[4 * DIPP_PHILOX_GROUP];
+        dipp_philox_values(a->seed, a->offset + (uint64_t)base / 4u, normal, dt, values);
+        const int64_t lo = base < e0 ? e0 : base, hi = dipp_min64(base + 4 * DIPP_PHILOX_GROUP, e1);
+        for (int64_t e = lo; e < hi; ++e) dipp_store(a->out, e, dt, values[e - base]);
     }
 }
 
 typedef void (*fill_fn)(const dipp_fill_args *a);
 
-#define DEFINE_FILL(NAME, DT, NORMAL)                                           \
-    static void fill_##NAME(const dipp_fill_args *a) {                          \
-        const int64_t chunks = dipp_chunk_count(a->n);                          \
-        const int dipp_parallel = dipp_worth_threads(a->n);                                         \
-        DIPP_OMP_FOR                                                            \
-        for (int64_t c = 0; c < chunks; ++c) {                                  \
-            const int64_t e0 = c * DIPP_RED_CHUNK;                              \
-            fill_range(a, e0, dipp_min64(e0 + DIPP_RED_CHUNK, a->n), NORMAL, DT); \
-        }                                                                       \
+#define DEFINE_FILL(NAME, DT, NORMAL)                                                              \
+    DIPP_HOT static void fill_chunks_##NAME(const dipp_fill_args *a, int64_t begin, int64_t end) { \
+        for (int64_t c = begin; c < end; ++c) {                                                    \
+            const int64_t e0 = c * DIPP_RED_CHUNK;                                                 \
+            fill_range(a, e0, dipp_min64(e0 + DIPP_RED_CHUNK, a->n), NORMAL, DT);                  \
+        }                                                                                          \
+    }                                                                                              \
+    static void fill_##NAME(const dipp_fill_args *a) {                                             \
+        DIPP_PARALLEL_TASKS(a->n, dipp_chunk_count(a->n), fill_chunks_##NAME(a, begin, end));      \
     }
 #define DEFINE_FILL_KINDS(SUFFIX, DT) DEFINE_FILL(SUFFIX##_u, DT, 0) DEFINE_FILL(SUFFIX##_n, DT, 1)
 DIPP_FOR_EACH_DTYPE(DEFINE_FILL_KINDS)
