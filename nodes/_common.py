@@ -16,6 +16,8 @@ LOSS = "DIPP_LOSS"
 WEIGHTS = "DIPP_WEIGHTS"
 
 PROMPTS_TOOLTIP = "Training prompts, one per line (blank lines and lines starting with # are skipped)."
+EVAL_PROMPTS_TOOLTIP = ("Prompts to evaluate, one per line (blank lines and lines starting with # are skipped); "
+                        "samples_per_prompt images each, in this order.")
 ALPHA_TOOLTIP = ("Reward scale alpha (0 = no reward). It weighs the reward gradient against the normalised "
                  "distillation direction; the DI++ paper used 0-1000 for SD1.5.")
 OMEGA_TOOLTIP = "CFG scale omega of the reference score (1 = no guidance)."

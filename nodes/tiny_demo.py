@@ -7,7 +7,7 @@ from typing import Any
 
 from diffinstruct.hosts.comfy_specs import RewardSpec, RewardTerm
 
-from ._common import CATEGORY, PROMPTS_TOOLTIP, REWARD, default_run_dir, seed_input
+from ._common import CATEGORY, EVAL_PROMPTS_TOOLTIP, REWARD, default_run_dir, seed_input
 
 
 class DIPPTinyDemoModels:
@@ -78,7 +78,10 @@ class DIPPTinyTasteReward:
                                         pairs=pairs, epochs=epochs, seed=seed)
         report = json.dumps(record, sort_keys=True)
         spec = RewardSpec([RewardTerm(1.0, "preference", str(path))])
-        return {"ui": {"text": [report]}, "result": (spec, str(path), report)}
+        shown = [f"{k.replace('_', ' ')}: {v:.4g}" if isinstance(v, float) else f"{k.replace('_', ' ')}: {v}"
+                 for k, v in sorted(record.items()) if isinstance(v, int | float | str)]
+        return {"ui": {"text": ["\n".join([*shown, f"saved {path}"])], "record": [report]},
+                "result": (spec, str(path), report)}
 
 
 class DIPPTinyFidelity:
@@ -99,7 +102,7 @@ class DIPPTinyFidelity:
         return {"required": {
             "images": ("IMAGE", {"tooltip": "16x16 images, samples_per_prompt per prompt in prompt order (what "
                                             "Evaluate outputs)."}),
-            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": PROMPTS_TOOLTIP}),
+            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": EVAL_PROMPTS_TOOLTIP}),
             "samples_per_prompt": ("INT", {"default": 4, "min": 1, "max": 1024,
                                            "tooltip": "Images per prompt (Evaluate's samples_per_prompt)."}),
         }}

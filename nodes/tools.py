@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._common import CATEGORY, PROMPTS_TOOLTIP, REWARD, WEIGHTS, seed_input, size_inputs
+from ._common import CATEGORY, EVAL_PROMPTS_TOOLTIP, REWARD, WEIGHTS, seed_input, size_inputs
 
 
 class DIPPOneStepSample:
@@ -85,7 +85,7 @@ class DIPPSave:
             kind = "loras" if weights.kind == "lora" else "diffusion_models"
             target = folder_paths.get_folder_paths(kind)[0]
         path = save_weights(weights, target, filename_prefix)
-        return {"ui": {"text": [os.fspath(path)]}, "result": (os.fspath(path),)}
+        return {"ui": {"text": [f"saved {os.fspath(path)}"], "path": [os.fspath(path)]}, "result": (os.fspath(path),)}
 
 
 class DIPPEvaluate:
@@ -105,7 +105,7 @@ class DIPPEvaluate:
             "model": ("MODEL", {"tooltip": "The generator to evaluate (a base MODEL or an aligned one)."}),
             "clip": ("CLIP", {"tooltip": "Encodes the prompts."}),
             "vae": ("VAE", {"tooltip": "Decodes the samples for the reward."}),
-            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": PROMPTS_TOOLTIP}),
+            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": EVAL_PROMPTS_TOOLTIP}),
             "reward": (REWARD, {"tooltip": "The reward to measure."}),
             "seed": seed_input(),
             "samples_per_prompt": ("INT", {"default": 4, "min": 1, "max": 1024, "tooltip": "Samples per prompt."}),

@@ -247,11 +247,15 @@ def test_one_click_workflow_raises_the_reward_and_its_lora_loads_in_comfyui(host
     kind, picture, max_size = host.previews[-1][2]
     assert kind == "JPEG" and max_size is None and picture.size[0] > 4 * 64
     events = [d for e, d in host.status.messages if e == "diffinstruct.progress" and d["node"] == align_id]
-    assert [d["lines"][0] for d in events] == ["step 0 of 30", "step 10 of 30", "step 20 of 30", "step 30 of 30"]
+    assert [d["lines"][0] for d in events] == ["step 0 of 30", "step 1 of 30", "step 10 of 30", "step 20 of 30",
+                                               "step 30 of 30"]  # start, the CPU estimate, the previews
+    assert events[0]["warning"] and "training on the CPU" in events[0]["lines"][-1]  # ComfyUI runs with --cpu here
+    assert any(line.startswith("WARNING: on the CPU one step took") for d in events for line in d["lines"])
     shown = executor.history_result["outputs"][align_id]["text"][0]
+    print("\nAlign's text on the canvas:\n" + shown)
     assert shown.startswith("reward ") and f"checkpoint folder {folder}" in shown and "diversity" in shown
     saved = Path(executor.history_result["outputs"][next(k for k, v in workflow("align_one_click", {}).items()
-                                                         if v["class_type"] == "DIPPSave")]["text"][0])
+                                                         if v["class_type"] == "DIPPSave")]["path"][0])
     assert saved.parent == host.tmp / "loras" / "diffinstruct" and saved.is_file()
     assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]
     assert (folder / "latest").read_text().strip() == f"step-{ALIGN_STEPS:06d}"

@@ -32,7 +32,8 @@ def test_tiny_demo_workflow_raises_the_learned_reward_in_comfyui(host):  # noqa:
     before, after = outputs[title["Before (DI)"]]["mean"][0], outputs[title["After (DI++)"]]["mean"][0]
     fid_before = outputs[title["Fidelity: DI"]]["attribute_accuracy"][0]
     fid_after = outputs[title["Fidelity: DI++"]]["attribute_accuracy"][0]
-    fit = json.loads(outputs[title["Stage 2: learned reward (hidden taste)"]]["text"][0])
+    fit = json.loads(outputs[title["Stage 2: learned reward (hidden taste)"]]["record"][0])
+    assert "agreement with taste" in outputs[title["Stage 2: learned reward (hidden taste)"]]["text"][0]
     print(f"\ntiny demo in ComfyUI: learned reward DI {before:.3f} -> DI++ {after:.3f}; attribute accuracy "
           f"{fid_before:.1f}% -> {fid_after:.1f}%; reward agrees with the hidden taste on "
           f"{100 * fit['agreement_with_taste']:.1f}% of fresh pairs")

@@ -151,10 +151,13 @@ class ComfyHooks(runner.RunHooks):
     beyond_steps = "the run in {out} is at step {step}, beyond steps = {steps}; raise steps"
 
     def __init__(self, node_id: str | None = None, live: comfy_live.LiveView | None = None,
-                 out_dir: Path | None = None) -> None:
+                 out_dir: Path | None = None, on_cpu: bool = False) -> None:
         self.node_id = node_id
         self.live = live
         self.out_dir = out_dir
+        self.on_cpu = on_cpu  # a real model on the CPU: warn, with an estimate once the first step is timed
+        self.cpu_estimate: str | None = None
+        self._t0 = 0.0
         self.steps = 0
         self.previews: list[comfy_live.Update] = []
         self._warned = False
@@ -166,13 +169,27 @@ class ComfyHooks(runner.RunHooks):
         self._host.progress(start)
         where = f"resuming {self.out_dir} at step {start}" if start else f"run folder {self.out_dir}"
         LOG.info("diffinstruct: %s (%d steps)", where, steps)
-        host.send_status(self.node_id, [f"step {start} of {steps}", where])
+        lines = [f"step {start} of {steps}", where]
+        if self.on_cpu:
+            lines.append("WARNING: training on the CPU (no GPU found): a step can take minutes; the time per step "
+                         "follows after the first one")
+            LOG.warning("diffinstruct: %s", lines[-1])
+        host.send_status(self.node_id, lines, warning=self.on_cpu)
+        self._t0 = time.perf_counter()
 
     def before_step(self, step: int) -> None:
         if self._host is not None:
             self._host.check_interrupt()
 
     def after_step(self, completed: int, record: dict[str, Any]) -> None:
+        if self.on_cpu and self.cpu_estimate is None:
+            per_step = time.perf_counter() - self._t0
+            left = (self.steps - completed) * per_step
+            when = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+            self.cpu_estimate = (f"WARNING: on the CPU one step took {per_step:.1f} s: the {self.steps - completed} "
+                                 f"steps left take about {when}")
+            LOG.warning("diffinstruct: %s", self.cpu_estimate)
+            host.send_status(self.node_id, [f"step {completed} of {self.steps}", self.cpu_estimate], warning=True)
         update = None
         if self.live is not None:
             self.live.observe(record)
@@ -182,7 +199,9 @@ class ComfyHooks(runner.RunHooks):
         if self._host is not None:
             self._host.progress(completed, update.image if update is not None else None)
         if update is not None:
-            host.send_status(self.node_id, [f"{update.lines[0]} of {self.steps}", *update.lines[1:]], update.warning)
+            extra = [self.cpu_estimate] if self.cpu_estimate else []
+            host.send_status(self.node_id, [f"{update.lines[0]} of {self.steps}", *update.lines[1:], *extra],
+                             update.warning or bool(extra))
             LOG.info("diffinstruct: %s", "; ".join(update.lines))
             if update.warning and not self._warned:
                 self._warned = True
@@ -256,13 +275,15 @@ def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, p
         live = comfy_live.start(models.generator, OneStepGenerator(start_net, sigma_init),
                                 image_decoder(vae, ref.model, device), labels, table, latent_shape, opts.seed, device,
                                 opts.live)
-        hooks = ComfyHooks(opts.node_id, live, out)
+        hooks = ComfyHooks(opts.node_id, live, out, on_cpu=device.type == "cpu" and host.is_comfy_model(ref.model))
         run = runner.run(trainer, runner.RunOptions(opts.steps, out, opts.checkpoint_every, resume=opts.resume,
                                                     metadata=meta, curves=False), hooks)
         result = _finish(trainer, loss, generator_model, models, teacher, labels, table, vae, opts, label)
         result.summary.update(start_step=run["start_step"], wall_seconds=time.perf_counter() - started,
                               checkpoint_dir=str(out), process=process, previews=len(hooks.previews))
         result.lines, result.warning = result_lines(result.summary, hooks.previews)
+        if hooks.cpu_estimate:
+            result.lines.append(hooks.cpu_estimate.replace("WARNING: ", "note: "))
     return result
 
 
