@@ -111,7 +111,7 @@ def tradeoff(metrics: dict[str, Any], path: Path) -> Path:
         ax.axhline(ref, color="0.3", lw=1, ls=":", label="teacher")
         if key == "diversity_vs_teacher":
             ax.axhline(DIVERSITY_FLOOR, color="C3", lw=1, ls="--", label=f"floor ({DIVERSITY_FLOOR:.0%})")
-        ax.set_xscale("symlog", linthresh=1.0)  # alpha = 0 (the baselines) stays on the axis
+        ax.set_xscale("symlog", linthresh=0.01)  # alpha = 0 (the baselines) stays on the axis, DI*'s small alphas apart
         ax.set_xlabel("alpha")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
