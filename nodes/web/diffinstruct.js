@@ -18,6 +18,8 @@ function statusWidget(node) {
       widget.inputEl.dataset.dippStatus = "1";
       widget.inputEl.style.opacity = 0.85;
     }
+    // room for the text: the node keeps its width and grows by a few lines (workflows store the old size)
+    node.setSize([Math.max(node.size[0], 340), node.size[1] + 110]);
   }
   return widget;
 }
