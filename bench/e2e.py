@@ -49,10 +49,10 @@ PROTOTYPE_ROWS: dict[tuple[str, bool], list[str]] = {
 CONFIGS = [("shared", False), ("shared", True), ("full", False), ("full", True)]
 
 FULL = Plan(warmup=1, repeats=4, batch=2, latent=32, tiny=False, configs=CONFIGS,
-            scaling=[(1, 32, 3), (2, 32, 3), (4, 32, 2), (8, 32, 1), (1, 64, 1), (1, 128, 1)])
+            scaling=[(1, 32, 3, 1), (2, 32, 3, 1), (4, 32, 2, 1), (8, 32, 1, 1), (1, 64, 0, 1), (1, 128, 0, 0)])
 # the smoke test: one configuration per mode (each process costs seconds of imports)
 QUICK = Plan(warmup=1, repeats=2, batch=2, latent=8, tiny=True, configs=[("shared", False), ("full", True)],
-             scaling=[(1, 8, 1), (2, 8, 1), (1, 16, 1)])
+             scaling=[(1, 8, 1, 1), (2, 8, 1, 1), (1, 16, 0, 0)])
 
 
 # ---------------------------------------------------------------------------------------------- children
@@ -60,6 +60,22 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a live process, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Probe:
+    """Other processes' share of the machine's CPU from now until others() (busy CPU time minus our children's)."""
+
+    def __init__(self, children: list[Child]) -> None:
+        self.children = children
+        self.busy, self.own, self.t0 = busy_seconds(), self._own(), time.perf_counter()
+
+    def _own(self) -> float:
+        return sum(cpu_seconds(c.proc.pid) for c in self.children)
+
+    def others(self) -> float:
+        wall = time.perf_counter() - self.t0
+        own = self._own() - self.own
+        return max(0.0, busy_seconds() - self.busy - own) / (wall * (os.cpu_count() or 1))
 
 
 class Child:
@@ -116,7 +132,7 @@ def run_interleaved(specs: list[Spec], warmup: int, repeats: int, profile: bool,
             c.ready = c.read("READY")
         for r in range(warmup + repeats):
             order = children[r % len(children):] + children[:r % len(children)]
-            busy0, own0, t0 = busy_seconds(), sum(cpu_seconds(c.proc.pid) for c in children), time.perf_counter()
+            probe = Probe(children)
             for c in order:
                 rec = c.ask("step", "STEP")
                 res = results[c.spec.impl]
@@ -124,14 +140,19 @@ def run_interleaved(specs: list[Spec], warmup: int, repeats: int, profile: bool,
                     res.seconds.append(rec["seconds"])
                     res.cpu.append(rec["cpu"])
                 res.peak_mib, res.finite = rec["peak_mib"], res.finite and rec["finite"]
-            wall = time.perf_counter() - t0
-            own = sum(cpu_seconds(c.proc.pid) for c in children) - own0
-            share.append(max(0.0, busy_seconds() - busy0 - own) / (wall * (os.cpu_count() or 1)))
+            share.append(probe.others())
             log("  round " + str(r + 1) + ": " + ", ".join(f"{c.spec.impl} {results[c.spec.impl].seconds[-1]:.2f} s"
                                                           for c in children if r >= warmup))
         if profile:
+            probe = Probe(children)
             for c in children:
-                results[c.spec.impl].profile = c.ask("profile", "PROFILE")
+                res = results[c.spec.impl]
+                res.profile = c.ask("profile", "PROFILE")
+                if not repeats:  # a big point's only timed iteration is the profiled one (its overhead is small)
+                    res.seconds, res.cpu = [res.profile["wall"]], [res.profile["cpu"]]
+                    res.peak_mib = res.profile["peak_mib"]  # with the profiler's buffers: the report says how much
+            if not repeats:
+                share.append(probe.others())
     except RuntimeError as exc:
         for res in results.values():
             res.error = res.error or str(exc)
@@ -155,12 +176,13 @@ def compare(plan: Plan, log: Any = print) -> list[dict[str, Any]]:
 
 def scaling(plan: Plan, log: Any = print) -> list[dict[str, Any]]:
     points = []
-    for batch, latent, repeats in plan.scaling:
-        log(f"scaling: batch {batch}, latent {latent}, {repeats} repeat(s)")
+    for batch, latent, repeats, warmup in plan.scaling:
+        log(f"scaling: batch {batch}, latent {latent}, {warmup} warm-up, {repeats} repeat(s)")
         spec = Spec("ours", mode="shared", batch=batch, latent=latent, tiny=plan.tiny)
-        results, share = run_interleaved([spec], 1, repeats, plan.profile, log)
-        points.append({"batch": batch, "latent": latent, "repeats": repeats, "result": results["ours"],
-                       "others": share})
+        # the big points time their profiled iteration (repeats = 0), the biggest without a warm-up
+        results, share = run_interleaved([spec], warmup, repeats, plan.profile or not repeats, log)
+        points.append({"batch": batch, "latent": latent, "repeats": repeats, "warmup": warmup,
+                       "result": results["ours"], "others": share})
     return points
 
 
@@ -200,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step of each process")
     parser.add_argument("--output", type=Path, default=None, help="write the section into this Markdown file")
     parser.add_argument("--json", type=Path, default=None, help="also save the measurements here")
-    parser.add_argument("--from-json", type=Path, default=None, help="report saved measurements, run nothing")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="report saved measurements (several files: their rows and points together), run nothing")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.no_profile:
@@ -211,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     if args.from_json is not None:
-        rows, points, elapsed = load(args.from_json)
+        rows, points, elapsed = [], [], 0.0
+        for path in args.from_json:
+            more_rows, more_points, more_s = load(path)
+            rows, points, elapsed = rows + more_rows, points + more_points, elapsed + more_s
     else:
         rows = compare(plan, log) if args.part in ("all", "compare") else []
         points = scaling(plan, log) if args.part in ("all", "scaling") else []

@@ -40,6 +40,7 @@ PROMPTS = 4
 OMEGA = 4.5
 RANK = 8
 FINITE = ("ta_loss", "generator_grad_norm", "generator_loss")
+BASELINE = [0]  # the child's RSS after its imports
 
 
 @dataclass
@@ -227,9 +228,9 @@ def profile(step_fn: Callable[[int], dict[str, float]], step: int) -> dict[str, 
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step_fn(step)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     seconds: dict[str, float] = {}
     casts = 0
     for ev in prof.key_averages():
@@ -240,7 +241,8 @@ def profile(step_fn: Callable[[int], dict[str, float]], step: int) -> dict[str, 
         if ev.key in ("aten::_to_copy",):
             casts += ev.count
     seconds["outside aten (Python, our C kernels)"] = max(0.0, wall - sum(seconds.values()))
-    return {"wall": wall, "seconds": seconds, "to_copy_calls": casts}
+    return {"wall": wall, "cpu": cpu, "seconds": seconds, "to_copy_calls": casts,
+            "peak_mib": (status_bytes("VmHWM") - BASELINE[0]) / 2**20}
 
 
 # ---------------------------------------------------------------------------------------------- the child
@@ -256,7 +258,7 @@ def serve(spec: Spec) -> None:
     import diffinstruct.trainer  # noqa: F401
 
     out = sys.stdout
-    baseline = status_bytes("VmRSS")
+    baseline = BASELINE[0] = status_bytes("VmRSS")
     t0 = time.perf_counter()
     step_fn = build(spec)
     built = status_bytes("VmRSS")

@@ -26,7 +26,7 @@ class Plan:
     latent: int
     tiny: bool
     configs: list[tuple[str, bool]]  # (mode, bf16) of the compared rows
-    scaling: list[tuple[int, int, int]]  # (batch, latent, repeats)
+    scaling: list[tuple[int, int, int, int]]  # (batch, latent, repeats, warm-up); 0 repeats: time the profiled one
     profile: bool = True
 
 
@@ -44,6 +44,10 @@ class Result:
     @property
     def median(self) -> float:
         return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu) if self.cpu else float("nan")
 
 
 def paired_ratio(a: Result, b: Result, cpu: bool = True) -> float:
@@ -112,8 +116,9 @@ def header(plan: Plan, elapsed: float, quick: bool) -> list[str]:
         "transfer), FusedAdam (beta1 = 0: no first moment) and the EMA kernels.",
         "- **peer**: `bench/peer_loop.py`, written the way DMD2 writes its step: generator forward; TA and reference "
         "cond + uncond (one 2B pass, CFG) under no_grad; the generator loss as the MSE of x0 to the detached "
-        "x0 - grad; `torch.optim.AdamW` (its default foreach path; the same lr, betas (0, 0.999), no weight decay) on "
-        "generator and TA; the TA's denoising score matching on the generator turn's detached sample; "
+        "x0 - grad; `torch.optim.AdamW` with its default implementation (for CPU tensors torch picks neither "
+        "foreach nor fused: its per-parameter loop), the same lr, betas (0, 0.999), no weight decay, on generator "
+        "and TA; the TA's denoising score matching on the generator turn's detached sample; "
         "`torch._foreach_lerp_` EMA; hand LoRA in peft's form (`base(x) + up(down(x)) * scale`); `.item()` of both "
         "losses every step. Same sigma sampling (log-normal -2, 2, clamped to the SD1.5 table), the same EDM "
         "weighting and normaliser: four network passes an iteration in both, and "
@@ -222,33 +227,55 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def timed(point: dict[str, Any]) -> str:
+    """The repeats column of a scaling point: how its time was measured."""
+    warm = point.get("warmup", 1)
+    if not point["repeats"]:
+        return f"1, profiled, **{warm} warm-up**" if warm else "1, profiled, **no warm-up**"
+    return f"{point['repeats']}{' (fewer)' if point['repeats'] < 3 else ''}"
+
+
 def scaling_lines(points: list[dict[str, Any]], tiny: bool) -> list[str]:
     if not points:
         return []
     base_latent = points[0]["latent"]
     lines = ["### Scaling: ours, shared mode, float32, one thread", "",
-             "Each point in a fresh process, 1 warm-up iteration, then the median of the repeats shown (fewer at the "
-             "big points: one iteration at latent 128 takes minutes here). Attention = the profiled iteration's "
+             "Each point in a fresh process: warm-up iteration(s), then the median of the repeats; the big points "
+             "(marked) time their one profiled iteration instead, the biggest without a warm-up (its first "
+             "iteration also pays for first-touching its memory; shared mode's optimiser state is only LoRA-sized). "
+             "Time is the process's CPU time (one thread). Attention = the profiled iteration's "
              "`scaled_dot_product_attention` self time (forward and backward). Tokens = latent^2, the sequence length "
              "of the top level's self-attention.", "",
-             "| batch | latent | tokens | s/it | s/it per sample | peak MiB | attention s | attention share "
-             "| repeats | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch | latent | tokens | s/it (wall) | CPU s/it | CPU s/it per sample | peak MiB | attention s "
+             "| attention share | repeats | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         res: Result = p["result"]
         att = res.profile["seconds"].get("attention", float("nan")) if res.profile else float("nan")
         wall = res.profile["wall"] if res.profile else float("nan")
         busy = " (busy)" if p["others"] > BUSY else ""
-        lines.append(f"| {p['batch']} | {p['latent']} | {p['latent'] ** 2} | {_f(res.median)} | "
-                     f"{_f(res.median / p['batch'])} | {_f(res.peak_mib, '.0f')} | {_f(att)} | "
-                     f"{_f(100 * att / wall, '.0f')} % | {len(res.seconds)}{' (fewer)' if p['repeats'] < 3 else ''} | "
+        lines.append(f"| {p['batch']} | {p['latent']} | {p['latent'] ** 2} | {_f(res.median)} | {_f(res.cpu_median)} | "
+                     f"{_f(res.cpu_median / p['batch'])} | {_f(res.peak_mib, '.0f')} | {_f(att)} | "
+                     f"{_f(100 * att / wall, '.0f')} % | {timed(p)} | "
                      f"{100 * p['others']:.0f} %{busy}{' ' + res.error if res.error else ''} |")
+    extra = [p["result"].profile["peak_mib"] - p["result"].peak_mib for p in points
+             if p["repeats"] and p["result"].profile]
+    overhead = sum(extra) / len(extra) if extra else 0.0
+
+    def peak(p: dict[str, Any]) -> float:  # without the profiler's buffers where the profiled iteration is the peak
+        return p["result"].peak_mib - (0.0 if p["repeats"] else overhead)
+
+    if extra and any(not p["repeats"] for p in points):
+        lines.append("")
+        lines.append(f"The profiled-only points' peak includes the profiler's own buffers: at the other points the "
+                     f"profiled iteration raised the peak by {min(extra):.0f}-{max(extra):.0f} MiB; the fits below "
+                     f"subtract their mean ({overhead:.0f} MiB) from those points.")
     lines.append("")
     by_batch = [p for p in points if p["latent"] == base_latent and p["result"].seconds]
     if len(by_batch) >= 2:
         xs = [float(p["batch"]) for p in by_batch]
-        a, b, r2 = fit_line(xs, [p["result"].median for p in by_batch])
-        ma, mb, mr2 = fit_line(xs, [p["result"].peak_mib for p in by_batch])
-        lines.append(f"- **Batch** (latent {base_latent}): time = {a:.2f} s + {b:.2f} s x batch (R^2 = {r2:.3f}), "
+        a, b, r2 = fit_line(xs, [p["result"].cpu_median for p in by_batch])
+        ma, mb, mr2 = fit_line(xs, [peak(p) for p in by_batch])
+        lines.append(f"- **Batch** (latent {base_latent}): CPU time = {a:.2f} s + {b:.2f} s x batch (R^2 = {r2:.3f}), "
                      f"linear; the intercept is what does not grow with the batch (weights' passes, Python, "
                      f"optimiser). Peak memory = {ma:.0f} MiB + {mb:.0f} MiB x batch (R^2 = {mr2:.3f}).")
     by_latent = [p for p in points if p["batch"] == 1 and p["result"].seconds]
@@ -257,10 +284,10 @@ def scaling_lines(points: list[dict[str, Any]], tiny: bool) -> list[str]:
         r0, r1 = p0["result"], p1["result"]
         t0, t1 = p0["latent"] ** 2, p1["latent"] ** 2
         att = [r.profile["seconds"].get("attention", 0.0) if r.profile else float("nan") for r in (r0, r1)]
-        growth, att_growth = exponent(t0, r0.median, t1, r1.median), exponent(t0, att[0], t1, att[1])
-        lines.append(f"- **Tokens {t0} -> {t1}** (batch 1): time grows as tokens^{_f(growth)}, attention as "
+        growth, att_growth = exponent(t0, r0.cpu_median, t1, r1.cpu_median), exponent(t0, att[0], t1, att[1])
+        lines.append(f"- **Tokens {t0} -> {t1}** (batch 1): CPU time grows as tokens^{_f(growth)}, attention as "
                      f"tokens^{_f(att_growth)}, peak memory as "
-                     f"tokens^{_f(exponent(t0, r0.peak_mib, t1, r1.peak_mib))}.")
+                     f"tokens^{_f(exponent(t0, peak(p0), t1, peak(p1)))}.")
     lines.append("")
     lines.append("Convolutions and the projections grow linearly in tokens (exponent 1); the self-attention's score "
                  "matrix grows as tokens^2, so its share rises with the latent size; torch's CPU flash attention does "

@@ -149,12 +149,12 @@ def test_interleaved_processes_and_report(tmp_path: Path) -> None:
     results["ours"] = results["peer"] = res
     rows = [{"mode": "shared", "bf16": True, "results": results, "others": share}]
     points = [{"batch": b, "latent": lat, "repeats": 1, "others": 0.0,
-               "result": e2e_report.Result("ours", [0.1 * b * (lat / 8) ** 2], 50.0 + b, [0.1])}
+               "result": e2e_report.Result("ours", [0.2], 50.0 + b, [0.1 * b * (lat / 8) ** 2])}
               for b, lat in ((1, 8), (2, 8), (1, 16))]
     text = e2e_report.report(rows, points, e2e.QUICK, 1.0, quick=True)
     assert "| shared | bf16 autocast | " in text and "1.00x" in text and "op class" in text
     assert "ours+bf16w+inplace+onepass" in text
-    assert "time = 0.00 s + 0.10 s x batch" in text and "time grows as tokens^1.00" in text
+    assert "CPU time = 0.00 s + 0.10 s x batch" in text and "CPU time grows as tokens^1.00" in text
     e2e.save(tmp_path / "m.json", rows, points, 1.0)  # --json, then --from-json renders the same section
     assert e2e_report.report(*e2e.load(tmp_path / "m.json")[:2], e2e.QUICK, 1.0, quick=True) == text
     out = tmp_path / "BENCHMARKS.md"
