@@ -51,24 +51,30 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def install(base: Path, route: str) -> str:
+def install(base: Path, route: str, python: Path | None = None) -> str:
     custom = base / "custom_nodes"
     custom.mkdir(parents=True, exist_ok=True)
     if route == "clone":
         (custom / "diffinstruct").symlink_to(ROOT, target_is_directory=True)
         return "diffinstruct"
+    if python is not None:  # an installed wheel: its own installer writes the loader
+        env = {**os.environ, "PYTHONPATH": str(python)}
+        subprocess.run([sys.executable, "-m", "diffinstruct.comfyui", "install", "--comfyui", str(custom)], env=env,
+                       check=True, capture_output=True, cwd=str(base))
+        return "diffinstruct_loader"
     from diffinstruct import comfyui
 
     return comfyui.install(base / "custom_nodes").name
 
 
 @contextlib.contextmanager
-def comfy_server(comfy: str, base: Path, route: str) -> Iterator[Server]:
-    """Start main.py on a free loopback port (CPU, an in-memory database) and stop it on leaving."""
-    module = install(base, route)
+def comfy_server(comfy: str, base: Path, route: str, python: Path | None = None) -> Iterator[Server]:
+    """Start main.py on a free loopback port (CPU, an in-memory database) and stop it on leaving. `python`: a
+    folder holding an installed wheel (pip install --target), used instead of the checkout's python_shim/."""
+    module = install(base, route, python)
     port = free_port()
     log = base / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python_shim"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(python or ROOT / "python_shim"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
            str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--preview-method", "auto"]
     with open(log, "wb") as out:

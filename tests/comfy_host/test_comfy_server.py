@@ -16,11 +16,25 @@ if not COMFY or not (Path(COMFY) / "main.py").is_file():
 from comfy_server import ROOT, comfy_server  # noqa: E402
 
 TEMPLATES = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+WHEEL = os.environ.get("DIPP_WHEEL", "")  # a built wheel (make wheel): also test the route with it installed
 
 
-@pytest.mark.parametrize("route", ["clone", "wheel"])
+def installed_wheel(tmp_path: Path) -> Path:
+    if not WHEEL:
+        pytest.skip("set DIPP_WHEEL to a built wheel to test the wheel route with the real wheel")
+    import subprocess
+    import sys
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), WHEEL],
+                   check=True)
+    return target
+
+
+@pytest.mark.parametrize("route", ["clone", "wheel", "built wheel"])
 def test_templates_are_listed_and_served_with_thumbnails(route, tmp_path):
-    with comfy_server(COMFY, tmp_path, route) as server:
+    python = installed_wheel(tmp_path) if route == "built wheel" else None
+    with comfy_server(COMFY, tmp_path / "comfy", "wheel" if python else route, python) as server:
         listing = server.get_json("/api/workflow_templates")
         assert {k: sorted(v) for k, v in listing.items()} == {server.module: TEMPLATES}, listing
         for name in TEMPLATES:
