@@ -204,6 +204,17 @@ def prototype_lines(rows: list[dict[str, Any]]) -> list[str]:
                      f"{_f(res.peak_mib / ours.peak_mib if ours.peak_mib > 0 else float('nan'))} | "
                      f"{_f(res.peak_mib / peer.peak_mib if peer.peak_mib > 0 else float('nan'))} | "
                      f"{'yes' if res.finite and not res.error else 'no ' + (res.error or '')} |")
+    lines += ["", "The fastest variant per row against the peer's targets:", ""]
+    for row in rows:
+        variants = [i for i in row["results"] if i.startswith("ours+")]
+        if not variants:
+            continue
+        peer = row["results"]["peer"]
+        best = max(variants, key=lambda i: paired_ratio(row["results"][i], peer))
+        speed, mem = paired_ratio(row["results"][best], peer), row["results"][best].peak_mib / peer.peak_mib
+        lines.append(f"- {row['mode']} {_dtype(row['bf16'])}: `{best}` {speed:.2f}x the peer's speed "
+                     f"({'meets' if speed >= TARGET_SPEED else 'misses'} {TARGET_SPEED}x), memory {mem:.2f}x the "
+                     f"peer's ({'meets' if mem <= TARGET_MEMORY else 'misses'} {TARGET_MEMORY}).")
     lines.append("")
     return lines
 
