@@ -168,23 +168,26 @@ def compare_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def why_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Per row: the profiled iteration split into aten ops (the networks' work) and the rest, for both loops."""
+    """Per row: the share of each loop's profiled iteration outside the networks' aten ops (shares within one
+    iteration, so a busy machine inflates both parts alike), and what removing all of ours would buy at most."""
+    rest = "outside aten (Python, our C kernels)"
     out = []
     for row in rows:
         ours, peer = row["results"]["ours"].profile, row["results"]["peer"].profile
         if not ours or not peer:
             continue
-        rest = "outside aten (Python, our C kernels)"
-        aten = [sum(v for k, v in p["seconds"].items() if k != rest) for p in (ours, peer)]
-        out.append(f"- {row['mode']} {_dtype(row['bf16'])}: aten ops {aten[0]:.2f} s (ours) vs {aten[1]:.2f} s "
-                   f"(peer), the rest {ours['seconds'][rest]:.2f} s vs {peer['seconds'][rest]:.2f} s, casts/copies "
-                   f"{ours['seconds'].get('casts/copies', 0.0):.2f} s vs {peer['seconds'].get('casts/copies', 0.0):.2f}"
-                   f" s ({ours['to_copy_calls']} vs {peer['to_copy_calls']} `aten::_to_copy` calls); with nothing "
-                   f"but its aten ops ours would be {peer['wall'] / aten[0]:.2f}x the peer's profiled iteration.")
+        share = [p["seconds"][rest] / p["wall"] for p in (ours, peer)]
+        casts = [p["seconds"].get("casts/copies", 0.0) / p["wall"] for p in (ours, peer)]
+        out.append(f"- {row['mode']} {_dtype(row['bf16'])}: outside aten {100 * share[0]:.1f} % of ours' iteration, "
+                   f"{100 * share[1]:.1f} % of the peer's; casts/copies {100 * casts[0]:.1f} % vs "
+                   f"{100 * casts[1]:.1f} % ({ours['to_copy_calls']} vs {peer['to_copy_calls']} `aten::_to_copy` "
+                   f"calls); ours without any of its non-aten time would gain at most {1 / (1 - share[0]):.2f}x.")
     if not out:
         return []
-    return ["Why (from the profiled iterations below): both loops run the same four network passes on the same "
-            "ops, so the networks' aten time is nearly the same and what differs is the rest:", "", *out, ""]
+    return ["Why: both loops run the same four network passes (generator forward + backward, TA forward, reference "
+            "2B forward, TA forward + backward) on the same ops, and the networks' aten ops are nearly all of "
+            "either iteration; what is not network (Python, our kernels, the optimisers, casts) is too small a share "
+            f"for {TARGET_SPEED}x, which needs less network work (see `onepass` below):", "", *out, ""]
 
 
 def prototype_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -224,6 +227,8 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not cols:
         return []
     lines = ["### Where the time goes (one profiled iteration each, torch.profiler self CPU seconds)", "",
+             "The profiler's op times are wall clock, one iteration per process: compare the columns as shares of "
+             "their own iteration (a busy moment inflates a whole column); the `_to_copy` counts are exact.", "",
              "| op class | " + " | ".join(f"{row['mode']} {'bf16' if row['bf16'] else 'fp32'} {impl}"
                                           for row, impl in cols) + " |",
              "|---|" + "---|" * len(cols)]
@@ -236,6 +241,15 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
                                                           for row, impl in cols) + " |")
     lines.append("")
     return lines
+
+
+def attention_cpu(res: Result) -> float:
+    """The profiled iteration's attention seconds in CPU time: the profiler's (wall-clock) op time scaled by the
+    iteration's CPU / wall, so that a busy machine does not inflate it."""
+    if not res.profile:
+        return float("nan")
+    att = res.profile["seconds"].get("attention", float("nan"))
+    return att * res.profile["cpu"] / res.profile["wall"] if res.profile.get("cpu") else att
 
 
 def timed(point: dict[str, Any]) -> str:
@@ -255,18 +269,20 @@ def scaling_lines(points: list[dict[str, Any]], tiny: bool) -> list[str]:
              "(marked) time their one profiled iteration instead, the biggest without a warm-up (its first "
              "iteration also pays for first-touching its memory; shared mode's optimiser state is only LoRA-sized). "
              "Time is the process's CPU time (one thread). Attention = the profiled iteration's "
-             "`scaled_dot_product_attention` self time (forward and backward). Tokens = latent^2, the sequence length "
+             "`scaled_dot_product_attention` self time (forward and backward) scaled to CPU time by the iteration's "
+             "CPU / wall. Tokens = latent^2, the sequence length "
              "of the top level's self-attention.", "",
              "| batch | latent | tokens | s/it (wall) | CPU s/it | CPU s/it per sample | peak MiB | attention s "
              "| attention share | repeats | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         res: Result = p["result"]
-        att = res.profile["seconds"].get("attention", float("nan")) if res.profile else float("nan")
-        wall = res.profile["wall"] if res.profile else float("nan")
+        att = attention_cpu(res)
+        # its share of the profiled iteration, wall over wall
+        share = res.profile["seconds"].get("attention", float("nan")) / res.profile["wall"] if res.profile else math.nan
         busy = " (busy)" if p["others"] > BUSY else ""
         lines.append(f"| {p['batch']} | {p['latent']} | {p['latent'] ** 2} | {_f(res.median)} | {_f(res.cpu_median)} | "
                      f"{_f(res.cpu_median / p['batch'])} | {_f(res.peak_mib, '.0f')} | {_f(att)} | "
-                     f"{_f(100 * att / wall, '.0f')} % | {timed(p)} | "
+                     f"{_f(100 * share, '.0f')} % | {timed(p)} | "
                      f"{100 * p['others']:.0f} %{busy}{' ' + res.error if res.error else ''} |")
     extra = [p["result"].profile["peak_mib"] - p["result"].peak_mib for p in points
              if p["repeats"] and p["result"].profile]
@@ -294,10 +310,11 @@ def scaling_lines(points: list[dict[str, Any]], tiny: bool) -> list[str]:
     for p0, p1 in zip(by_latent, by_latent[1:], strict=False):
         r0, r1 = p0["result"], p1["result"]
         t0, t1 = p0["latent"] ** 2, p1["latent"] ** 2
-        att = [r.profile["seconds"].get("attention", 0.0) if r.profile else float("nan") for r in (r0, r1)]
+        att = [attention_cpu(r) for r in (r0, r1)]
         growth, att_growth = exponent(t0, r0.cpu_median, t1, r1.cpu_median), exponent(t0, att[0], t1, att[1])
+        others = exponent(t0, r0.cpu_median - att[0], t1, r1.cpu_median - att[1])
         lines.append(f"- **Tokens {t0} -> {t1}** (batch 1): CPU time grows as tokens^{_f(growth)}, attention as "
-                     f"tokens^{_f(att_growth)}, peak memory as "
+                     f"tokens^{_f(att_growth)}, everything else as tokens^{_f(others)}, peak memory as "
                      f"tokens^{_f(exponent(t0, peak(p0), t1, peak(p1)))}.")
     lines.append("")
     lines.append("Convolutions and the projections grow linearly in tokens (exponent 1); the self-attention's score "
@@ -305,6 +322,11 @@ def scaling_lines(points: list[dict[str, Any]], tiny: bool) -> list[str]:
                  "not store that matrix, so memory stays close to linear.")
     if tiny:
         lines.append("(Quick mode: tiny UNet and sizes; fits are illustrative only.)")
+    else:
+        width, heads = E2E_UNET["block_out_channels"][0], E2E_UNET["attention_head_dim"]
+        lines.append(f"At the top level the self-attention runs {heads} heads of {width // heads} channels "
+                     f"({width} / {heads}), a poor shape for the CPU attention kernel, which is why attention is about "
+                     "half of the iteration already at latent 32 (in both loops alike).")
     lines.append("")
     return lines
 
