@@ -36,12 +36,13 @@ static inline int dipp_worth_threads(int64_t elements) { return elements >= DIPP
  * inlining, which would otherwise leave a runtime dtype switch in every element. */
 #define DIPP_FOR_EACH_DTYPE(DEF) DEF(f32, DIPP_DT_F32) DEF(f16, DIPP_DT_F16) DEF(bf16, DIPP_DT_BF16)
 
-/* Hot loops get an AVX2 clone on x86-64, chosen once at load time (ifunc). Results are
- * bitwise identical to the baseline build: no FMA contraction, fixed lane order. The
- * clone must be a real function called from inside the parallel region, since OpenMP
- * outlines loop bodies before target cloning happens. */
+/* Hot loops get AVX-512 (x86-64-v4) and AVX2 clones on x86-64, chosen once at load time
+ * (ifunc). Results are bitwise identical to the baseline build: no FMA contraction, fixed
+ * lane order, only exact conversions and IEEE operations. The clone must be a real function
+ * called from inside the parallel region, since OpenMP outlines loop bodies before target
+ * cloning happens. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DIPP_NO_CLONES)
-#define DIPP_HOT __attribute__((noinline, target_clones("avx2", "default")))
+#define DIPP_HOT __attribute__((noinline, target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define DIPP_HOT __attribute__((noinline))
 #endif
