@@ -48,6 +48,25 @@ static int huber_recount(const dipp_huber_args *a, int64_t e0, int64_t e1, float
     return bad;
 }
 
+/* a, b, d' of [e0, e1) given the sample's factors. The pointers are restrict (dipp.h: outputs never
+ * overlap inputs) parameters of a function that is not inlined (GCC drops restrict when it inlines):
+ * with six streams read through the argument struct the loop stayed scalar (too many run-time
+ * alias checks); so it vectorises in every dtype. */
+DIPP_ALWAYS_INLINE void huber_store_chunk(const void *restrict d_p, const void *restrict d_q, const void *restrict x0,
+                                          void *restrict a_out, void *restrict b_out, void *restrict d_out,
+                                          int64_t e0, int64_t e1, float inv_s2, const dipp_huber_sample_t *sp,
+                                          int dt) {
+    const float inv_h = sp->inv_h, yr_over_h2 = sp->yr_over_h2, scale = sp->scale;
+    for (int64_t e = e0; e < e1; ++e) {
+        float y, r, va, vb, vd;
+        dipp_huber_y_r(dipp_load(d_p, e, dt), dipp_load(d_q, e, dt), dipp_load(x0, e, dt), inv_s2, &y, &r);
+        dipp_huber_vectors(y, r, inv_h, yr_over_h2, &va, &vb, &vd);
+        dipp_store(a_out, e, dt, scale * va);
+        dipp_store(b_out, e, dt, scale * vb);
+        dipp_store(d_out, e, dt, scale * vd);
+    }
+}
+
 /* Per-sample factors and outputs from the chunk sums of sample b. */
 static void huber_finish_sample(const dipp_huber_args *a, const float *partial, int64_t chunks,
                                 dipp_huber_sample_t *per, int64_t b) {
@@ -63,6 +82,12 @@ static void huber_finish_sample(const dipp_huber_args *a, const float *partial, 
 }
 
 #define DEFINE_HUBER(SUFFIX, DT)                                                                          \
+    DIPP_HOT static void huber_store_##SUFFIX(const void *restrict d_p, const void *restrict d_q,              \
+                                              const void *restrict x0, void *restrict a_out,                   \
+                                              void *restrict b_out, void *restrict d_out, int64_t e0,          \
+                                              int64_t e1, float inv_s2, const dipp_huber_sample_t *sp) {       \
+        huber_store_chunk(d_p, d_q, x0, a_out, b_out, d_out, e0, e1, inv_s2, sp, DT);                          \
+    }                                                                                                     \
     DIPP_HOT static void huber_sums_range_##SUFFIX(const dipp_huber_args *a, float *partial, int64_t chunks,  \
                                                    int64_t begin, int64_t end) {                          \
         const int64_t n = a->per_sample;                                                                  \
@@ -85,15 +110,7 @@ static void huber_finish_sample(const dipp_huber_args *a, const float *partial, 
             const int64_t e1 = e0 + dipp_min64(DIPP_RED_CHUNK, n - c * DIPP_RED_CHUNK);                   \
             const dipp_huber_sample_t s = per[b];                                                         \
             const float inv_s2 = 1.0f / (a->sigma[b] * a->sigma[b]);                                      \
-            for (int64_t e = e0; e < e1; ++e) {                                                           \
-                float y, r, va, vb, vd;                                                                   \
-                dipp_huber_y_r(dipp_load(a->d_p, e, DT), dipp_load(a->d_q, e, DT), dipp_load(a->x0, e, DT), \
-                               inv_s2, &y, &r);                                                           \
-                dipp_huber_vectors(y, r, s.inv_h, s.yr_over_h2, &va, &vb, &vd);                          \
-                dipp_store(a->a_out, e, DT, s.scale * va);                                                \
-                dipp_store(a->b_out, e, DT, s.scale * vb);                                                \
-                dipp_store(a->dprime_out, e, DT, s.scale * vd);                                           \
-            }                                                                                             \
+            huber_store_##SUFFIX(a->d_p, a->d_q, a->x0, a->a_out, a->b_out, a->dprime_out, e0, e1, inv_s2, &s); \
             const int any = dipp_any_nonfinite(a->a_out, e0, e1, DT) |                                    \
                             dipp_any_nonfinite(a->b_out, e0, e1, DT) |                                    \
                             dipp_any_nonfinite(a->dprime_out, e0, e1, DT);                                \
