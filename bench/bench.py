@@ -6,7 +6,8 @@ Every kernel runs at the SD1.5 latent size (8x4x64x64) and a large size (32x4x12
 bfloat16, through the public API (diffinstruct.kernels). Before a case is timed, its fused kernel runs
 once and its outputs must match the same call on the PyTorch reference backend (bench_cases.Case.check);
 a mismatch stops the run with exit status 1. --check only validates, without timing. The Markdown report
-goes to stdout and, with --output, to a file that is fully regenerated on each run.
+goes to stdout and, with --output, to a file that is regenerated on each run (keeping the e2e section that
+bench/e2e.py writes).
 """
 
 from __future__ import annotations
@@ -255,6 +256,20 @@ def measure_all(sizes: list[str], s: Settings, flush_bytes: int,
     return rows, models
 
 
+KEPT = [("<!-- e2e -->", "<!-- /e2e -->")]  # sections other scripts write into the same file (bench/e2e.py)
+
+
+def kept_sections(path: Path) -> str:
+    """The blocks of `path` that other scripts own (between their markers), to append after the kernel report."""
+    old = path.read_text() if path.exists() else ""
+    out = ""
+    for begin, end in KEPT:
+        i, j = old.find(begin), old.find(end)
+        if 0 <= i < j:
+            out += "\n" + old[i:j + len(end)] + "\n"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke test, not real numbers")
@@ -326,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     text, summary = report(rows, info, stream, sweep, models, overhead, args.quick)
     print("\n".join(summary))
     if args.output is not None:
-        args.output.write_text(text)
+        args.output.write_text(text + kept_sections(args.output))
         log(f"wrote {args.output}")
     return 0
 
