@@ -34,7 +34,7 @@ demo: build
 	OMP_NUM_THREADS=1 $(PY) -m diffinstruct demo --out runs/demo
 
 # Kernels (bench.py regenerates BENCHMARKS.md), then the end-to-end iteration against a plain-PyTorch peer loop and
-# our scaling (bench/e2e.py replaces its marked section of the file; about 15 minutes on 2 cores).
+# our scaling (bench/e2e.py replaces its marked section of the file; about 20 minutes on 2 cores).
 bench: build
 	$(PY) bench/bench.py --output BENCHMARKS.md
 	$(PY) bench/e2e.py --output BENCHMARKS.md

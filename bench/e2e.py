@@ -1,18 +1,23 @@
 """End to end: one DI++ iteration of ours against a peer's plain-PyTorch loop (bench/peer_loop.py), and our scaling.
 
-Usage: python bench/e2e.py [--quick] [--part all|compare|scaling] [--output BENCHMARKS.md]
+Usage: python bench/e2e.py [--quick] [--part all|compare|scaling] [--output BENCHMARKS.md] [--json FILE]
+       python bench/e2e.py --from-json FILE [FILE ...] [--output BENCHMARKS.md]   (render saved measurements)
 
 compare: shared and full mode, float32 and bf16 autocast, on SD1.5's UNet cut to block_out_channels 64/128/256/256
 (one layer per block, cross-attention dim 64, 77 tokens), latent 4x32x32, batch 2, omega 4.5, LoRA rank 8, one
 thread. Every implementation of a configuration runs in its own process (bench/e2e_child.py); the parent steps them
 in turn (ours, peer, prototypes; the order rotates each round), so drifts of a shared machine hit all alike, and
 each process's peak RSS is its own. Time: median over the repeats after warm-up, and the median of the per-round
-ratios. Memory: peak RSS (VmHWM) minus the RSS after the imports, so the models, optimiser states, EMA and
-activations count (torch's CPU allocator keeps no statistics and tracemalloc does not see its tensors).
-scaling: ours alone (shared, float32) over batch and latent size, each point in a fresh process, with the fits.
+ratios, in wall clock and in each process's CPU time (one thread: its work, without the time other processes held
+the core; the targets are judged on it). Memory: peak RSS (VmHWM) minus the RSS after the imports, so the models,
+optimiser states, EMA and activations count (torch's CPU allocator keeps no statistics and tracemalloc does not
+see its tensors).
+scaling: ours alone (shared, float32) over batch and latent size, each point in a fresh process, with the fits;
+latent 128 is one profiled iteration without a warm-up (about two CPU-minutes here).
 
 With --output the Markdown section replaces the block between `<!-- e2e -->` and `<!-- /e2e -->` in that file, or is
-appended (bench/bench.py regenerates the file first under `make bench`). --quick runs a tiny UNet in seconds.
+appended (bench/bench.py regenerates the file first under `make bench`). --quick runs a tiny UNet (a smoke test,
+under two minutes).
 """
 
 from __future__ import annotations
