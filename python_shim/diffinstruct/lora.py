@@ -69,8 +69,9 @@ class LoRALayer(nn.Module):
         role = self.switch.active
         if role is not None and role in self.adapters:
             delta = self.adapters[role](x)
-            # the scale rides on the add (one pass over the full-size output, not two); 1.0 is the default
-            out = out + delta if self.scale == 1.0 else torch.add(out, delta, alpha=self.scale)
+            # in place, the scale riding on the add: one pass over the full-size output and no new tensor (Linear and
+            # Conv2d never keep their output for backward, so autograd allows it); 1.0 is the default scale
+            out = out.add_(delta) if self.scale == 1.0 else out.add_(delta, alpha=self.scale)
         return out
 
 
