@@ -27,6 +27,8 @@ def test_the_same_run_gets_the_same_folder():
     assert comfy_runs.run_key(copy.deepcopy(PROMPT), ALIGN) == key
     for name, value in (("steps", 5000), ("checkpoint_every", 7), ("preview_every", 0), ("diversity_warning", 0.1)):
         assert comfy_runs.run_key(changed(ALIGN, **{name: value}), ALIGN) == key, name
+    shown = changed(ALIGN, dipp_status="stopped after 3 steps")  # the canvas's status box is not an input
+    assert comfy_runs.run_key(shown, ALIGN) == key
     extra = copy.deepcopy(PROMPT)  # a node elsewhere in the graph does not touch the run
     extra["99"] = {"class_type": "PreviewImage", "inputs": {"images": [ALIGN, 3]}}
     assert comfy_runs.run_key(extra, ALIGN) == key

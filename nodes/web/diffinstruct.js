@@ -12,7 +12,10 @@ function statusWidget(node) {
   let widget = node.widgets?.find((w) => w.name === WIDGET);
   if (!widget) {
     widget = ComfyWidgets["STRING"](node, WIDGET, ["STRING", { multiline: true }], app).widget;
-    widget.serialize = false; // a display, not an input: never saved into the workflow or the prompt
+    // a display, not an input: saved neither into the workflow (serialize) nor into the queued prompt
+    // (options.serialize), where it would change the run's folder name (hosts/comfy_runs.py)
+    widget.serialize = false;
+    widget.options = { ...(widget.options ?? {}), serialize: false };
     if (widget.inputEl) {
       widget.inputEl.readOnly = true;
       widget.inputEl.dataset.dippStatus = "1";

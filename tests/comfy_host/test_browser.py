@@ -150,3 +150,41 @@ def test_tiny_demo_queued_from_the_browser_previews_while_training_and_shows_its
           f"{dict(previews)}, the first of Stage 3 on screen after {shot_during:.1f} s; {len(seen['status'])} status "
           f"events; learned reward on the canvas {before} -> {after}; Stage 3: {shown[stage3].splitlines()[0]}; "
           f"{shown[title['Fidelity: DI++']].split('  ')[0]}")
+
+
+def test_cancel_in_the_browser_says_where_the_checkpoint_is_and_run_resumes(page, server):
+    """Cancel (the toolbar's button) during Stage 1 of tiny_demo: the node says where the checkpoint is; Run again
+    resumes that run (the default, empty checkpoint_dir) instead of starting over."""
+    open_template(page, server, "tiny_demo")
+    prompt = json.loads((WORKFLOWS / "api" / "tiny_demo_api.json").read_text())
+    stage1 = next(k for k, v in prompt.items() if v["_meta"]["title"].startswith("Stage 1") and
+                  v["class_type"] == "DIPPTrain")
+    # another seed: a run of its own (the earlier test's finished Stage 1 has the shipped seed's folder)
+    page.evaluate("(id) => { app.graph.getNodeById(Number(id)).widgets.find(w => w.name === 'seed').value = 7; }",
+                  stage1)
+    page.evaluate(LISTEN)
+    page.evaluate("() => app.api.addEventListener('execution_interrupted', () => { window.__dipp.done = 'stop'; })")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.wait_for_function("(id) => window.__dipp.previews.includes(id)", arg=stage1, timeout=120_000)
+    page.get_by_role("button", name="Cancel current run").click()
+    page.wait_for_function("() => window.__dipp.done === 'stop'", timeout=120_000)
+    page.wait_for_timeout(500)
+    said = page.evaluate("(id) => app.graph.getNodeById(Number(id)).dippStatus", stage1)
+    assert said.startswith("stopped after ") and "checkpoint " in said and "queue the same workflow again" in said
+    stopped_at = int(said.split()[2])
+    folder = Path(said.split("checkpoint ", 1)[1].split("\n")[0]).parent
+    assert folder.parent.name == "diffinstruct_runs" and (folder / "latest").is_file()
+    center_on(page, int(stage1))
+    page.screenshot(path=str(ARTIFACTS / "tiny_demo-cancelled.png"))
+    page.evaluate(LISTEN)
+    page.get_by_role("button", name="Run", exact=True).click()
+    # the queued prompt carries no status text: the same run key, so the same folder
+    page.wait_for_function("() => window.__dipp.done", timeout=120_000)
+    queued = [h["prompt"][2][stage1]["inputs"] for h in server.get_json("/history").values()]
+    assert not any("dipp_status" in q for q in queued)
+    page.wait_for_function("(id) => (app.graph.getNodeById(Number(id)).dippStatus || '').includes('resumed at')",
+                           arg=stage1, timeout=120_000)
+    done = page.evaluate("(id) => app.graph.getNodeById(Number(id)).dippStatus", stage1)
+    assert f"(resumed at {stopped_at})" in done and f"checkpoint folder {folder}" in done
+    print(f"\nbrowser: Cancel after step {stopped_at} of Stage 1 -> checkpoint in {folder.name}; Run again resumed at "
+          f"{stopped_at}")

@@ -20,6 +20,8 @@ from typing import Any
 # the node's own inputs that do not change what is trained
 NOT_THE_RUN = frozenset({"steps", "checkpoint_every", "checkpoint_dir", "preview_every", "diversity_warning",
                          "resume"})
+# the web extension's status box (nodes/web/diffinstruct.js): never part of a run, on any node
+DISPLAY_ONLY = frozenset({"dipp_status"})
 KEY_CHARS = 12
 
 
@@ -31,7 +33,7 @@ def _canonical(prompt: dict[str, Any], node_id: str, seen: tuple[str, ...], skip
         return ["missing", node_id]
     inputs = {}
     for name, value in sorted(entry.get("inputs", {}).items()):
-        if name in skip:
+        if name in skip or name in DISPLAY_ONLY:
             continue
         if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt:  # a link: [node id, slot]
             inputs[name] = [_canonical(prompt, str(value[0]), (*seen, node_id), frozenset()), value[1]]
