@@ -46,7 +46,9 @@ def _common_inputs() -> dict[str, Any]:
         "seed": seed_input(),
         **size_inputs(),
         "checkpoint_dir": ("STRING", {"default": "", "tooltip": "Folder for the run's checkpoints; an existing "
-                                      "run there is resumed. Empty: a new folder in ComfyUI's output folder."}),
+                                      "run there is resumed. Empty: output/diffinstruct_runs/<a name made from this "
+                                      "run's inputs>, so queueing the same workflow again (after Cancel, or with "
+                                      "more steps) resumes it."}),
         "checkpoint_every": ("INT", {"default": 50, "min": 1, "max": 1_000_000,
                                      "tooltip": "Checkpoint every that many steps (and at the end, and on Cancel)."}),
     }
