@@ -46,7 +46,7 @@ BEGIN, END = "<!-- e2e -->", "<!-- /e2e -->"
 
 # the prototypes measured beside ours in each configuration (mode, bf16) -> extra implementations
 PROTOTYPE_ROWS: dict[tuple[str, bool], list[str]] = {
-    ("shared", False): ["ours+inplace", "ours+onepass"],
+    ("shared", False): ["ours+onepass"],
     ("shared", True): ["ours+bf16w", "ours+bf16w+onepass"],
     ("full", False): ["ours+onepass"],
     ("full", True): ["ours+bf16w", "ours+bf16w+onepass"],

@@ -114,23 +114,6 @@ def _frozen_bf16(trainer: Any) -> None:
             m.to(torch.bfloat16)
 
 
-def inplace_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    """LoRALayer.forward adding the adapter's delta into the base output in place (no second full-size tensor per
-    adapted layer); autograd allows it because Linear/Conv2d backward needs their inputs and weights, not outputs."""
-    out = self.base(x)
-    role = self.switch.active
-    if role is not None and role in self.adapters:
-        delta = self.adapters[role](x)
-        out = out.add_(delta) if self.scale == 1.0 else out.add_(delta, alpha=self.scale)
-    return out
-
-
-def _inplace_lora_add(_: Any) -> None:
-    from diffinstruct import lora
-
-    lora.LoRALayer.forward = inplace_forward  # type: ignore[method-assign]
-
-
 def _one_ta_pass(trainer: Any) -> None:
     """The TA's update regresses on the generator step's own x_t (the same sigma and eps), so one TA forward with grad
     serves both halves: its detached output enters G, its DSM loss trains the TA. Three network passes instead of four
@@ -176,11 +159,9 @@ def _one_ta_pass(trainer: Any) -> None:
     trainer._reuse_step = reuse_step
 
 
-PROTOTYPES: dict[str, Callable[[Any], None]] = {"bf16w": _frozen_bf16, "inplace": _inplace_lora_add,
-                                                 "onepass": _one_ta_pass}
+PROTOTYPES: dict[str, Callable[[Any], None]] = {"bf16w": _frozen_bf16, "onepass": _one_ta_pass}
 PROTOTYPE_TEXT = {
     "bf16w": "frozen Linear/Conv2d weights kept in bf16 under bf16 (shared: the base; full: the reference)",
-    "inplace": "LoRALayer adds the adapter's delta into the base output in place",
     "onepass": "the TA's update reuses the generator step's x_t (its sigma and eps), so one TA forward with grad "
                "serves both halves: 3 network passes an iteration instead of 4",
 }
@@ -194,13 +175,9 @@ def build(spec: Spec) -> Callable[[int], dict[str, float]]:
     name, *protos = spec.impl.split("+")
     if name != "ours" or any(p not in PROTOTYPES for p in protos):
         raise ValueError(f"unknown implementation {spec.impl!r}")
-    for p in protos:
-        if p == "inplace":
-            PROTOTYPES[p](None)
     trainer = build_ours(spec)
     for p in protos:
-        if p != "inplace":
-            PROTOTYPES[p](trainer)
+        PROTOTYPES[p](trainer)
     return trainer.train_step
 
 

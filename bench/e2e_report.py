@@ -167,8 +167,8 @@ def compare_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append("Memory: torch's AdamW allocates exp_avg even at beta1 = 0 and FusedAdam keeps no first moment "
                      "there, which in full mode is one float32 copy of the TA's and the generator's weights; in shared "
                      "mode the optimiser state is LoRA-sized and the difference is in transient full-size tensors "
-                     "(most likely the peer's LoRA `* scale` and `+` and its loss arithmetic; `inplace` below shows "
-                     "what our own LoRA add costs).")
+                     "(most likely the peer's LoRA `* scale` and `+` and its loss arithmetic; ours adds the LoRA "
+                     "update in place).")
         lines.append("")
     return lines
 

@@ -59,11 +59,10 @@ class LoRALayer(nn.Module):
             self.adapters[role] = nn.Sequential(down, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = getattr(self.base, "weight", None)
         if self.frozen_dtype is not None and x.dtype != self.frozen_dtype and not torch.is_autocast_enabled(
                 x.device.type):
             # a base stored in bf16 (store_frozen_in) outside autocast: run it in its own dtype
-            out = self.base(x.to(weight.dtype)).to(x.dtype)
+            out = self.base(x.to(self.frozen_dtype)).to(x.dtype)
         else:
             out = self.base(x)
         role = self.switch.active
