@@ -24,7 +24,7 @@ test-c:
 	bash tests/c/run.sh
 
 test: build test-c
-	$(VENV)/bin/ruff check python_shim tests bench nodes __init__.py
+	$(VENV)/bin/ruff check python_shim tests bench __init__.py
 	$(PY) -m pytest -q tests
 
 # The main job on the built-in tiny text-to-image problem (shipped teacher and classifier, CPU, minutes):
@@ -40,7 +40,7 @@ bench: build
 	$(PY) bench/e2e.py --output BENCHMARKS.md
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check python_shim tests bench nodes __init__.py
+	$(VENV)/bin/ruff check python_shim tests bench __init__.py
 
 # The node pack inside a real ComfyUI (a local checkout with its requirements installed in COMFYUI_PYTHON's
 # environment, CPU torch is enough); `make test` runs the same file but skips it without COMFYUI_PATH.

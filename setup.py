@@ -162,7 +162,6 @@ core = Extension(
 setup(
     ext_modules=[core],
     cmdclass={"build_ext": BuildWithCuda},
-    # the ComfyUI node classes (the repository's nodes/ folder) ship in the wheel as diffinstruct.comfy_nodes
-    package_dir={"": "python_shim", "diffinstruct.comfy_nodes": "nodes"},
-    packages=[*find_packages(where="python_shim"), "diffinstruct.comfy_nodes"],
+    package_dir={"": "python_shim"},
+    packages=find_packages(where="python_shim"),
 )

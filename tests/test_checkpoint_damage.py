@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from diffinstruct import checkpoint as ckpt
 from diffinstruct import cli, runner
+from diffinstruct.comfyui import training as comfy_train
 from diffinstruct.config import DIConfig
 from diffinstruct.errors import CheckpointDamaged, CheckpointDamagedWarning, ConfigError, NoUsableCheckpoint
-from diffinstruct.hosts import comfy_train
 from diffinstruct.metrics import read_jsonl, without_timing
 from diffinstruct.rewards import TargetReward
 from diffinstruct.toy import GaussianMixture, build_models, class_prompts, default_means

@@ -1,4 +1,4 @@
-"""hosts/comfy_paths: a node writes and reads only inside ComfyUI's folders (the real-host suite queues the same
+"""comfyui/paths: a node writes and reads only inside ComfyUI's folders (the real-host suite queues the same
 cases through ComfyUI's HTTP API). `folder_paths` here is a stand-in with ComfyUI's functions and layout (ComfyUI
 is not installed for `make test`)."""
 
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from diffinstruct.comfyui import paths as cp
 from diffinstruct.errors import PathNotAllowed, UsageError
-from diffinstruct.hosts import comfy_paths as cp
 
 
 def folder_paths(base: Path) -> SimpleNamespace:

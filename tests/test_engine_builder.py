@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from diffinstruct import engine
+from diffinstruct.comfyui.specs import LossSpec, ReferenceSpec, RewardSpec, RewardTerm, TASpec
+from diffinstruct.comfyui.training import TrainOptions
 from diffinstruct.config import DIConfig
 from diffinstruct.denoisers import EDMDenoiser
 from diffinstruct.errors import ConfigError
-from diffinstruct.hosts.comfy_specs import LossSpec, ReferenceSpec, RewardSpec, RewardTerm, TASpec
-from diffinstruct.hosts.comfy_train import TrainOptions
 from diffinstruct.rewards import TargetReward
 from diffinstruct.toy import GaussianMixture, MLPNet, build_models, class_prompts, default_means
 from diffinstruct.trainer import DITrainer

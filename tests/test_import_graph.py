@@ -111,4 +111,5 @@ def test_no_import_cycles():
 
 def test_nothing_imports_the_command_line():
     importers = sorted(name for name, deps in graph().items() if "diffinstruct.cli" in deps)
-    assert importers == ["diffinstruct.__main__"]
+    # only the `python -m` entry points (diffinstruct, diffinstruct.comfyui) run the command line
+    assert importers == ["diffinstruct.__main__", "diffinstruct.comfyui.__main__"]

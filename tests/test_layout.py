@@ -6,7 +6,7 @@ from pathlib import Path
 
 import diffinstruct
 
-ROOTS = [Path(diffinstruct.__file__).parent, Path(__file__).resolve().parents[1] / "nodes"]
+ROOTS = [Path(diffinstruct.__file__).parent]  # the ComfyUI side included (nodes/ is a link into it)
 MAX_MODULE, MAX_FUNCTION = 500, 80
 
 

@@ -10,11 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import comfy_tiny as tiny
 import pytest
 import torch
 
 from diffinstruct.errors import ConfigError, UnsupportedModel
-from diffinstruct.hosts import comfy_tiny as tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = "a red car\na blue sky\n# a comment\n\ngreen grass"
@@ -203,7 +203,7 @@ def test_v_prediction_and_flow_models(objects, prediction, tmp_path):
 
 
 def test_interrupt_leaves_a_checkpoint_and_resume_matches(objects, tmp_path, monkeypatch):
-    from diffinstruct.hosts import comfy as host
+    from diffinstruct.comfyui import host as host
 
     loss = composed_loss(objects)
     straight = train(objects, loss, tmp_path / "straight", steps=5, checkpoint_every=5)[1]
@@ -235,7 +235,7 @@ def test_training_copies_are_released_after_the_run(objects, tmp_path, monkeypat
     import gc
     import weakref
 
-    from diffinstruct.hosts import comfy as host
+    from diffinstruct.comfyui import host as host
 
     copies = []
     original = host.trainable_copy

@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_nodes import PROMPTS, composed_loss, node, objects, reward  # noqa: F401 - objects is a fixture
 
+from diffinstruct.comfyui import live as comfy_live
+from diffinstruct.comfyui.live import LiveSettings
 from diffinstruct.errors import ConfigError
-from diffinstruct.hosts import comfy_live
-from diffinstruct.hosts.comfy_live import LiveSettings
 
 
 def test_diversity_and_distance_are_rms_distances():

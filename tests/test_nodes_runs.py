@@ -7,7 +7,7 @@ import copy
 import json
 from pathlib import Path
 
-from diffinstruct.hosts import comfy_runs
+from diffinstruct.comfyui import runs as comfy_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = json.loads((ROOT / "workflows" / "api" / "align_one_click_api.json").read_text())

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from diffinstruct import cli, comfyui
-from diffinstruct.hosts import comfy_thumbnails
+from diffinstruct.comfyui import thumbnails as comfy_thumbnails
+from diffinstruct.errors import InstallError
 
 ROOT = Path(__file__).resolve().parents[1]
 # ComfyUI (app/custom_node_manager.py) serves a pack's templates from the first of these folders that exists
@@ -52,7 +53,7 @@ def test_each_template_has_a_thumbnail_of_its_graph(name):
     fresh = comfy_thumbnails.render(json.loads((ROOT / "workflows" / f"{name}.json").read_text()))
     # the stored picture is the current graph's (JPEG and Pillow versions change pixels only slightly)
     diff = sum(abs(a - b) for a, b in zip(stored_rgb.tobytes(), fresh.tobytes(), strict=True)) / len(fresh.tobytes())
-    assert diff < 3.0, f"{path.name} is stale: python -m diffinstruct.hosts.comfy_thumbnails workflows/"
+    assert diff < 3.0, f"{path.name} is stale: python -m diffinstruct.comfyui.thumbnails workflows/"
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -65,11 +66,15 @@ def test_no_node_title_opens_under_the_menu_bar(name):
 
 
 def test_wheel_route_ships_the_templates_and_the_web_extension():
-    packaged = ROOT / "nodes" / "workflows"
-    assert packaged.resolve() == (ROOT / "workflows").resolve()  # the wheel's copy is the same folder
+    package = ROOT / "python_shim" / "diffinstruct" / "comfyui"
+    assert comfyui.pack_folder() == package.resolve()
+    assert (package / "workflows").resolve() == (ROOT / "workflows").resolve()  # the wheel's copy is the same folder
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert '"diffinstruct.comfy_nodes" = ["web/*.js", "workflows/*.json", "workflows/*.jpg"]' in pyproject
-    assert (ROOT / "nodes" / "web" / "diffinstruct.js").is_file()
+    assert '"diffinstruct.comfyui" = ["web/*.js", "workflows/*.json", "workflows/*.jpg"]' in pyproject
+    assert (package / "web" / "diffinstruct.js").is_file()
+    # one import path on both routes: the clone's entry point only re-exports the package's ComfyUI side
+    assert "from diffinstruct.comfyui.registry import exports" in (ROOT / "__init__.py").read_text()
+    assert (ROOT / "nodes").resolve() == (package / "nodes").resolve()  # the design card's nodes/
 
 
 def test_installer_writes_a_loader_folder_with_the_templates(tmp_path):
@@ -94,7 +99,7 @@ def test_installer_writes_a_loader_folder_with_the_templates(tmp_path):
     assert cli.main(["comfyui", "uninstall", "--comfyui", str(tmp_path)]) == 0 and not folder.exists()
     folder.mkdir()
     (folder / "__init__.py").write_text("# someone else's pack\n")
-    with pytest.raises(comfyui.InstallError, match="not written by this installer"):
+    with pytest.raises(InstallError, match="not written by this installer"):
         comfyui.install(tmp_path)
     assert cli.main(["comfyui", "install", "--comfyui", str(tmp_path / "nowhere")]) == 2
 
@@ -130,7 +135,7 @@ def test_an_older_comfyui_gets_one_clear_message():
 
 
 def test_version_rule():
-    from diffinstruct.hosts import comfy_version
+    from diffinstruct.comfyui import version as comfy_version
 
     assert comfy_version.parse_version("0.3.64") == (0, 3, 64) == comfy_version.MIN_COMFYUI
     assert comfy_version.parse_version("v0.3.100-rc1") == (0, 3, 100) and comfy_version.parse_version("dev") is None

@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_nodes import NODES, ROOT
 
+from diffinstruct.comfyui import tiny_models as comfy_tiny_demo
 from diffinstruct.errors import ConfigError
-from diffinstruct.hosts import comfy_tiny_demo
 
 WORKFLOW = ROOT / "workflows" / "api" / "tiny_demo_api.json"
 # The learned reward is a Bradley-Terry score (unbounded logits; data images span about -4..4). Measured with the

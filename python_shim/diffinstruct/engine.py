@@ -33,7 +33,7 @@ def trainer_config(*sources: ConfigSource, **options: Any) -> DIConfig:
     """The validated DIConfig of `sources` (later ones win), then `options`.
 
     A source is a DIConfig, a mapping of DIConfig option names (the CLI's [train] table), or a host's spec
-    dataclass whose fields say which option they set (config.train_option, e.g. hosts/comfy_specs.LossSpec).
+    dataclass whose fields say which option they set (config.train_option, e.g. comfyui/specs.LossSpec).
     Unknown option names are refused by DIConfig.from_dict with the list of valid ones.
     """
     merged: dict[str, Any] = {}

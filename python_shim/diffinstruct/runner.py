@@ -4,7 +4,7 @@
 
 Every host trains through `run`: the command line and the tiny demo with ConsoleHooks (tqdm bar, Ctrl-C
 honoured between steps), the ComfyUI nodes with their own hooks (ComfyUI's progress bar and Cancel button,
-hosts/comfy_train.py), the memory benchmark with hooks that record each step and no run folder.
+comfyui/training.py), the memory benchmark with hooks that record each step and no run folder.
 
 An interrupted-and-resumed run ends bitwise identical to an uninterrupted one (on the same machine and
 thread count): the random streams are stateless (rng.py) and a checkpoint holds every piece of mutable

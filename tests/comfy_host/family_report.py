@@ -66,9 +66,9 @@ def report(family, comfy_nodes, tmp: Path, steps: int, counter: Counter) -> dict
     import families
     import torch
 
-    from diffinstruct.hosts import comfy as host
-    from diffinstruct.hosts import comfy_train
-    from diffinstruct.hosts.comfy_io import save_weights
+    from diffinstruct.comfyui import host as host
+    from diffinstruct.comfyui import training as comfy_train
+    from diffinstruct.comfyui.files import save_weights
 
     row = {"family": family.name, "loads": "-", "detected": "-", "forward": "-", "align": "-", "sample": "-",
            "lora": "-", "extras": "-", "inputs": "-"}

@@ -34,7 +34,10 @@ API = WORKFLOWS / "api"  # their API-format twins, one level down so that they a
 TINY_LOADER = "TestTinySD15Checkpoint"
 SIZE = 64  # pixels: 8 x 8 latents
 ALIGN_STEPS = 30
-MIN_GAIN = 0.04  # brightness is in [0, 1]; measured: 0.4077 -> 0.4711 (+0.063) in 30 steps
+# brightness is in [0, 1]; measured 0.4077 -> 0.5133 (+0.106) with torch's AVX2 kernels, -> 0.5326 (+0.125) with
+# its AVX-512 ones, in 30 steps at the generator lr 3e-3 below. At 1e-2 the run was chaotic: +0.054 on AVX2 and
+# +0.014 on AVX-512 from the same seeds, so the rounding of the CPU's kernels decided whether it passed.
+MIN_GAIN = 0.04
 
 
 class ServerStub:
@@ -138,12 +141,12 @@ def workflow(name: str, overrides: dict[str, dict]) -> dict:
 
 def align_overrides(folder: Path, **extra) -> dict[str, dict]:
     return {"DIPPAlign": {"steps": ALIGN_STEPS, "width": SIZE, "height": SIZE, "batch_size": 2, "alpha": 1000.0,
-                          "learning_rate": 1e-2, "ta_learning_rate": 1e-3, "checkpoint_dir": str(folder),
+                          "learning_rate": 3e-3, "ta_learning_rate": 1e-3, "checkpoint_dir": str(folder),
                           "checkpoint_every": 10, "preview_every": 10, **extra}}
 
 
 def test_pack_loads_through_comfyui_loader(host):
-    from diffinstruct.hosts.comfy import is_comfy_model  # noqa: F401 - importable beside ComfyUI
+    from diffinstruct.comfyui.host import is_comfy_model  # noqa: F401 - importable beside ComfyUI
 
     mappings = host.nodes.NODE_CLASS_MAPPINGS
     ours = sorted(k for k in mappings if k.startswith("DIPP"))
@@ -279,8 +282,8 @@ def test_aligned_model_matches_comfyui_lora_loader(host):
     """The MODEL Align returns and the saved LoRA applied by ComfyUI's LoraLoader give the same samples."""
     import tiny_comfy
 
-    from diffinstruct.hosts import comfy_train
-    from diffinstruct.hosts.comfy_io import save_weights
+    from diffinstruct.comfyui import training as comfy_train
+    from diffinstruct.comfyui.files import save_weights
 
     mappings = declarations(host)
     with torch.inference_mode():  # as ComfyUI runs nodes
@@ -385,8 +388,8 @@ def test_unsupported_model_type_is_named(host):
     import comfy.model_sampling
     import tiny_comfy
 
+    from diffinstruct.comfyui.host import model_family
     from diffinstruct.errors import UnsupportedModel
-    from diffinstruct.hosts.comfy import model_family
 
     model = tiny_comfy.tiny_model()
 
@@ -407,8 +410,8 @@ def test_v_prediction_and_flow_models_align(host, model_type, tmp_path):
     """v-prediction (VE family) and rectified-flow (CONST, as SD3 / Flux) models through the denoiser adapter."""
     import tiny_comfy
 
-    from diffinstruct.hosts import comfy_train
-    from diffinstruct.hosts.comfy import model_family
+    from diffinstruct.comfyui import training as comfy_train
+    from diffinstruct.comfyui.host import model_family
 
     mappings = declarations(host)
     with torch.inference_mode():
@@ -433,7 +436,7 @@ def test_sdxl_composed_nodes_on_conditioning(host, tmp_path):
     uses the reference score's positive conditioning."""
     import tiny_comfy
 
-    from diffinstruct.hosts import comfy_train
+    from diffinstruct.comfyui import training as comfy_train
 
     mappings = declarations(host)
     with torch.inference_mode():
@@ -458,7 +461,7 @@ def test_full_weights_are_comfyui_diffusion_model_weights(host, tmp_path):
     reads), and the aligned MODEL applies them as ComfyUI weight patches."""
     import tiny_comfy
 
-    from diffinstruct.hosts import comfy_train
+    from diffinstruct.comfyui import training as comfy_train
 
     mappings = declarations(host)
     with torch.inference_mode():

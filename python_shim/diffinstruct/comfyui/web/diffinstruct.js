@@ -13,7 +13,7 @@ function statusWidget(node) {
   if (!widget) {
     widget = ComfyWidgets["STRING"](node, WIDGET, ["STRING", { multiline: true }], app).widget;
     // a display, not an input: saved neither into the workflow (serialize) nor into the queued prompt
-    // (options.serialize), where it would change the run's folder name (hosts/comfy_runs.py)
+    // (options.serialize), where it would change the run's folder name (comfyui/runs.py)
     widget.serialize = false;
     widget.options = { ...(widget.options ?? {}), serialize: false };
     if (widget.inputEl) {

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._common import CATEGORY, EVAL_PROMPTS_TOOLTIP, REWARD, WEIGHTS, seed_input, size_inputs
+from .common import CATEGORY, EVAL_PROMPTS_TOOLTIP, REWARD, WEIGHTS, seed_input, size_inputs
 
 
 class DIPPOneStepSample:
@@ -36,8 +36,8 @@ class DIPPOneStepSample:
 
     def sample(self, model: Any, positive: Any, seed: int, width: int, height: int, batch_size: int,
                vae: Any = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        from diffinstruct.hosts import comfy as host
-        from diffinstruct.hosts.comfy_train import one_step_sample
+        from diffinstruct.comfyui import host as host
+        from diffinstruct.comfyui.training import one_step_sample
 
         downscale = host.vae_downscale(vae) if vae is not None else 8
         latent = one_step_sample(model, positive, seed, batch_size, width, height, downscale)
@@ -74,7 +74,7 @@ class DIPPSave:
         }
 
     def save(self, weights: Any, filename_prefix: str, folder: str = "") -> dict[str, Any]:
-        from diffinstruct.hosts.comfy_io import save_weights
+        from diffinstruct.comfyui.files import save_weights
 
         target = folder.strip()
         if not target:
@@ -114,7 +114,7 @@ class DIPPEvaluate:
 
     def evaluate(self, model: Any, clip: Any, vae: Any, prompts: str, reward: Any, seed: int,
                  samples_per_prompt: int, width: int, height: int) -> dict[str, Any]:
-        from diffinstruct.hosts.comfy_train import evaluate
+        from diffinstruct.comfyui.training import evaluate
 
         ev = evaluate(model, clip, vae, prompts, reward, seed=seed, samples_per_prompt=samples_per_prompt,
                       width=width, height=height)

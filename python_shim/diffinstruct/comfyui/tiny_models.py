@@ -87,7 +87,7 @@ def rating_images(generator: Any, n_images: int, seed: int) -> torch.Tensor:
     """The images the simulated rater compares, in [0, 1]: half data images (their backgrounds span the taste's
     range), half one-step samples of `generator` over every prompt (what the reward must judge in stage 3);
     all data images without a generator."""
-    from .comfy_train import one_step_sample
+    from .training import one_step_sample
 
     _check_int("images", n_images, 4)
     n_fake = n_images // 2 if generator is not None else 0
@@ -125,7 +125,7 @@ def fidelity(images: torch.Tensor, prompts: str | Sequence[str], samples_per_pro
     """The demo's prompt fidelity (tiny.evaluate.fidelity, the shipped classifier) of a ComfyUI IMAGE
     [B, 16, 16, 3] holding `samples_per_prompt` images per prompt, in prompt order."""
     from ..tiny import evaluate, load_classifier
-    from .comfy import parse_prompts
+    from .host import parse_prompts
 
     _check_int("samples_per_prompt", samples_per_prompt, 1)
     prompt_list = parse_prompts(prompts)

@@ -1,6 +1,6 @@
 """Thumbnails for the Templates browser: a drawing of each shipped workflow's graph, saved beside it.
 
-    python -m diffinstruct.hosts.comfy_thumbnails workflows/
+    python -m diffinstruct.comfyui.thumbnails workflows/
 
 ComfyUI's frontend shows `<template>.jpg` from the pack's template folder as the template's picture
 (docs/COMFYUI.md section 11). The drawing is the graph as it opens: node boxes at their positions with their

@@ -1,7 +1,7 @@
-"""Diff-Instruct++ nodes for ComfyUI: compose DI++ in the graph or align in one click.
+"""The node pack's registry: every node's id, declaration and display name, and what ComfyUI is given.
 
-The classes below declare the nodes (inputs, outputs, tooltips, the function that runs each) and need nothing
-from ComfyUI; inside ComfyUI the pack registers them as V3 nodes (v3.py, comfy_api v0_0_2) through
+The declarations (nodes/: inputs, outputs, tooltips, the function that runs each) need nothing from ComfyUI;
+inside ComfyUI the pack registers them as V3 nodes (v3.py, comfy_api v0_0_2) through
 `comfy_entrypoint`, and outside it (tests, tools) `exports()` hands out the declarations themselves.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .compose import DIPPGeneratorLoss, DIPPReferenceScore, DIPPReward, DIPPRewardCombine, DIPPTAModel
-from .tiny_demo import DIPPTinyDemoModels, DIPPTinyFidelity, DIPPTinyTasteReward
-from .tools import DIPPEvaluate, DIPPOneStepSample, DIPPSave
-from .train import DIPPAlign, DIPPTrain
+from .nodes.compose import DIPPGeneratorLoss, DIPPReferenceScore, DIPPReward, DIPPRewardCombine, DIPPTAModel
+from .nodes.tiny_demo import DIPPTinyDemoModels, DIPPTinyFidelity, DIPPTinyTasteReward
+from .nodes.tools import DIPPEvaluate, DIPPOneStepSample, DIPPSave
+from .nodes.train import DIPPAlign, DIPPTrain
 
 DEFINITIONS: dict[str, type] = {
     "DIPPReferenceScore": DIPPReferenceScore,
@@ -52,7 +52,7 @@ def exports() -> dict[str, Any]:
     """What a pack's __init__ gives ComfyUI: inside ComfyUI only `comfy_entrypoint` (V3; ComfyUI reads the V1
     mappings first when a module has them), outside it the declarations as the classic mappings. An older
     ComfyUI gets an ImportError naming the version it needs, which ComfyUI shows in its log and load summary."""
-    from diffinstruct.hosts.comfy_version import host_problem, inside_comfyui
+    from .version import host_problem, inside_comfyui
 
     if not inside_comfyui():
         return {"NODE_CLASS_MAPPINGS": dict(DEFINITIONS), "NODE_DISPLAY_NAME_MAPPINGS": dict(DISPLAY_NAMES)}

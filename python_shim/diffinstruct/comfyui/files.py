@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..lora import lora_state_dict
-from .comfy_specs import TrainedWeights
+from .specs import TrainedWeights
 
 SUFFIX = ".safetensors"
 

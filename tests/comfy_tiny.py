@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..denoisers import FlowDenoiser, VPDenoiser
+from diffinstruct.denoisers import FlowDenoiser, VPDenoiser
 
 TOKENS = 8
 WIDTH = 16

@@ -20,7 +20,7 @@ from typing import Any
 # the node's own inputs that do not change what is trained
 NOT_THE_RUN = frozenset({"steps", "checkpoint_every", "checkpoint_dir", "preview_every", "diversity_warning",
                          "resume"})
-# the web extension's status box (nodes/web/diffinstruct.js): never part of a run, on any node
+# the web extension's status box (comfyui/web/diffinstruct.js): never part of a run, on any node
 DISPLAY_ONLY = frozenset({"dipp_status"})
 KEY_CHARS = 12
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from diffinstruct.hosts.comfy_specs import RewardSpec, RewardTerm
+from diffinstruct.comfyui.specs import RewardSpec, RewardTerm
 
-from ._common import CATEGORY, EVAL_PROMPTS_TOOLTIP, REWARD, default_run_dir, seed_input
+from .common import CATEGORY, EVAL_PROMPTS_TOOLTIP, REWARD, default_run_dir, seed_input
 
 
 class DIPPTinyDemoModels:
@@ -32,7 +32,7 @@ class DIPPTinyDemoModels:
         }}
 
     def load(self, weights_folder: str = "") -> tuple[Any, Any, Any]:
-        from diffinstruct.hosts.comfy_tiny_demo import demo_models
+        from diffinstruct.comfyui.tiny_models import demo_models
 
         return demo_models(weights_folder.strip() or None)
 
@@ -72,7 +72,7 @@ class DIPPTinyTasteReward:
 
     def fit(self, images: int, pairs: int, epochs: int, seed: int, generator: Any = None,
             folder: str = "") -> dict[str, Any]:
-        from diffinstruct.hosts.comfy_tiny_demo import fit_taste_reward
+        from diffinstruct.comfyui.tiny_models import fit_taste_reward
 
         path, record = fit_taste_reward(generator, folder.strip() or default_run_dir("taste"), images=images,
                                         pairs=pairs, epochs=epochs, seed=seed)
@@ -108,7 +108,7 @@ class DIPPTinyFidelity:
         }}
 
     def measure(self, images: Any, prompts: str, samples_per_prompt: int) -> dict[str, Any]:
-        from diffinstruct.hosts.comfy_tiny_demo import fidelity
+        from diffinstruct.comfyui.tiny_models import fidelity
 
         scores = fidelity(images, prompts, samples_per_prompt)
         report = "  ".join(f"{k} {v:.1f}%" for k, v in scores.items())

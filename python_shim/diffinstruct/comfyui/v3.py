@@ -5,7 +5,7 @@ that runs it), which needs nothing from ComfyUI and is what the tests without Co
 V3 node from that declaration: an io.Schema with typed sockets (the pack's own types as io.Custom), hidden inputs
 read from the V3 `hidden` holder, `validate_inputs` from the declaration's queue-time checks, and, for the
 training nodes, `fingerprint_inputs` returning a fresh value so that a queued run always trains or resumes.
-Imported only inside a ComfyUI that provides comfy_api v0_0_2 (hosts/comfy_version.py checks first).
+Imported only inside a ComfyUI that provides comfy_api v0_0_2 (comfyui/version.py checks first).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Shared pieces of the node pack: the category, socket type names and small input helpers.
 
 Nodes are classic (V1) ComfyUI classes that import without ComfyUI; everything host-specific lives in
-`diffinstruct.hosts.comfy*` and imports `comfy` only while a node executes.
+`diffinstruct.comfyui.host*` and imports `comfy` only while a node executes.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def seed_input() -> tuple[str, dict[str, Any]]:
 
 def default_run_dir(kind: str, prompt: dict[str, Any] | None = None, node_id: str | None = None) -> str:
     """The run folder for an empty checkpoint_dir: named after the queued run, so re-queueing resumes it."""
-    from diffinstruct.hosts.comfy_runs import default_run_dir as named
+    from diffinstruct.comfyui.runs import default_run_dir as named
 
     return named(kind, prompt, node_id)
 

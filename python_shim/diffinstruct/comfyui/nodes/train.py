@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffinstruct.hosts.comfy_live import LiveSettings
-from diffinstruct.hosts.comfy_specs import MAX_ALPHA, MAX_OMEGA, LossSpec, ReferenceSpec, RewardSpec, TASpec
+from diffinstruct.comfyui.live import LiveSettings
+from diffinstruct.comfyui.specs import MAX_ALPHA, MAX_OMEGA, LossSpec, ReferenceSpec, RewardSpec, TASpec
 
-from ._common import (
+from .common import (
     ALPHA_TOOLTIP,
     CATEGORY,
     LOSS,
@@ -126,8 +126,8 @@ class DIPPTrain:
               learning_rate: float, seed: int, width: int, height: int, checkpoint_dir: str, checkpoint_every: int,
               resume: bool, clip: Any = None, preview_every: int = 10, diversity_warning: float = 0.5,
               unique_id: str | None = None, prompt: dict[str, Any] | None = None) -> dict[str, Any]:
-        from diffinstruct.hosts import comfy_train
-        from diffinstruct.hosts.comfy import parse_prompts
+        from diffinstruct.comfyui import training as comfy_train
+        from diffinstruct.comfyui.host import parse_prompts
 
         prompt_list = parse_prompts(prompts) if prompts.strip() else None
         folder = checkpoint_dir.strip() or default_run_dir("train", prompt, unique_id)
@@ -192,8 +192,8 @@ class DIPPAlign:
               checkpoint_dir: str = "", checkpoint_every: int = 50, preview_every: int = 10,
               diversity_warning: float = 0.5, unique_id: str | None = None,
               prompt: dict[str, Any] | None = None) -> dict[str, Any]:
-        from diffinstruct.hosts import comfy_train
-        from diffinstruct.hosts.comfy import encode_prompts, parse_prompts
+        from diffinstruct.comfyui import training as comfy_train
+        from diffinstruct.comfyui.host import encode_prompts, parse_prompts
 
         prompt_list = parse_prompts(prompts)
         negative = [encode_prompts(clip, [negative_prompt])[negative_prompt]]

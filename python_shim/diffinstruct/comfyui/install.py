@@ -6,23 +6,18 @@
 ComfyUI only discovers node packs in its custom_nodes folders (not pip packages), so `install` writes the
 folder custom_nodes/diffinstruct_loader/: an __init__.py that imports the node classes from this package, and
 workflows/, a copy of the shipped templates (ComfyUI lists and serves a pack's templates from its own folder).
-The nodes ship in the wheel as `diffinstruct.comfy_nodes`; in a source checkout they are the repository's
-nodes/ folder, found next to python_shim/.
+The loader imports this package (diffinstruct.comfyui), which the clone route imports too.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 
-from .atomic import write_bytes_atomic, write_text_atomic
-from .errors import InstallError
+from ..atomic import write_bytes_atomic, write_text_atomic
+from ..errors import InstallError
 
 LOADER_NAME = "diffinstruct_loader"  # a folder: ComfyUI serves templates only from a pack folder's workflows/
 MARKER = "# written by: python -m diffinstruct.comfyui install"
@@ -55,45 +50,18 @@ else:
 
     globals().update(loader_exports(__file__))
 '''
-_SOURCE_MODULE = "diffinstruct_comfy_nodes"
-
-
-def nodes_module() -> ModuleType:
-    """The node pack's module: the packaged copy, else the source checkout's nodes/ folder."""
-    if importlib.util.find_spec("diffinstruct.comfy_nodes") is not None:
-        return importlib.import_module("diffinstruct.comfy_nodes")
-    if _SOURCE_MODULE in sys.modules:
-        return sys.modules[_SOURCE_MODULE]
-    folder = _source_nodes()
-    init = folder / "__init__.py"
-    if not init.is_file():
-        raise ImportError(f"the diffinstruct node classes were not found: neither the package "
-                          f"diffinstruct.comfy_nodes nor {init} exists (reinstall the wheel)")
-    spec = importlib.util.spec_from_file_location(_SOURCE_MODULE, init, submodule_search_locations=[str(folder)])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_SOURCE_MODULE] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[_SOURCE_MODULE]
-        raise
-    return module
-
-
-def _source_nodes() -> Path:
-    return Path(__file__).resolve().parents[2] / "nodes"
 
 
 def load_nodes() -> tuple[dict[str, type], dict[str, str]]:
     """The node declarations and their display names (ComfyUI registers them as V3 nodes)."""
-    module = nodes_module()
-    return dict(module.DEFINITIONS), dict(module.DISPLAY_NAMES)
+    from . import registry
+
+    return dict(registry.DEFINITIONS), dict(registry.DISPLAY_NAMES)
 
 
 def pack_folder() -> Path:
-    """The folder holding the pack's web/ and workflows/: the packaged nodes, else the checkout's nodes/."""
-    return Path(nodes_module().__file__).resolve().parent
+    """The folder holding the pack's web/ and workflows/: this package's."""
+    return Path(__file__).resolve().parent
 
 
 def loader_exports(init_file: str) -> dict[str, object]:
@@ -103,7 +71,9 @@ def loader_exports(init_file: str) -> dict[str, object]:
     here = Path(init_file).resolve().parent
     sync_workflows(pack_folder() / "workflows", here / "workflows")
     web = pack_folder() / "web"
-    return {**nodes_module().exports(), "WEB_DIRECTORY": str(web) if web.is_dir() else None}
+    from . import registry
+
+    return {**registry.exports(), "WEB_DIRECTORY": str(web) if web.is_dir() else None}
 
 
 def sync_workflows(source: Path, target: Path) -> list[Path]:
@@ -181,9 +151,3 @@ def command(args: argparse.Namespace) -> int:
         removed = uninstall(args.comfyui)
         print(f"removed {removed}" if removed else "nothing to remove")
     return 0
-
-
-if __name__ == "__main__":  # `python -m diffinstruct.comfyui ...` is `diffinstruct comfyui ...`
-    from diffinstruct.cli import main
-
-    raise SystemExit(main(["comfyui", *sys.argv[1:]]))

@@ -10,7 +10,7 @@ noises per preview prompt, and measures, in image space ([0, 1] RGB):
 "The reference's samples" are the one-step samples of the generator the run started from (the reference MODEL
 itself unless Train starts from another generator), drawn once, at the start. When diversity falls below
 `warn_fraction` of theirs, the view warns (docs/COMFYUI.md section 10). Nothing here needs ComfyUI: the host
-shows what `update` returns (hosts/comfy_train.ComfyHooks).
+shows what `update` returns (comfyui/training.ComfyHooks).
 """
 
 from __future__ import annotations

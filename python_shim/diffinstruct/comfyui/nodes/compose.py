@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffinstruct.hosts.comfy_specs import (
+from diffinstruct.comfyui.specs import (
     MAX_ALPHA,
     MAX_OMEGA,
     METHOD_LABELS,
@@ -18,7 +18,7 @@ from diffinstruct.hosts.comfy_specs import (
 )
 from diffinstruct.rewards.registry import NAMES as REWARD_NAMES
 
-from ._common import ALPHA_TOOLTIP, CATEGORY, LOSS, OMEGA_TOOLTIP, REFERENCE, REWARD, TA
+from .common import ALPHA_TOOLTIP, CATEGORY, LOSS, OMEGA_TOOLTIP, REFERENCE, REWARD, TA
 
 
 class DIPPReferenceScore:
@@ -41,7 +41,7 @@ class DIPPReferenceScore:
         }}
 
     def build(self, model: Any, positive: Any, negative: Any, omega: float) -> tuple[ReferenceSpec]:
-        from diffinstruct.hosts.comfy import conditioning_entries, model_family
+        from diffinstruct.comfyui.host import conditioning_entries, model_family
 
         model_family(model)  # unsupported model types fail here, in the node the user connected them to
         conditioning_entries(positive, "positive conditioning")
@@ -72,7 +72,7 @@ class DIPPTAModel:
         }}
 
     def build(self, model: Any, mode: str, rank: int, learning_rate: float) -> tuple[TASpec]:
-        from diffinstruct.hosts.comfy import model_family
+        from diffinstruct.comfyui.host import model_family
 
         model_family(model)
         return (TASpec(mode, rank, learning_rate, model=model),)
@@ -116,8 +116,8 @@ class DIPPReward:
 
 
 def _check_weights(reward: str, weights_path: str) -> None:
-    from diffinstruct.hosts.comfy import models_dir
-    from diffinstruct.hosts.comfy_specs import check_reward_weights
+    from diffinstruct.comfyui.host import models_dir
+    from diffinstruct.comfyui.specs import check_reward_weights
 
     check_reward_weights(reward, weights_path.strip() or None, models_dir())
 
@@ -176,8 +176,8 @@ class DIPPGeneratorLoss:
 
     def build(self, reference: ReferenceSpec, ta: TASpec, alpha: float, method: str, weighting: str, p_mean: float,
               p_std: float, reward: RewardSpec | None = None) -> tuple[LossSpec]:
+        from diffinstruct.comfyui.training import same_model
         from diffinstruct.errors import ConfigError
-        from diffinstruct.hosts.comfy_train import same_model
 
         if ta.model is not None and not same_model(ta.model, reference.model):
             raise ConfigError("the TA starts from the reference score's MODEL: connect the same MODEL to "

@@ -31,10 +31,10 @@ from ..errors import ConfigError
 from ..generator import OneStepGenerator, default_sigma_init
 from ..prompts import PromptList, _cat
 from ..rewards import LatentToImageReward, load_spec
-from . import comfy as host
-from . import comfy_live
-from .comfy_io import curves_image, lora_for_host, merge_lora
-from .comfy_specs import LossSpec, RewardSpec, TrainedWeights
+from . import host as host
+from . import live as comfy_live
+from .files import curves_image, lora_for_host, merge_lora
+from .specs import LossSpec, RewardSpec, TrainedWeights
 
 NULL = ""  # PromptList's null prompt: the negative conditioning
 LOG = logging.getLogger("diffinstruct")

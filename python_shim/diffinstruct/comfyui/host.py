@@ -1,7 +1,7 @@
 """ComfyUI as a host: its MODEL, CLIP, VAE and CONDITIONING objects seen through the engine's interfaces.
 
 Every function also accepts the package's own objects (a `Denoiser` module for MODEL, a prompt -> tensor
-callable for CLIP, a latents -> images module for VAE; see comfy_tiny.py), so the node pack runs and is
+callable for CLIP, a latents -> images module for VAE; see tests/comfy_tiny.py), so the node pack runs and is
 tested without ComfyUI. `comfy` is imported lazily, inside functions that only run when ComfyUI objects
 are passed (docs/COMFYUI.md section 1: the pack must import without it).
 
@@ -339,7 +339,7 @@ class HostHooks:
             self._mm.throw_exception_if_processing_interrupted()
 
 
-STATUS_EVENT = "diffinstruct.progress"  # what nodes/web/diffinstruct.js listens to (docs/COMFYUI.md section 10)
+STATUS_EVENT = "diffinstruct.progress"  # what comfyui/web/diffinstruct.js listens to (docs/COMFYUI.md section 10)
 
 
 def send_status(node_id: str | None, lines: Sequence[str], warning: bool = False) -> bool:
