@@ -83,15 +83,13 @@ def _outputs(result: Any) -> dict[str, Any]:
                                           json.dumps(result.summary, default=str, sort_keys=True))}
 
 
-class DIPPTrain:
-    DESCRIPTION = ("Train a one-step generator with a composed Generator Loss. Progress shows every step; Cancel "
-                   "stops between steps after writing a checkpoint; re-queueing with the same checkpoint folder "
-                   "resumes the run.")
+class _TrainingNode:
+    """What Train and Align share: their outputs, a run that is never a cached result, the checkpoint_dir check."""
+
     CATEGORY = CATEGORY
     RETURN_TYPES = OUTPUTS
     RETURN_NAMES = OUTPUT_NAMES
     OUTPUT_TOOLTIPS = OUTPUT_TOOLTIPS
-    FUNCTION = "train"
     TRAINS = True  # never a cached result (V3: fingerprint_inputs)
 
     @classmethod
@@ -101,6 +99,13 @@ class DIPPTrain:
     @classmethod
     def VALIDATE_INPUTS(cls, checkpoint_dir: str = "") -> bool | str:  # noqa: N802 - ComfyUI's name
         return check_folder(checkpoint_dir)
+
+
+class DIPPTrain(_TrainingNode):
+    DESCRIPTION = ("Train a one-step generator with a composed Generator Loss. Progress shows every step; Cancel "
+                   "stops between steps after writing a checkpoint; re-queueing with the same checkpoint folder "
+                   "resumes the run.")
+    FUNCTION = "train"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -138,25 +143,12 @@ class DIPPTrain:
         return _outputs(comfy_train.train(loss, model, opts, vae=vae, prompts=prompt_list, clip=clip))
 
 
-class DIPPAlign:
+class DIPPAlign(_TrainingNode):
     DESCRIPTION = ("One-click DI++ alignment of a loaded checkpoint: MODEL + CLIP + VAE + prompts + a reward. "
                    "Everything else is at the paper's defaults (log-normal sigma (-2, 2), normalised weighting, "
                    "Adam (0, 0.999), EMA 0.95, sigma_init 2.5), with the TA and generator as LoRA adapters on one "
                    "shared frozen base.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = OUTPUTS
-    RETURN_NAMES = OUTPUT_NAMES
-    OUTPUT_TOOLTIPS = OUTPUT_TOOLTIPS
     FUNCTION = "align"
-    TRAINS = True
-
-    @classmethod
-    def IS_CHANGED(cls, **inputs: Any) -> float:
-        return always_run(**inputs)
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, checkpoint_dir: str = "") -> bool | str:  # noqa: N802 - ComfyUI's name
-        return check_folder(checkpoint_dir)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
