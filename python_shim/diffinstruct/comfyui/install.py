@@ -52,13 +52,6 @@ else:
 '''
 
 
-def load_nodes() -> tuple[dict[str, type], dict[str, str]]:
-    """The node declarations and their display names (ComfyUI registers them as V3 nodes)."""
-    from . import registry
-
-    return dict(registry.DEFINITIONS), dict(registry.DISPLAY_NAMES)
-
-
 def pack_folder() -> Path:
     """The folder holding the pack's web/ and workflows/: this package's."""
     return Path(__file__).resolve().parent
