@@ -47,6 +47,15 @@ class Server:
         assert status == 200, (path, status, body[:200])
         return json.loads(body)
 
+    def post_json(self, path: str, payload: object) -> tuple[int, object]:
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode("utf-8"),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
@@ -68,13 +77,15 @@ def install(base: Path, route: str, python: Path | None = None) -> str:
 
 
 @contextlib.contextmanager
-def comfy_server(comfy: str, base: Path, route: str, python: Path | None = None) -> Iterator[Server]:
+def comfy_server(comfy: str, base: Path, route: str, python: Path | None = None,
+                 env: dict[str, str] | None = None) -> Iterator[Server]:
     """Start main.py on a free loopback port (CPU, an in-memory database) and stop it on leaving. `python`: a
-    folder holding an installed wheel (pip install --target), used instead of the checkout's python_shim/."""
+    folder holding an installed wheel (pip install --target), used instead of the checkout's python_shim/; `env`:
+    extra environment variables for the server."""
     module = install(base, route, python)
     port = free_port()
     log = base / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(python or ROOT / "python_shim"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(python or ROOT / "python_shim"), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
            str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--preview-method", "auto"]
     with open(log, "wb") as out:

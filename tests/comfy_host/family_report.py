@@ -102,7 +102,7 @@ def report(family, comfy_nodes, tmp: Path, steps: int, counter: Counter) -> dict
             started = time.perf_counter()
             out = mappings["DIPPAlign"]().align(model, clip, vae, "a cat\na dog", reward, 100.0, 1.5, steps,
                                                 width=size, height=size, learning_rate=1e-2,
-                                                checkpoint_dir=str(tmp / "runs" / family.name.replace(" ", "_")),
+                                                checkpoint_dir="runs/" + family.name.replace(" ", "_"),  # in output/
                                                 checkpoint_every=steps)
             out = out["result"] if isinstance(out, dict) else out  # nodes may also return what the UI shows
         info = json.loads(out[4])

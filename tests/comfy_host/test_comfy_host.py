@@ -75,7 +75,7 @@ def host(tmp_path_factory):
         pytest.skip(f"real-ComfyUI tests skipped: ComfyUI at {COMFY} does not import here ({exc})")
     assert Path(comfy_nodes.__file__).resolve().parent == Path(COMFY).resolve()
     tmp = tmp_path_factory.mktemp("comfy")
-    folder_paths.set_output_directory(str(tmp / "output"))
+    folder_paths.set_output_directory(str(tmp))  # the tests' folders (host.tmp / ...) are where nodes may write
     folder_paths.set_temp_directory(str(tmp / "temp"))
     for kind in ("loras", "diffusion_models"):  # Save's default folders, away from the checkout's models/
         folder_paths.add_model_folder_path(kind, str(tmp / kind), is_default=True)
@@ -117,6 +117,13 @@ def run(host, prompt: dict, executor=None) -> tuple[object, ServerStub]:
     host.status.messages.clear()
     executor.execute(prompt, prompt_id, {"client_id": "test"}, valid[2])  # a client: errors are sent to it
     return executor, server
+
+
+def run_dir(host, name: str) -> Path:
+    """A new folder inside ComfyUI's output folder (nodes inside ComfyUI write only under its folders)."""
+    folder = host.tmp / f"{name}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    return folder
 
 
 def declarations(host) -> dict:
@@ -165,9 +172,11 @@ def test_pack_loads_through_comfyui_loader(host):
     assert "LoraLoader" in mappings and "KSampler" in mappings  # core nodes are intact
 
 
-def test_bad_input_is_refused_at_queue_time_on_the_node_the_user_wired(host, tmp_path, monkeypatch):
+def test_bad_input_is_refused_at_queue_time_on_the_node_the_user_wired(host, monkeypatch):
     """A model reward whose weights are not installed fails on the Reward node, and a checkpoint_dir that is a
     file on Align, both when the prompt is queued (validation), before anything runs."""
+    tmp_path = host.tmp / "bad_input"
+    tmp_path.mkdir()
     monkeypatch.setenv("DIFFINSTRUCT_MODELS_DIR", str(tmp_path / "models"))
     prompt = workflow("align_one_click", align_overrides(tmp_path / "never"))
     reward_id = next(k for k, v in prompt.items() if v["class_type"] == "DIPPReward")
@@ -406,8 +415,9 @@ def test_unsupported_model_type_is_named(host):
 
 
 @pytest.mark.parametrize("model_type", ["V_PREDICTION", "FLOW"])
-def test_v_prediction_and_flow_models_align(host, model_type, tmp_path):
+def test_v_prediction_and_flow_models_align(host, model_type):
     """v-prediction (VE family) and rectified-flow (CONST, as SD3 / Flux) models through the denoiser adapter."""
+    tmp_path = run_dir(host, "vpred")  # inside ComfyUI's output folder, where the nodes may write
     import tiny_comfy
 
     from diffinstruct.comfyui import training as comfy_train
@@ -431,9 +441,10 @@ def test_v_prediction_and_flow_models_align(host, model_type, tmp_path):
         assert float(out[0].model_options["diffinstruct"]["sigma_init"]) < 1.0  # flow sigma lives in (0, 1)
 
 
-def test_sdxl_composed_nodes_on_conditioning(host, tmp_path):
+def test_sdxl_composed_nodes_on_conditioning(host):
     """SDXL's extra model input (y: pooled text + size embeddings) through the adapter; Train without prompts
     uses the reference score's positive conditioning."""
+    tmp_path = run_dir(host, "sdxl")  # inside ComfyUI's output folder, where the nodes may write
     import tiny_comfy
 
     from diffinstruct.comfyui import training as comfy_train
@@ -456,9 +467,10 @@ def test_sdxl_composed_nodes_on_conditioning(host, tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "step-000003"
 
 
-def test_full_weights_are_comfyui_diffusion_model_weights(host, tmp_path):
+def test_full_weights_are_comfyui_diffusion_model_weights(host):
     """TA mode 'full': the saved weights are the diffusion model's own state dict (what Load Diffusion Model
     reads), and the aligned MODEL applies them as ComfyUI weight patches."""
+    tmp_path = run_dir(host, "full")  # inside ComfyUI's output folder, where the nodes may write
     import tiny_comfy
 
     from diffinstruct.comfyui import training as comfy_train

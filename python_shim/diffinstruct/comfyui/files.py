@@ -59,6 +59,15 @@ def _unique_path(folder: Path, prefix: str) -> Path:
         counter += 1
 
 
+def check_prefix(filename_prefix: str) -> str:
+    """The prefix as a relative name (folders separated by /), or ValueError: no absolute path, no '..'."""
+    prefix = filename_prefix.strip().replace("\\", "/")
+    if not prefix or prefix.startswith("/") or ".." in Path(prefix).parts:
+        raise ValueError(f"filename_prefix {filename_prefix!r} must be a relative name such as "
+                         "'diffinstruct/aligned'")
+    return prefix
+
+
 def save_weights(weights: TrainedWeights, folder: str | os.PathLike[str], filename_prefix: str,
                  extra_metadata: dict[str, str] | None = None) -> Path:
     """Write `weights` to folder/<prefix>_NNNNN.safetensors atomically (temporary file + fsync + rename).
@@ -67,9 +76,7 @@ def save_weights(weights: TrainedWeights, folder: str | os.PathLike[str], filena
     """
     from safetensors.torch import save_file
 
-    prefix = filename_prefix.strip().replace("\\", "/")
-    if not prefix or prefix.startswith("/") or ".." in Path(prefix).parts:
-        raise ValueError(f"filename prefix {filename_prefix!r} must be a relative name such as 'diffinstruct/aligned'")
+    prefix = check_prefix(filename_prefix)
     if not weights.tensors:
         raise ValueError("there are no weights to save")
     base = Path(folder).expanduser()

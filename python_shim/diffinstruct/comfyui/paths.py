@@ -21,6 +21,7 @@ run ComfyUI only for themselves. The command line is not concerned: it runs with
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,9 @@ ALLOW_ENV = "DIFFINSTRUCT_ALLOW_ANY_PATH"
 REWARDS_FOLDER = "rewards"
 WRITE_MODEL_FOLDERS = ("loras", "diffusion_models")
 READ_MODEL_FOLDERS = (REWARDS_FOLDER, "loras", "diffusion_models", "checkpoints")
+AUTO = "auto"  # the Reward node's weights_path for "the reward's own folder, <models>/rewards/<kind>"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+LIST_DEPTH = 2  # the Reward node lists rewards/<kind>/ folders and the weight files up to two levels down
 
 
 def any_path_allowed() -> bool:
@@ -68,9 +72,10 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def confine(value: str | os.PathLike[str], roots: Sequence[Path], what: str) -> Path:
+def confine(value: str | os.PathLike[str], roots: Sequence[Path], what: str, shown: str | None = None) -> Path:
     """`value` resolved (relative to roots[0] when relative), if it lies inside one of `roots` (resolved too), or
-    PathNotAllowed naming `what` (the node's input) and the folders allowed; any path with the opt-in set."""
+    PathNotAllowed naming `what` (the node's input) as the user typed it (`shown`, default `value`) and the folders
+    allowed; any path with the opt-in set."""
     raw = Path(value).expanduser()
     if not raw.is_absolute():
         if not roots:
@@ -83,8 +88,9 @@ def confine(value: str | os.PathLike[str], roots: Sequence[Path], what: str) -> 
     if any(_inside(resolved, r) for r in real_roots):
         return resolved
     allowed = ", ".join(str(r) for r in real_roots) or "(none registered)"
+    typed = shown if shown is not None else str(value)
     raise PathNotAllowed(
-        f"{what} {str(value)!r} is outside ComfyUI's folders (it resolves to {resolved}); this pack writes and reads "
+        f"{what} {typed!r} is outside ComfyUI's folders (it resolves to {resolved}); this pack writes and reads "
         f"only under {allowed}. Use a path there (a relative one lands in {real_roots[0] if real_roots else '-'}), "
         f"add a folder through ComfyUI's extra_model_paths.yaml, or start ComfyUI with {ALLOW_ENV}=1 to allow any "
         "path (only on a machine nobody else can reach)")
@@ -96,3 +102,82 @@ def confine_write(value: str | os.PathLike[str], what: str, folder_paths: Module
 
 def confine_read(value: str | os.PathLike[str], what: str, folder_paths: ModuleType | Any) -> Path:
     return confine(value, read_roots(folder_paths), what)
+
+
+# ============================================================================== what the nodes call
+def host_folders() -> ModuleType | None:
+    """ComfyUI's folder_paths when the node runs inside ComfyUI (ComfyUI imports it before it loads any pack), else
+    None: a node called as a plain function (the tests without ComfyUI) runs with its caller's rights, like the CLI."""
+    return sys.modules.get("folder_paths")
+
+
+def node_write(value: str | os.PathLike[str], what: str) -> Path:
+    """Where a node may write `value` (the input named `what`): confined inside ComfyUI, as given outside it."""
+    fp = host_folders()
+    return confine_write(value, what, fp) if fp is not None else Path(value).expanduser()
+
+
+def node_read(value: str | os.PathLike[str], what: str) -> Path:
+    """Where a node may read `value` from: one of ComfyUI's registered model folders inside ComfyUI."""
+    fp = host_folders()
+    return confine_read(value, what, fp) if fp is not None else Path(value).expanduser()
+
+
+def refusal(check: Any, *args: Any) -> bool | str:
+    """A queue-time check for VALIDATE_INPUTS: True, or the refusal's message (shown on the node)."""
+    try:
+        check(*args)
+    except PathNotAllowed as exc:
+        return str(exc)
+    return True
+
+
+def _listed(root: Path) -> list[str]:
+    names: list[str] = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        rel = Path(folder).relative_to(root)
+        depth = len(rel.parts)
+        if depth >= LIST_DEPTH:
+            dirs.clear()
+        dirs.sort()
+        names += [(rel / d).as_posix() for d in dirs if not d.startswith(".")]
+        names += [(rel / f).as_posix() for f in sorted(files) if f.lower().endswith(WEIGHT_SUFFIXES)]
+    return names
+
+
+def reward_choices() -> list[str]:
+    """The Reward node's weights_path list, as core loaders list their folder: AUTO, then every folder and weight
+    file in ComfyUI's `rewards` folders (relative names; AUTO alone outside ComfyUI)."""
+    fp = host_folders()
+    if fp is None:
+        return [AUTO]
+    register_rewards_folder(fp)
+    seen: list[str] = []
+    allowed = [Path(os.path.realpath(r)) for r in read_roots(fp)]
+    for root in _model_folders(fp, (REWARDS_FOLDER,)):
+        if root.is_dir():  # a link leading out of ComfyUI's folders is not offered (it would be refused)
+            seen += [n for n in _listed(root) if n not in seen
+                     and any(_inside(Path(os.path.realpath(root / n)), a) for a in allowed)]
+    return [AUTO, *sorted(seen)]
+
+
+def reward_weights(value: str) -> str | None:
+    """The Reward node's weights_path as a path to load: None for AUTO (or empty); inside ComfyUI a name from the
+    list, found in the `rewards` folders, or an absolute path in a registered model folder (PathNotAllowed
+    otherwise; FileNotFoundError when it is in none of them); outside ComfyUI the path as given."""
+    text = value.strip()
+    if not text or text == AUTO:
+        return None
+    fp = host_folders()
+    if fp is None:
+        return str(Path(text).expanduser())
+    register_rewards_folder(fp)
+    if Path(text).expanduser().is_absolute():
+        return str(confine_read(text, "weights_path", fp))
+    roots = _model_folders(fp, (REWARDS_FOLDER,))
+    for root in roots:
+        candidate = confine(root / text, read_roots(fp), "weights_path", shown=text)
+        if candidate.exists():
+            return str(candidate)
+    raise FileNotFoundError(f"weights_path {text!r} is in none of ComfyUI's rewards folders "
+                            f"({', '.join(str(r) for r in roots)}); put it there or choose {AUTO!r}")

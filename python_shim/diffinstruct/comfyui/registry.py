@@ -59,7 +59,10 @@ def exports() -> dict[str, Any]:
     problem = host_problem()
     if problem is not None:
         raise ImportError(problem)
+    from .paths import host_folders, register_rewards_folder
     from .v3 import DiffInstructExtension
+
+    register_rewards_folder(host_folders())  # models/rewards, listed like ComfyUI's own model folders
 
     async def comfy_entrypoint() -> DiffInstructExtension:
         return DiffInstructExtension(DEFINITIONS, DISPLAY_NAMES)

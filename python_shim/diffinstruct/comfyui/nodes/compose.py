@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from diffinstruct.comfyui.paths import AUTO, reward_choices
 from diffinstruct.comfyui.specs import (
     MAX_ALPHA,
     MAX_OMEGA,
@@ -19,6 +20,10 @@ from diffinstruct.comfyui.specs import (
 from diffinstruct.rewards.registry import NAMES as REWARD_NAMES
 
 from .common import ALPHA_TOOLTIP, CATEGORY, LOSS, OMEGA_TOOLTIP, REFERENCE, REWARD, TA
+
+REWARD_WEIGHTS_TOOLTIP = ("Model rewards: the weights, from ComfyUI's models/rewards folder (and any `rewards` "
+                          "folder extra_model_paths.yaml adds). auto: models/rewards/<reward>/ (e.g. "
+                          "models/rewards/imagereward/). Built-in rewards need none.")
 
 
 class DIPPReferenceScore:
@@ -94,8 +99,7 @@ class DIPPReward:
                                             "tooltip": "Which reward."}),
             "weight": ("FLOAT", {"default": 1.0, "min": -1e6, "max": 1e6, "step": 0.01,
                                  "tooltip": "Multiplies the reward (negative penalises it)."}),
-            "weights_path": ("STRING", {"default": "", "tooltip": "Model rewards: a local weights file or folder. "
-                                                                  "Empty: looked up in ComfyUI's models folder."}),
+            "weights_path": (reward_choices(), {"default": AUTO, "tooltip": REWARD_WEIGHTS_TOOLTIP}),
         }}
 
     @classmethod
@@ -104,22 +108,26 @@ class DIPPReward:
         from diffinstruct.errors import UsageError
 
         try:
-            _check_weights(reward, weights_path)
-            RewardSpec([RewardTerm(1.0, reward, weights_path.strip() or None)])  # an explicit path exists
+            path = _weights(reward, weights_path)
+            RewardSpec([RewardTerm(1.0, reward, path)])  # an explicit path exists
         except (UsageError, OSError, ValueError) as exc:
             return str(exc)
         return True
 
-    def build(self, reward: str, weight: float, weights_path: str) -> tuple[RewardSpec]:
-        _check_weights(reward, weights_path)
-        return (RewardSpec([RewardTerm(weight, reward, weights_path.strip() or None)]),)
+    def build(self, reward: str, weight: float, weights_path: str = AUTO) -> tuple[RewardSpec]:
+        return (RewardSpec([RewardTerm(weight, reward, _weights(reward, weights_path))]),)
 
 
-def _check_weights(reward: str, weights_path: str) -> None:
+def _weights(reward: str, weights_path: str) -> str | None:
+    """The weights to load (None: the reward's own folder), checked to be installed and, inside ComfyUI, to lie in
+    its model folders (the list the node offers)."""
     from diffinstruct.comfyui.host import models_dir
+    from diffinstruct.comfyui.paths import reward_weights
     from diffinstruct.comfyui.specs import check_reward_weights
 
-    check_reward_weights(reward, weights_path.strip() or None, models_dir())
+    path = reward_weights(weights_path)
+    check_reward_weights(reward, path, models_dir())
+    return path
 
 
 class DIPPRewardCombine:

@@ -27,14 +27,23 @@ class DIPPTinyDemoModels:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {}, "optional": {
-            "weights_folder": ("STRING", {"default": "", "tooltip": "A folder with teacher.safetensors. Empty: the "
-                                          "weights shipped with the package."}),
+            "weights_folder": ("STRING", {"default": "", "tooltip": "A folder with teacher.safetensors, in one of "
+                                          "ComfyUI's model folders (diffusion_models, checkpoints, loras, rewards). "
+                                          "Empty: the weights shipped with the package."}),
         }}
 
     def load(self, weights_folder: str = "") -> tuple[Any, Any, Any]:
+        from diffinstruct.comfyui.paths import node_read
         from diffinstruct.comfyui.tiny_models import demo_models
 
-        return demo_models(weights_folder.strip() or None)
+        folder = weights_folder.strip()
+        return demo_models(str(node_read(folder, "weights_folder")) if folder else None)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, weights_folder: str = "") -> bool | str:  # noqa: N802 - ComfyUI's name
+        from diffinstruct.comfyui.paths import node_read, refusal
+
+        return refusal(node_read, weights_folder.strip(), "weights_folder") if weights_folder.strip() else True
 
 
 class DIPPTinyTasteReward:
@@ -65,16 +74,25 @@ class DIPPTinyTasteReward:
             "optional": {
                 "generator": ("MODEL", {"tooltip": "The stage-1 generator (from Train): its samples are rated too, "
                                                    "so the reward knows the images it will judge."}),
-                "folder": ("STRING", {"default": "", "tooltip": "Where to save the model. Empty: a new folder in "
-                                                                "ComfyUI's output folder."}),
+                "folder": ("STRING", {"default": "", "tooltip": "Where to save the model, inside ComfyUI's output "
+                                                                "folder (a relative path lands there). Empty: a new "
+                                                                "folder in the output folder."}),
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder: str = "") -> bool | str:  # noqa: N802 - ComfyUI's name
+        from diffinstruct.comfyui.paths import node_write, refusal
+
+        return refusal(node_write, folder.strip(), "folder") if folder.strip() else True
+
     def fit(self, images: int, pairs: int, epochs: int, seed: int, generator: Any = None,
             folder: str = "") -> dict[str, Any]:
+        from diffinstruct.comfyui.paths import node_write
         from diffinstruct.comfyui.tiny_models import fit_taste_reward
 
-        path, record = fit_taste_reward(generator, folder.strip() or default_run_dir("taste"), images=images,
+        target = str(node_write(folder.strip(), "folder")) if folder.strip() else default_run_dir("taste")
+        path, record = fit_taste_reward(generator, target, images=images,
                                         pairs=pairs, epochs=epochs, seed=seed)
         report = json.dumps(record, sort_keys=True)
         spec = RewardSpec([RewardTerm(1.0, "preference", str(path))])

@@ -69,12 +69,27 @@ class DIPPSave:
                 "filename_prefix": ("STRING", {"default": "diffinstruct/aligned", "tooltip": "Relative name; a "
                                                "counter and .safetensors are appended."}),
             },
-            "optional": {"folder": ("STRING", {"default": "", "tooltip": "Target folder. Empty: ComfyUI's loras "
-                                               "(LoRA) or diffusion_models (full weights) folder."})},
+            "optional": {"folder": ("STRING", {"default": "", "tooltip": "Target folder, inside ComfyUI's output "
+                                               "folder (a relative path lands there) or its loras / "
+                                               "diffusion_models folders. Empty: the loras folder (LoRA) or the "
+                                               "diffusion_models folder (full weights)."})},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix: str, folder: str = "") -> bool | str:  # noqa: N802 - ComfyUI's name
+        """At queue time, on this node: a folder outside ComfyUI's folders is refused before anything runs."""
+        from diffinstruct.comfyui.files import check_prefix
+        from diffinstruct.comfyui.paths import node_write, refusal
+
+        try:
+            check_prefix(filename_prefix)
+        except ValueError as exc:
+            return str(exc)
+        return refusal(node_write, folder.strip(), "folder") if folder.strip() else True
+
     def save(self, weights: Any, filename_prefix: str, folder: str = "") -> dict[str, Any]:
-        from diffinstruct.comfyui.files import save_weights
+        from diffinstruct.comfyui.files import check_prefix, save_weights
+        from diffinstruct.comfyui.paths import node_write
 
         target = folder.strip()
         if not target:
@@ -84,7 +99,9 @@ class DIPPSave:
                 raise ValueError("no folder given and ComfyUI's folder_paths is not available: set 'folder'") from exc
             kind = "loras" if weights.kind == "lora" else "diffusion_models"
             target = folder_paths.get_folder_paths(kind)[0]
-        path = save_weights(weights, target, filename_prefix)
+        base = node_write(target, "folder")
+        node_write(base / check_prefix(filename_prefix), "filename_prefix")  # its subfolders may not link outside
+        path = save_weights(weights, base, filename_prefix)
         return {"ui": {"text": [f"saved {os.fspath(path)}"], "path": [os.fspath(path)]}, "result": (os.fspath(path),)}
 
 

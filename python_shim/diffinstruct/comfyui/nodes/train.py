@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from diffinstruct.comfyui.live import LiveSettings
+from diffinstruct.comfyui.paths import node_write
 from diffinstruct.comfyui.specs import MAX_ALPHA, MAX_OMEGA, LossSpec, ReferenceSpec, RewardSpec, TASpec
+from diffinstruct.errors import PathNotAllowed
 
 from .common import (
     ALPHA_TOOLTIP,
@@ -46,9 +47,10 @@ def _common_inputs() -> dict[str, Any]:
         "seed": seed_input(),
         **size_inputs(),
         "checkpoint_dir": ("STRING", {"default": "", "tooltip": "Folder for the run's checkpoints; an existing "
-                                      "run there is resumed. Empty: output/diffinstruct_runs/<a name made from this "
-                                      "run's inputs>, so queueing the same workflow again (after Cancel, or with "
-                                      "more steps) resumes it."}),
+                                      "run there is resumed. Inside ComfyUI's output folder (a relative path lands "
+                                      "there) or its loras / diffusion_models folders. Empty: "
+                                      "output/diffinstruct_runs/<a name made from this run's inputs>, so queueing "
+                                      "the same workflow again (after Cancel, or with more steps) resumes it."}),
         "checkpoint_every": ("INT", {"default": 50, "min": 1, "max": 1_000_000,
                                      "tooltip": "Checkpoint every that many steps (and at the end, and on Cancel)."}),
     }
@@ -70,11 +72,25 @@ def _live(preview_every: int, diversity_warning: float) -> LiveSettings:
 
 
 def check_folder(checkpoint_dir: str) -> bool | str:
-    """At queue time, on the training node: a checkpoint_dir that is a file is named before any work."""
-    path = Path(checkpoint_dir.strip()).expanduser() if checkpoint_dir and checkpoint_dir.strip() else None
-    if path is not None and path.exists() and not path.is_dir():
+    """At queue time, on the training node: a checkpoint_dir outside ComfyUI's folders, or one that is a file, is
+    named before any work."""
+    text = checkpoint_dir.strip() if checkpoint_dir else ""
+    if not text:
+        return True
+    try:
+        path = node_write(text, "checkpoint_dir")
+    except PathNotAllowed as exc:
+        return str(exc)
+    if path.exists() and not path.is_dir():
         return f"checkpoint_dir {path} exists and is not a folder"
     return True
+
+
+def run_folder(kind: str, checkpoint_dir: str, prompt: dict[str, Any] | None, unique_id: str | None) -> str:
+    """The run's folder: checkpoint_dir (confined to ComfyUI's folders inside ComfyUI; relative ones land in its
+    output folder), or one named after the queued run when it is empty."""
+    text = checkpoint_dir.strip()
+    return str(node_write(text, "checkpoint_dir")) if text else default_run_dir(kind, prompt, unique_id)
 
 
 def _outputs(result: Any) -> dict[str, Any]:
@@ -135,7 +151,7 @@ class DIPPTrain(_TrainingNode):
         from diffinstruct.comfyui.host import parse_prompts
 
         prompt_list = parse_prompts(prompts) if prompts.strip() else None
-        folder = checkpoint_dir.strip() or default_run_dir("train", prompt, unique_id)
+        folder = run_folder("train", checkpoint_dir, prompt, unique_id)
         opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=folder,
                                         batch_size=batch_size, lr_generator=learning_rate, seed=seed, width=width,
                                         height=height, checkpoint_every=checkpoint_every, resume=resume,
@@ -191,7 +207,7 @@ class DIPPAlign(_TrainingNode):
         negative = [encode_prompts(clip, [negative_prompt])[negative_prompt]]
         reference = ReferenceSpec(model, None, negative, omega)
         loss = LossSpec(reference, TASpec("lora", rank, ta_learning_rate), reward, alpha)
-        folder = checkpoint_dir.strip() or default_run_dir("align", prompt, unique_id)
+        folder = run_folder("align", checkpoint_dir, prompt, unique_id)
         opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=folder,
                                         batch_size=batch_size, lr_generator=learning_rate, seed=seed, width=width,
                                         height=height, checkpoint_every=checkpoint_every, node_id=unique_id,
