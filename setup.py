@@ -1,5 +1,7 @@
 """Builds diffinstruct: the C extension (CPU kernels + binding) and, when nvcc
-is found, the CUDA kernel library that the extension loads lazily.
+is found, the CUDA kernel library that the extension loads lazily. `pip install .` and `pip wheel .` build in
+a temporary folder and leave the checkout as it was (no build/, no *.egg-info); editable and in-place builds put
+the extension (and libdipp_cuda.so) next to the sources and keep nvcc's output in build/cuda.
 
 Environment:
   DIPP_CUDA=1      require the CUDA library (fail without nvcc)
@@ -13,6 +15,7 @@ Environment:
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import shutil
@@ -20,10 +23,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy
 from setuptools import Extension, find_packages, setup
+from setuptools.command.build import build
 from setuptools.command.build_ext import build_ext
+from setuptools.command.egg_info import egg_info
 
 ROOT = Path(__file__).resolve().parent
 C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno",
@@ -91,6 +97,50 @@ def cuda_archs(nvcc: str) -> list[str]:
     return flags
 
 
+_SCRATCH: list[Path] = []
+
+
+def scratch_dir(name: str) -> str:
+    """A folder `name` in one temporary folder outside the source tree, removed when this process ends.
+
+    `pip install .` / `pip wheel .` run setup.py inside the user's checkout (for the node pack that is
+    ComfyUI/custom_nodes/ComfyUI-DiffInstruct); setuptools' defaults would leave build/ and
+    python_shim/diffinstruct.egg-info there. pip runs each build hook in a process of its own, and the
+    wheel is written to pip's own folder, so nothing here is needed once the process ends."""
+    if not _SCRATCH:
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="diffinstruct-build-")))
+        atexit.register(shutil.rmtree, _SCRATCH[0], ignore_errors=True)
+    path = _SCRATCH[0] / name
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+def user_set(command: Any, name: str, option: str) -> bool:
+    """True when the command line or a config file gave command `name` the option (then it is left as given)."""
+    return option in command.distribution.get_option_dict(name)
+
+
+class BuildOutOfTree(build):
+    """build whose build_base (hence build_temp, build_lib and bdist_wheel's staging folder) is a temporary
+    folder unless --build-base is given. Editable and in-place builds still put the extension next to the
+    sources: they set build_ext's output themselves."""
+
+    def finalize_options(self) -> None:
+        if not user_set(self, "build", "build_base"):
+            self.build_base = scratch_dir("build")
+        super().finalize_options()
+
+
+class EggInfoOutOfTree(egg_info):
+    """egg_info writing diffinstruct.egg-info into a temporary folder instead of python_shim/ unless
+    --egg-base is given (pip's metadata step and editable installs pass their own folder)."""
+
+    def finalize_options(self) -> None:
+        if self.egg_base is None and not user_set(self, "egg_info", "egg_base"):
+            self.egg_base = scratch_dir("egg-info")
+        super().finalize_options()
+
+
 class BuildWithCuda(build_ext):
     """build_ext that adds OpenMP when available and builds libdipp_cuda.so."""
 
@@ -122,7 +172,7 @@ class BuildWithCuda(build_ext):
             return
         sources = relative_sources("cuda/*.cu")
         headers = relative_sources("cuda/*.cuh") + relative_sources("csrc/*.h")
-        cached = ROOT / "build" / "cuda" / "libdipp_cuda.so"
+        cached = self.cuda_cache_dir() / "libdipp_cuda.so"
         # the command is part of the cache key: another nvcc or architecture list must rebuild
         recorded = cached.with_suffix(".command")
         cmd = [nvcc, *NVCC_FLAGS, *cuda_archs(nvcc), "-Icsrc", *sources, "-o", str(cached)]
@@ -140,6 +190,18 @@ class BuildWithCuda(build_ext):
         if self.inplace or getattr(self, "editable_mode", False):
             shutil.copy2(cached, ROOT / "python_shim" / "diffinstruct" / "libdipp_cuda.so")
         self._cuda_built = True
+
+    def cuda_cache_dir(self) -> Path:
+        """Where nvcc's output is kept between builds (compiling every architecture takes minutes).
+
+        Editable / in-place builds (`make build`) keep it in the tree's build/cuda, as does any build in a
+        tree that already has one (a developer's checkout: `make test` builds wheels from it). A build from
+        a clean checkout (`pip install .` in ComfyUI's custom_nodes) compiles into build_temp, which
+        BuildOutOfTree places outside the tree."""
+        in_tree = ROOT / "build" / "cuda"
+        if self.inplace or getattr(self, "editable_mode", False) or in_tree.is_dir():
+            return in_tree
+        return Path(self.build_temp).resolve() / "cuda"
 
     def cuda_library_path(self) -> Path:
         return Path(self.get_ext_fullpath("diffinstruct._core")).parent / "libdipp_cuda.so"
@@ -161,7 +223,7 @@ core = Extension(
 
 setup(
     ext_modules=[core],
-    cmdclass={"build_ext": BuildWithCuda},
+    cmdclass={"build": BuildOutOfTree, "egg_info": EggInfoOutOfTree, "build_ext": BuildWithCuda},
     package_dir={"": "python_shim"},
     packages=find_packages(where="python_shim"),
 )
