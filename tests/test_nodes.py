@@ -128,8 +128,8 @@ def train(objects, loss, folder, steps=6, **kw):
     args = dict(batch_size=2, learning_rate=1e-2, seed=0, width=32, height=32, checkpoint_dir=str(folder),
                 checkpoint_every=2, resume=True, clip=objects["clip"])
     args.update(kw)
-    return node("DIPPTrain").train(objects["model"], loss, objects["vae"], args.pop("prompts", PROMPTS), steps,
-                                   **args)["result"]
+    model = args.pop("model", objects["model"])
+    return node("DIPPTrain").train(model, loss, objects["vae"], args.pop("prompts", PROMPTS), steps, **args)["result"]
 
 
 def evaluate(objects, model, reward_spec, seed=0):
@@ -184,6 +184,34 @@ def test_full_mode_and_di_star(objects, tmp_path):
     assert not torch.equal(model.net.conv_in.weight, objects["model"].net.conv_in.weight)
     loss_di = composed_loss(objects, method="DI", alpha=0.0)
     train(objects, loss_di, tmp_path / "di", steps=2)
+
+
+def test_a_second_full_mode_train_continues_the_first_runs_ta(objects, tmp_path, monkeypatch):
+    """Stage 1 -> stage 3 as the tiny demo chains them: the generator MODEL of a full-mode Train carries its TA, and
+    a Train from that MODEL starts its TA there (the demo's stage 3 does the same); a LoRA run carries none."""
+    from diffinstruct.comfyui import training as comfy_train
+
+    loss = composed_loss(objects, mode="full", method="DI", alpha=0.0)
+    first, *_, summary = train(objects, loss, tmp_path / "s1", steps=2)
+    assert json.loads(summary)["ta_start"] == "reference"
+    carried = comfy_train.carried_ta(first)
+    assert carried is not None and set(carried) == set(objects["model"].state_dict())
+    assert any(not torch.equal(carried[k], v) for k, v in objects["model"].state_dict().items())  # it trained
+    seen = {}
+    original = comfy_train.carry_over_ta
+
+    def spy(ta, generator_model):  # the TA the second run starts from, as loaded
+        where = original(ta, generator_model)
+        seen.update({k: v.detach().clone() for k, v in ta.state_dict().items()})
+        return where
+
+    monkeypatch.setattr(comfy_train, "carry_over_ta", spy)
+    out = train(objects, loss, tmp_path / "s3", steps=2, model=first)
+    monkeypatch.undo()
+    assert json.loads(out[4])["ta_start"] == "carried over from the generator's run" and seen
+    assert all(torch.equal(seen[k], carried[k]) for k in carried)
+    lora, *_, lora_summary = train(objects, composed_loss(objects), tmp_path / "lora", steps=2)
+    assert comfy_train.carried_ta(lora) is None and json.loads(lora_summary)["ta_start"] == "reference"
 
 
 @pytest.mark.parametrize("prediction", ["v", "flow"])

@@ -46,6 +46,7 @@ class TrainOptions:
     checkpoint_dir: str
     batch_size: int = train_option("batch_size", default=1)
     lr_generator: float = train_option("lr_generator", default=1e-4)
+    ema_decay: float = train_option("ema_decay", default=0.95)
     seed: int = train_option("seed", default=0)
     width: int = 512
     height: int = 512
@@ -263,6 +264,7 @@ def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, p
         # LoRA init from the run's seed, without touching the host's RNG
         models = engine.assemble(teacher, latent_shape, mode="shared" if shared else "full", rank=loss.ta.rank,
                                  sigma_init=sigma_init, generator_init=gen_init, seed=opts.seed, device=device)
+        ta_start = "reference" if shared else carry_over_ta(models.ta, generator_model)
         prompt_list = PromptList(labels, encode=lambda p: table[p], null=NULL)
         reward = build_reward(loss.reward, ref.model, vae, device)
         config = engine.trainer_config(loss, opts, sigma_init=sigma_init)
@@ -280,7 +282,8 @@ def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, p
                                                     metadata=meta, curves=False), hooks)
         result = _finish(trainer, loss, generator_model, models, teacher, labels, table, vae, opts, label)
         result.summary.update(start_step=run["start_step"], wall_seconds=time.perf_counter() - started,
-                              checkpoint_dir=str(out), process=process, previews=len(hooks.previews))
+                              checkpoint_dir=str(out), process=process, previews=len(hooks.previews),
+                              ta_start=ta_start)
         result.lines, result.warning = result_lines(result.summary, hooks.previews)
         if hooks.cpu_estimate:
             result.lines.append(hooks.cpu_estimate.replace("WARNING: ", "note: "))
@@ -333,6 +336,8 @@ def _finish(trainer: Any, loss: LossSpec, generator_model: Any, models: Any, tea
                                      comfy_format=comfy)
         preview = _preview(models.generator, labels, table, vae, generator_model, opts, models.latent_shape)
     aligned = aligned_model(generator_model, weights, models.generator.sigma_init)
+    if loss.ta.mode != "lora":  # a later Train from this generator continues this TA (carry_over_ta)
+        attach_ta(aligned, {k: v.detach().cpu().clone() for k, v in models.ta.state_dict().items()})
     records = mlog.read_jsonl(Path(opts.checkpoint_dir).expanduser() / runner.METRICS_FILE)
     last = records[-1] if records else {}
     summary = {"steps": opts.steps, "last": mlog.jsonable(last),
@@ -368,6 +373,43 @@ def _preview(generator: OneStepGenerator, labels: list[str], table: dict[str, An
 
 
 # ============================================================================================== aligned MODEL
+TA_ATTACHMENT = "diffinstruct.ta"
+
+
+def attach_ta(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Keep a full-mode run's TA weights (on the CPU) with the MODEL it produced: ComfyUI's attachments travel
+    with the MODEL's clones (LoRA loaders, patches); a package denoiser keeps them as an attribute."""
+    if host.is_comfy_model(model):
+        model.set_attachments(TA_ATTACHMENT, state)
+    else:
+        model.diffinstruct_ta = state
+
+
+def carried_ta(model: Any) -> dict[str, torch.Tensor] | None:
+    if host.is_comfy_model(model):
+        return getattr(model, "attachments", {}).get(TA_ATTACHMENT)
+    return getattr(model, "diffinstruct_ta", None)
+
+
+def carry_over_ta(ta: Any, generator_model: Any) -> str:
+    """Start a full-mode TA from the TA of the run that produced `generator_model`, when there is one.
+
+    The TA models the generator's own distribution. A fresh TA (a copy of the reference) starts out modelling the
+    teacher's distribution instead, and until it catches up the IKL gradient points the wrong way. In the tiny
+    demo that costs diversity: a stage 3 that starts from stage 1's TA keeps the teacher's diversity, and one that
+    starts afresh falls well below it (issue 17). Returns where the TA started, for the summary."""
+    state = carried_ta(generator_model)
+    if state is None:
+        return "reference"
+    own = ta.state_dict()
+    if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
+        LOG.warning("diffinstruct: the generator's earlier TA does not fit this TA; starting from the reference")
+        return "reference"
+    with torch.no_grad():
+        ta.load_state_dict(state)
+    return "carried over from the generator's run"
+
+
 def aligned_model(model: Any, weights: TrainedWeights, sigma_init: float) -> Any:
     """The input MODEL with the trained weights applied, as ComfyUI applies them (LoRA through its own LoRA
     loader, full weights as "set" patches), or a merged copy of a package denoiser."""

@@ -67,7 +67,10 @@ class DIPPTAModel:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the TA starts from: the reference score's MODEL."}),
+            "model": ("MODEL", {"tooltip": "The model the TA starts from: the reference score's MODEL. In full "
+                                           "mode, a Train whose generator MODEL comes from an earlier full-mode "
+                                           "Train starts its TA from that run's TA instead (it already models "
+                                           "that generator's samples)."}),
             "mode": (list(TA_MODES), {"default": "lora", "tooltip": "lora: shared frozen base with LoRA "
                                                                     "adapters; full: full trainable copies."}),
             "rank": ("INT", {"default": 8, "min": 1, "max": 1024, "tooltip": "LoRA rank (lora mode)."}),
