@@ -95,4 +95,4 @@ def test_comfyui_loads_the_entry_point_of_a_copy_named(copies: dict[str, Path], 
             "print(len(m.NODE_CLASS_MAPPINGS))")
     run = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert int(run.stdout.split()[-1]) == 13
+    assert int(run.stdout.split()[-1]) == 14

@@ -52,7 +52,7 @@ def reward(name="brightness", weight=1.0):
 
 # ============================================================================================== schemas
 def test_every_node_has_a_complete_schema():
-    assert len(NODES) == 13
+    assert len(NODES) == 14
     for node_id, cls in NODES.items():
         assert node_id.startswith("DIPP") and cls.CATEGORY == "Diff-Instruct++"
         assert len(cls.DESCRIPTION) > 40, node_id
@@ -81,7 +81,7 @@ def test_pack_imports_without_comfy():
     init = str(ROOT / "__init__.py")
     code = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('pack', {init!r});"
             "m = importlib.util.module_from_spec(spec); sys.modules['pack'] = m; spec.loader.exec_module(m);"
-            "assert len(m.NODE_CLASS_MAPPINGS) == 13;"
+            "assert len(m.NODE_CLASS_MAPPINGS) == 14;"
             "assert not any(k == 'comfy' or k.startswith('comfy.') for k in sys.modules), 'comfy imported';"
             "assert 'nodes' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")

@@ -91,7 +91,7 @@ def test_installer_writes_a_loader_folder_with_the_templates(tmp_path):
     (folder / "workflows" / "retired.json").write_text("{}")  # a template a newer wheel no longer ships
     (folder / "workflows" / "tiny_demo.json").write_text("{}")
     module = load_module("loader_under_test", folder / "__init__.py")
-    assert len(module.NODE_CLASS_MAPPINGS) == 13
+    assert len(module.NODE_CLASS_MAPPINGS) == 14
     assert Path(module.WEB_DIRECTORY, "diffinstruct.js").is_file()
     assert sorted(p.name for p in (folder / "workflows").iterdir()) == shipped  # refreshed on load
     assert (folder / "workflows" / "tiny_demo.json").read_bytes() == (ROOT / "workflows/tiny_demo.json").read_bytes()
@@ -118,7 +118,7 @@ def test_installed_twice_the_clone_wins_and_both_paths_are_named(tmp_path, caplo
     (clone.parent / (clone.name + ".disabled")).mkdir()
     clone.rename(clone.parent / "off")  # a disabled clone does not count
     (clone.parent / "off" / "__init__.py").rename(clone.parent / (clone.name + ".disabled") / "__init__.py")
-    assert len(load_module("loader_alone", folder / "__init__.py").NODE_CLASS_MAPPINGS) == 13
+    assert len(load_module("loader_alone", folder / "__init__.py").NODE_CLASS_MAPPINGS) == 14
 
 
 def test_an_older_comfyui_gets_one_clear_message():

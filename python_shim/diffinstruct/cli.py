@@ -190,10 +190,17 @@ def _embed(sub: argparse._SubParsersAction) -> None:
 
 
 def _comfyui(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("comfyui", help="register (or remove) the nodes with a ComfyUI installation",
-                       description="Register the diffinstruct nodes with a ComfyUI installation.")
-    p.add_argument("action", choices=("install", "uninstall"))
-    p.add_argument("--comfyui", required=True, help="the ComfyUI folder (or its custom_nodes/ folder)")
+    p = sub.add_parser("comfyui", help="register (or remove) the nodes with a ComfyUI installation, or train a run "
+                                       "exported from a ComfyUI graph (DI++ Export Run), also under torchrun",
+                       description="Register the diffinstruct nodes with a ComfyUI installation (install, "
+                                   "uninstall), or train a run exported by DI++ Export Run (train).")
+    p.add_argument("action", choices=("install", "uninstall", "train"))
+    p.add_argument("--comfyui", required=True, help="the ComfyUI folder (or its custom_nodes/ folder for install)")
+    p.add_argument("--config", help="train: the run config DI++ Export Run wrote (.json)")
+    p.add_argument("--out", help="train: folder for the checkpoints and the saved weights (e.g. models/loras/NAME)")
+    p.add_argument("--custom-node", action="append", metavar="DIR",
+                   help="train: a node pack folder the exported graph needs (repeatable)")
+    p.add_argument("--steps", type=_positive, default=None, help="train: total steps (default: the exported ones)")
 
 
 def _demo(sub: argparse._SubParsersAction) -> None:

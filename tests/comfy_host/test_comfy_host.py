@@ -157,7 +157,7 @@ def test_pack_loads_through_comfyui_loader(host):
 
     mappings = host.nodes.NODE_CLASS_MAPPINGS
     ours = sorted(k for k in mappings if k.startswith("DIPP"))
-    assert len(ours) == 13
+    assert len(ours) == 14
     from comfy_api.v0_0_2 import io
 
     for key in ours:
@@ -496,3 +496,58 @@ def test_full_weights_are_comfyui_diffusion_model_weights(host):
     assert (a - base).abs().max() > 1e-5
     path = mappings["DIPPSave"]().save(weights, "full/aligned")["result"][0]
     assert Path(path).parent.parent == host.tmp / "diffusion_models"
+
+
+def test_a_composed_run_exported_from_the_graph_trains_under_torchrun_and_its_lora_loads(host, caplog):
+    """Graph -> cluster: DI++ Export Run writes composed_pipeline's run (its Train replaced by the export), the CLI
+    trains it with `torchrun --nproc_per_node 2` (CPU, gloo) importing this ComfyUI, and core Load LoRA applies the
+    LoRA rank 0 saved, every key matched."""
+    import logging
+    import socket
+    import subprocess
+
+    import tiny_comfy
+
+    from diffinstruct.comfyui import training as comfy_train
+
+    prompt = {k: v for k, v in workflow("composed_pipeline", {}).items() if int(k) <= 9}
+    prompt["15"] = {"class_type": "DIPPExportRun", "inputs": {
+        "model": ["1", 0], "loss": ["9", 0], "vae": ["1", 2], "clip": ["1", 1], "prompts": "a red car\na blue house",
+        "steps": 4, "batch_size": 1, "learning_rate": 3e-3, "seed": 0, "width": SIZE, "height": SIZE,
+        "checkpoint_every": 2, "filename_prefix": "diffinstruct/cluster_run", "ema_decay": 0.95}}
+    executor, server = run(host, prompt)
+    assert not errors(server), errors(server)
+    shown = executor.history_result["outputs"]["15"]
+    config = Path(shown["path"][0])
+    assert config.is_file()
+    assert any("torch.distributed.run" in line for line in shown["text"])
+    out = host.tmp / "loras" / "cluster"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT / "python_shim"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "diffinstruct", "comfyui", "train", "--config", str(config),
+           "--comfyui", COMFY, "--custom-node", str(HERE / "testing_nodes" / "dipp_test_nodes"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(host.tmp), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    saved = Path(summary["saved"])
+    assert summary["world_size"] == 2 and summary["steps"] == 4 and saved.is_file()
+    assert (out / "latest").read_text().strip() == "step-000004"
+    lora_name = saved.relative_to(host.tmp / "loras").as_posix()
+    assert lora_name in host.folder_paths.get_filename_list("loras")
+
+    mappings = host.nodes.NODE_CLASS_MAPPINGS
+    with torch.inference_mode(), caplog.at_level(logging.WARNING):
+        model, clip = tiny_comfy.tiny_model(0), tiny_comfy.tiny_clip(0)
+        loaded, _ = mappings["LoraLoader"]().load_lora(model, clip, lora_name, 1.0, 1.0)
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize("a red car"))
+        base = comfy_train.one_step_sample(model, cond, 0, 2, SIZE, SIZE)
+        after = comfy_train.one_step_sample(loaded, cond, 0, 2, SIZE, SIZE)
+    assert "lora key not loaded" not in caplog.text, caplog.text
+    moved = float((after - base).abs().max())
+    print(f"\ngraph -> torchrun x2 -> Load LoRA: {saved.name}, samples moved by {moved:.4f}")
+    assert (after - base).abs().max() > 1e-4

@@ -46,5 +46,5 @@ def test_templates_are_listed_and_served_with_thumbnails(route, tmp_path):
         extensions = server.get_json("/extensions")
         assert any(e.endswith("/diffinstruct.js") for e in extensions), extensions
         nodes = server.get_json("/object_info")
-        assert len([k for k in nodes if k.startswith("DIPP")]) == 13
+        assert len([k for k in nodes if k.startswith("DIPP")]) == 14
         assert "installed twice" not in server.log_text()

@@ -135,8 +135,13 @@ def uninstall(comfyui: str | os.PathLike[str]) -> Path | None:
 
 
 def command(args: argparse.Namespace) -> int:
-    """`diffinstruct comfyui install | uninstall --comfyui DIR` (arguments parsed by cli.py). A folder that is
+    """`diffinstruct comfyui install | uninstall --comfyui DIR`, or `train` (an exported run: cluster.py; arguments
+    parsed by cli.py). A folder that is
     not ComfyUI's raises InstallError (bad input, exit status 2); failing to write there is an OSError (1)."""
+    if args.action == "train":
+        from .cluster import command as train
+
+        return train(args)
     if args.action == "install":
         path = install(args.comfyui)
         print(f"wrote {path}; restart ComfyUI to load the Diff-Instruct++ nodes")

@@ -12,7 +12,7 @@ from typing import Any
 from .nodes.compose import DIPPGeneratorLoss, DIPPReferenceScore, DIPPReward, DIPPRewardCombine, DIPPTAModel
 from .nodes.tiny_demo import DIPPTinyDemoModels, DIPPTinyFidelity, DIPPTinyTasteReward
 from .nodes.tools import DIPPEvaluate, DIPPOneStepSample, DIPPSave
-from .nodes.train import DIPPAlign, DIPPTrain
+from .nodes.train import DIPPAlign, DIPPExportRun, DIPPTrain
 
 DEFINITIONS: dict[str, type] = {
     "DIPPReferenceScore": DIPPReferenceScore,
@@ -22,6 +22,7 @@ DEFINITIONS: dict[str, type] = {
     "DIPPGeneratorLoss": DIPPGeneratorLoss,
     "DIPPTrain": DIPPTrain,
     "DIPPAlign": DIPPAlign,
+    "DIPPExportRun": DIPPExportRun,
     "DIPPOneStepSample": DIPPOneStepSample,
     "DIPPSave": DIPPSave,
     "DIPPEvaluate": DIPPEvaluate,
@@ -38,6 +39,7 @@ DISPLAY_NAMES = {
     "DIPPGeneratorLoss": "DI++ Generator Loss",
     "DIPPTrain": "DI++ Train",
     "DIPPAlign": "DI++ Align (one click)",
+    "DIPPExportRun": "DI++ Export Run (cluster)",
     "DIPPOneStepSample": "DI++ One-Step Sample",
     "DIPPSave": "DI++ Save",
     "DIPPEvaluate": "DI++ Evaluate",

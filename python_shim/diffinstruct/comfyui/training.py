@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .. import engine, runner
+from .. import distributed, engine, runner
 from .. import metrics as mlog
 from ..checks import check_int, is_int
 from ..config import train_option
@@ -268,7 +268,9 @@ def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, p
         prompt_list = PromptList(labels, encode=lambda p: table[p], null=NULL)
         reward = build_reward(loss.reward, ref.model, vae, device)
         config = engine.trainer_config(loss, opts, sigma_init=sigma_init)
-        trainer = engine.build_engine(models, prompt_list, config, reward, device=device)
+        # under torchrun (comfyui/cluster.py) the ranks train data-parallel; in ComfyUI this is one process
+        trainer = engine.build_engine(models, prompt_list, config, reward, device=device, rank=distributed.rank(),
+                                      world_size=distributed.world_size(), data_parallel=distributed.active())
         out = Path(opts.checkpoint_dir).expanduser()
         meta = {"base_model": label, "host": "comfyui" if host.is_comfy_model(ref.model) else "package",
                 "ta_mode": loss.ta.mode, "rank": loss.ta.rank, "reward": loss.reward.spec_string() if loss.reward

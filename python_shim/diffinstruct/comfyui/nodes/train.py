@@ -225,3 +225,74 @@ class DIPPAlign(_TrainingNode):
                                         height=height, checkpoint_every=checkpoint_every, node_id=unique_id,
                                         live=_live(preview_every, diversity_warning))
         return _outputs(comfy_train.train(loss, model, opts, vae=vae, prompts=prompt_list, clip=clip))
+
+
+class DIPPExportRun:
+    DESCRIPTION = ("Export this composed run for a cluster: the nodes upstream of model, loss, VAE and CLIP (in "
+                   "ComfyUI's API format) and the training settings, as a run config. `python -m "
+                   "torch.distributed.run --nproc_per_node N -m diffinstruct comfyui train --config FILE --comfyui "
+                   "ComfyUI --out models/loras/NAME` trains it data-parallel on N GPUs (or CPU processes); the "
+                   "LoRA it saves loads with core Load LoRA. Nothing is trained here.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("The run config written (JSON).",)
+    FUNCTION = "export"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        common = _common_inputs()
+        common.pop("checkpoint_dir")
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The generator's starting point (usually the reference's MODEL), "
+                                               "from a loader."}),
+                "loss": (LOSS, {"tooltip": "From Generator Loss."}),
+                "vae": ("VAE", {"tooltip": "Decodes samples for the reward."}),
+                "prompts": ("STRING", {"multiline": True, "default": "",
+                                       "tooltip": PROMPTS_TOOLTIP + " Empty: the reference score's positive "
+                                                  "conditioning."}),
+                "steps": STEPS,
+                **common,
+                "filename_prefix": ("STRING", {"default": "diffinstruct/cluster_run", "tooltip": "Relative name "
+                                               "of the run config (under output/diffinstruct_runs/) and of the "
+                                               "weights the cluster run saves in --out."}),
+            },
+            "optional": {"clip": ("CLIP", {"tooltip": "Encodes the prompts (needed when prompts are given)."}),
+                         "ema_decay": ("FLOAT", {"default": 0.95, "min": 0.0, "max": 0.9999, "step": 0.001,
+                                                 "round": False, "tooltip": EMA_TOOLTIP})},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix: str) -> bool | str:  # noqa: N802 - ComfyUI's name
+        from diffinstruct.comfyui.files import check_prefix
+
+        try:
+            check_prefix(filename_prefix)
+        except ValueError as exc:
+            return str(exc)
+        return True
+
+    def export(self, model: Any, loss: LossSpec, vae: Any, prompts: str, steps: int, batch_size: int,
+               learning_rate: float, seed: int, width: int, height: int, checkpoint_every: int,
+               filename_prefix: str, clip: Any = None, ema_decay: float = 0.95, unique_id: str | None = None,
+               prompt: dict[str, Any] | None = None) -> dict[str, Any]:
+        from pathlib import Path
+
+        from diffinstruct.comfyui import cluster
+        from diffinstruct.comfyui.files import check_prefix
+        from diffinstruct.comfyui.paths import node_write
+        from diffinstruct.comfyui.runs import runs_root
+
+        settings = {"prompts": prompts, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
+                    "seed": seed, "width": width, "height": height, "checkpoint_every": checkpoint_every,
+                    "ema_decay": ema_decay, "filename_prefix": check_prefix(filename_prefix)}
+        config = cluster.export_config(prompt, unique_id, settings)
+        target = node_write(Path(runs_root()) / f"{check_prefix(filename_prefix)}.json", "filename_prefix")
+        path = cluster.write_config(config, target)
+        run = ("python -m torch.distributed.run --nproc_per_node N -m diffinstruct comfyui train "
+               f"--config {path} --comfyui <ComfyUI folder> --out <ComfyUI>/models/loras/<name>")
+        return {"ui": {"text": [f"saved {path}", f"{len(config['graph'])} nodes exported", run], "path": [str(path)]},
+                "result": (str(path),)}
