@@ -32,9 +32,11 @@ def size_inputs(default: int = 512) -> dict[str, Any]:
     }
 
 
-def seed_input() -> tuple[str, dict[str, Any]]:
-    return ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
-                    "tooltip": "Seed of every random draw (noise, sigmas, prompt order): equal seeds give equal runs."})
+TRAIN_SEED_TOOLTIP = "Seed of every random draw (noise, sigmas, prompt order): equal seeds give equal runs."
+
+
+def seed_input(tooltip: str = TRAIN_SEED_TOOLTIP) -> tuple[str, dict[str, Any]]:
+    return ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": tooltip})
 
 
 def default_run_dir(kind: str, prompt: dict[str, Any] | None = None, node_id: str | None = None) -> str:

@@ -69,7 +69,8 @@ class DIPPTinyTasteReward:
                 "pairs": ("INT", {"default": 1500, "min": 16, "max": 1_000_000, "tooltip": "Rated pairs."}),
                 "epochs": ("INT", {"default": 40, "min": 1, "max": 10_000, "tooltip": "Training epochs of the "
                                                                                       "preference model."}),
-                "seed": seed_input(),
+                "seed": seed_input("Seed of the images shown, the pairs, the rater's choices and the fit: equal "
+                                   "seeds give equal rewards."),
             },
             "optional": {
                 "generator": ("MODEL", {"tooltip": "The stage-1 generator (from Train): its samples are rated too, "

@@ -27,7 +27,7 @@ class DIPPOneStepSample:
             "required": {
                 "model": ("MODEL", {"tooltip": "The generator (from Align / Train, or any supported MODEL)."}),
                 "positive": ("CONDITIONING", {"tooltip": "Conditioning; several entries are used in turn."}),
-                "seed": seed_input(),
+                "seed": seed_input("Seed of the starting noise: the same seed gives the same images."),
                 **size_inputs(),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images to generate."}),
             },
@@ -124,7 +124,8 @@ class DIPPEvaluate:
             "vae": ("VAE", {"tooltip": "Decodes the samples for the reward."}),
             "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": EVAL_PROMPTS_TOOLTIP}),
             "reward": (REWARD, {"tooltip": "The reward to measure."}),
-            "seed": seed_input(),
+            "seed": seed_input("Seed of the starting noise: prompt i draws its samples from seed + i, the same for "
+                               "every model, so before / after comparisons are paired."),
             "samples_per_prompt": ("INT", {"default": 4, "min": 1, "max": 1024, "tooltip": "Samples per prompt."}),
             **size_inputs(),
         }}

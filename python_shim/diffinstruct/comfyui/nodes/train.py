@@ -35,7 +35,7 @@ OUTPUT_TOOLTIPS = (
 )
 
 
-EMA_TOOLTIP = ("Decay of the generator weights' moving average (the MODEL and weights this node returns are "
+EMA_TOOLTIP = ("Decay of the generator weights' moving average (the MODEL and weights the run returns are "
                "the average). 0.95 is the paper's; a run of hundreds of steps at a small learning rate can use "
                "0.99 (the tiny demo does), which a run of tens of steps cannot (0.99 over 60 steps still weighs "
                "the start by 0.55).")
@@ -175,7 +175,7 @@ class DIPPAlign(_TrainingNode):
     DESCRIPTION = ("One-click DI++ alignment of a loaded checkpoint: MODEL + CLIP + VAE + prompts + a reward. "
                    "Everything else is at the paper's defaults (log-normal sigma (-2, 2), normalised weighting, "
                    "Adam (0, 0.999), EMA 0.95, sigma_init 2.5), with the TA and generator as LoRA adapters on one "
-                   "shared frozen base.")
+                   "shared frozen base; the TA learns 10x faster than the generator (ta_learning_rate).")
     FUNCTION = "align"
 
     @classmethod
