@@ -43,6 +43,8 @@ TA_LR_TOOLTIP = ("Adam learning rate of the TA, 10x the generator's by default: 
                  "generator's samples, or the distillation direction goes stale and samples of one prompt drift "
                  "together (the tiny demo at alpha 10: 98 % of the teacher's diversity with the TA at 10x, 84 % "
                  "at 5x).")
+EMA_DECAY = ("FLOAT", {"default": 0.95, "min": 0.0, "max": 0.9999, "step": 0.001, "round": False,
+                       "tooltip": EMA_TOOLTIP})
 STEPS = ("INT", {"default": 200, "min": 1, "max": 1_000_000,
                  "tooltip": "Training steps (in total, counting the steps resumed from the checkpoint folder)."})
 
@@ -61,6 +63,19 @@ def _common_inputs() -> dict[str, Any]:
                                       "the same workflow again (after Cancel, or with more steps) resumes it."}),
         "checkpoint_every": ("INT", {"default": 50, "min": 1, "max": 1_000_000,
                                      "tooltip": "Checkpoint every that many steps (and at the end, and on Cancel)."}),
+    }
+
+
+def _composed_inputs(model_note: str, vae_tooltip: str) -> dict[str, Any]:
+    """What Train and Export Run take from a composed graph: the generator's start, the loss, the VAE, prompts."""
+    return {
+        "model": ("MODEL", {"tooltip": f"The generator's starting point (usually the reference's MODEL){model_note}."}),
+        "loss": (LOSS, {"tooltip": "From Generator Loss."}),
+        "vae": ("VAE", {"tooltip": vae_tooltip}),
+        "prompts": ("STRING", {"multiline": True, "default": "",
+                               "tooltip": PROMPTS_TOOLTIP + " Empty: train on the reference score's positive "
+                                          "conditioning."}),
+        "steps": STEPS,
     }
 
 
@@ -135,13 +150,7 @@ class DIPPTrain(_TrainingNode):
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The generator's starting point (usually the reference's MODEL)."}),
-                "loss": (LOSS, {"tooltip": "From Generator Loss."}),
-                "vae": ("VAE", {"tooltip": "Decodes samples for the reward and the preview."}),
-                "prompts": ("STRING", {"multiline": True, "default": "",
-                                       "tooltip": PROMPTS_TOOLTIP + " Empty: train on the reference score's "
-                                                  "positive conditioning."}),
-                "steps": STEPS,
+                **_composed_inputs("", "Decodes samples for the reward and the preview."),
                 **_common_inputs(),
                 "resume": ("BOOLEAN", {"default": True, "tooltip": "Resume a run found in checkpoint_dir (off: "
                                                                    "refuse to touch it)."}),
@@ -149,8 +158,7 @@ class DIPPTrain(_TrainingNode):
             "optional": {"clip": ("CLIP", {"tooltip": "Encodes the prompts (needed when prompts are given)."}),
                          **_live_inputs(),
                          # last: a saved workflow's widget values are positional, and older ones end before it
-                         "ema_decay": ("FLOAT", {"default": 0.95, "min": 0.0, "max": 0.9999, "step": 0.001,
-                                                 "round": False, "tooltip": EMA_TOOLTIP})},
+                         "ema_decay": EMA_DECAY},
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
@@ -246,22 +254,14 @@ class DIPPExportRun:
         common.pop("checkpoint_dir")
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The generator's starting point (usually the reference's MODEL), "
-                                               "from a loader."}),
-                "loss": (LOSS, {"tooltip": "From Generator Loss."}),
-                "vae": ("VAE", {"tooltip": "Decodes samples for the reward."}),
-                "prompts": ("STRING", {"multiline": True, "default": "",
-                                       "tooltip": PROMPTS_TOOLTIP + " Empty: the reference score's positive "
-                                                  "conditioning."}),
-                "steps": STEPS,
+                **_composed_inputs(", from a loader", "Decodes samples for the reward."),
                 **common,
                 "filename_prefix": ("STRING", {"default": "diffinstruct/cluster_run", "tooltip": "Relative name "
                                                "of the run config (under output/diffinstruct_runs/) and of the "
                                                "weights the cluster run saves in --out."}),
             },
             "optional": {"clip": ("CLIP", {"tooltip": "Encodes the prompts (needed when prompts are given)."}),
-                         "ema_decay": ("FLOAT", {"default": 0.95, "min": 0.0, "max": 0.9999, "step": 0.001,
-                                                 "round": False, "tooltip": EMA_TOOLTIP})},
+                         "ema_decay": EMA_DECAY},
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
