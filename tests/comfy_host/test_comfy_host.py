@@ -412,6 +412,17 @@ def test_unsupported_model_type_is_named(host):
     with pytest.raises(UnsupportedModel, match="SD1.5 and SDXL"):
         model_family(weird)
     assert model_family(model)[0] == "ve"
+    # the kinds users load by mistake, each named: an audio latent, a video latent, an inpainting variant
+    for dims, what in ((1, "an audio"), (3, "a video or 3-D")):
+        latent = SimpleNamespace(latent_dimensions=dims)
+        other = SimpleNamespace(model=SimpleNamespace(**{**vars(weird.model), "latent_format": latent,
+                                                         "model_sampling": model.model.model_sampling}))
+        with pytest.raises(UnsupportedModel, match=f"is {what}.*text-to-image generators only; supported: SD1.5"):
+            model_family(other)
+    inpaint = tiny_comfy.tiny_model(5)
+    inpaint.model.set_inpaint()
+    with pytest.raises(UnsupportedModel, match=r"inpainting or edit variant \(it also takes mask, masked_image\)"):
+        model_family(inpaint)
 
 
 @pytest.mark.parametrize("model_type", ["V_PREDICTION", "FLOW"])

@@ -75,8 +75,15 @@ def model_family(model: Any) -> tuple[str, str]:
     kind = parameterisation(base)
     label = f"{type(base).__name__} ({kind})"
     latent_format = getattr(base, "latent_format", None)
-    if getattr(latent_format, "latent_dimensions", 2) != 2:
-        raise UnsupportedModel(f"{label} is a video/3-D latent model; supported: {SUPPORTED}")
+    dims = getattr(latent_format, "latent_dimensions", 2)
+    if dims != 2:
+        what = "an audio (1-D latent)" if dims == 1 else "a video or 3-D latent"
+        raise UnsupportedModel(f"{label} is {what} model: the pack trains text-to-image generators only; "
+                               f"supported: {SUPPORTED}")
+    if tuple(getattr(base, "concat_keys", ())):
+        # inpainting / edit / image-to-video variants: their denoiser also takes a mask or an image we do not have
+        raise UnsupportedModel(f"{label} is an inpainting or edit variant (it also takes {', '.join(base.concat_keys)}"
+                               f"); use the text-to-image checkpoint of the family; supported: {SUPPORTED}")
     if kind in FLOW_PARAMETERISATIONS:
         return "flow", label
     if kind in VE_PARAMETERISATIONS:
