@@ -36,6 +36,9 @@ class CLIPTextEncode:
         return (clip.encode_from_tokens_scheduled(clip.tokenize(text)),)
 
 
+NODE_CLASSES = {**DEFINITIONS, "CLIPTextEncode": CLIPTextEncode}  # ComfyUI's mapping, with the pack's nodes
+
+
 def queued_prompt(loss: str = "6") -> dict[str, Any]:
     """The tiny-demo workflow with an export node on stage 1's loss, its TA as LoRA on the shared base."""
     prompt = json.loads(WORKFLOW.read_text())
@@ -82,7 +85,7 @@ def test_bad_configs_are_named(tmp_path):
     graph = copy.deepcopy(config["graph"])
     graph["2"]["class_type"] = "NoSuchNode"
     with pytest.raises(ConfigError, match="no node NoSuchNode"):
-        cluster.execute(graph, {**DEFINITIONS, "CLIPTextEncode": CLIPTextEncode})
+        cluster.execute(graph, NODE_CLASSES)
 
 
 def test_the_exported_run_trains_under_torchrun_and_saves_a_lora(tmp_path):
@@ -109,7 +112,7 @@ def test_the_exported_run_trains_under_torchrun_and_saves_a_lora(tmp_path):
     digests = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert digests[0] == digests[1]
     assert digest(lora) == digests[0]  # rank 0 saved what it holds
-    alone, _ = cluster.run(cluster.read_config(path), tmp_path / "alone", {"CLIPTextEncode": CLIPTextEncode})
+    alone, _ = cluster.run(cluster.read_config(path), tmp_path / "alone", NODE_CLASSES)
     assert digest(load_file(alone["saved"])) != digests[0]
     teacher = load_teacher()
     base = copy.deepcopy(teacher)
@@ -129,7 +132,7 @@ def _worker(config_path: str, out: str) -> None:
     torch.set_num_threads(1)
     env = distributed.init_from_env()
     try:
-        summary, weights = cluster.run(cluster.read_config(config_path), out, {"CLIPTextEncode": CLIPTextEncode})
+        summary, weights = cluster.run(cluster.read_config(config_path), out, NODE_CLASSES)
     finally:
         distributed.cleanup(env)
     Path(out, f"rank{env.rank}.json").write_text(json.dumps(digest(weights.tensors)))  # what this rank holds

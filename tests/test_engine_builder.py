@@ -54,7 +54,7 @@ def test_config_sources_merge_in_order_and_are_validated():
 def test_a_spec_names_its_options_in_field_metadata():
     # a host field that is not a training option (TA mode, LoRA rank, image size) never reaches DIConfig
     named = {f.name for f in dataclasses.fields(TrainOptions) if f.metadata}
-    assert named == {"batch_size", "lr_generator", "seed", "bf16"}
+    assert named == {"batch_size", "lr_generator", "seed", "bf16", "ema_decay"}
     assert engine.trainer_config(loss_spec(alpha=0.0, method="DI")).alpha == 0.0
 
 

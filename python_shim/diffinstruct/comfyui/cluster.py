@@ -126,7 +126,8 @@ def execute(graph: Mapping[str, Any], classes: Mapping[str, type]) -> dict[str, 
 
 def run(config: Mapping[str, Any], out_dir: str | os.PathLike[str], classes: Mapping[str, type],
         steps: int | None = None) -> tuple[dict[str, Any], Any]:
-    """Train the exported run in this process (one rank of a torchrun job, or alone) into `out_dir`; rank 0 saves
+    """Train the exported run in this process (one rank of a torchrun job, or alone) into `out_dir`, executing its
+    graph with `classes` (ComfyUI's node classes with the pack's declarations over them); rank 0 saves
     the weights there. Returns the run's summary (with the saved file's path on rank 0) and the trained weights
     (specs.TrainedWeights; every rank holds the same)."""
     import torch
@@ -135,9 +136,7 @@ def run(config: Mapping[str, Any], out_dir: str | os.PathLike[str], classes: Map
     from . import host, training
     from .files import save_weights
     from .live import LiveSettings
-    from .registry import DEFINITIONS
 
-    classes = {**classes, **DEFINITIONS}
     train = config["train"]
     with torch.inference_mode():  # as ComfyUI runs nodes
         results = execute(config["graph"], classes)
@@ -184,8 +183,9 @@ def import_comfyui(path: str | os.PathLike[str], custom_nodes: list[str]) -> dic
     return dict(nodes.NODE_CLASS_MAPPINGS)
 
 
-def command(args: Any) -> int:
-    """`diffinstruct comfyui train --config RUN.json --comfyui DIR --out DIR [--custom-node DIR]... [--steps N]`."""
+def command(args: Any, pack_nodes: Mapping[str, type]) -> int:
+    """`diffinstruct comfyui train --config RUN.json --comfyui DIR --out DIR [--custom-node DIR]... [--steps N]`;
+    `pack_nodes`: the pack's node declarations (registry.DEFINITIONS), called directly instead of their V3 nodes."""
     import torch
 
     from .. import distributed
@@ -202,7 +202,7 @@ def command(args: Any) -> int:
     # before ComfyUI is imported, so its model management puts this rank's models there)
     env = distributed.init_from_env("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        classes = import_comfyui(args.comfyui, list(args.custom_node or []))
+        classes = {**import_comfyui(args.comfyui, list(args.custom_node or [])), **pack_nodes}
         summary, _ = run(config, out, classes, steps=args.steps)
     finally:
         distributed.cleanup(env)

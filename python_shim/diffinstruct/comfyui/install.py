@@ -140,8 +140,9 @@ def command(args: argparse.Namespace) -> int:
     not ComfyUI's raises InstallError (bad input, exit status 2); failing to write there is an OSError (1)."""
     if args.action == "train":
         from .cluster import command as train
+        from .registry import DEFINITIONS
 
-        return train(args)
+        return train(args, DEFINITIONS)
     if args.action == "install":
         path = install(args.comfyui)
         print(f"wrote {path}; restart ComfyUI to load the Diff-Instruct++ nodes")
