@@ -522,6 +522,10 @@ def test_a_composed_run_exported_from_the_graph_trains_under_torchrun_and_its_lo
     from diffinstruct.comfyui import training as comfy_train
 
     prompt = {k: v for k, v in workflow("composed_pipeline", {}).items() if int(k) <= 9}
+    # a V3 core node in the exported graph (FluxGuidance; SD1.5's conditioning ignores its guidance entry): the
+    # cluster run calls it as ComfyUI's executor does
+    prompt["16"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": 3.5}}
+    prompt["4"]["inputs"]["positive"] = ["16", 0]
     prompt["15"] = {"class_type": "DIPPExportRun", "inputs": {
         "model": ["1", 0], "loss": ["9", 0], "vae": ["1", 2], "clip": ["1", 1], "prompts": "a red car\na blue house",
         "steps": 4, "batch_size": 1, "learning_rate": 3e-3, "seed": 0, "width": SIZE, "height": SIZE,
@@ -530,7 +534,7 @@ def test_a_composed_run_exported_from_the_graph_trains_under_torchrun_and_its_lo
     assert not errors(server), errors(server)
     shown = executor.history_result["outputs"]["15"]
     config = Path(shown["path"][0])
-    assert config.is_file()
+    assert json.loads(config.read_text())["graph"]["16"]["class_type"] == "FluxGuidance"
     assert any("torch.distributed.run" in line for line in shown["text"])
     out = host.tmp / "loras" / "cluster"
     with socket.socket() as s:

@@ -95,14 +95,22 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _call(cls: type, inputs: dict[str, Any]) -> tuple[Any, ...]:
-    definition = getattr(cls, "DEFINITION", None)  # the pack's V3 nodes: call the declaration they are built from
-    if definition is not None:
-        cls = definition
-    if hasattr(cls, "FUNCTION"):
+    """One node's outputs, called as ComfyUI's executor calls it (execution.py): a V3 node through a class clone
+    (PREPARE_CLASS_CLONE, no hidden inputs: an exported graph has none) and its FUNCTION, a V1 node through an
+    instance; a coroutine is run to completion."""
+    import asyncio
+    import inspect
+
+    cls = getattr(cls, "DEFINITION", cls)  # the pack's V3 nodes: the declaration they are built from
+    if hasattr(cls, "PREPARE_CLASS_CLONE"):
+        out = getattr(cls.PREPARE_CLASS_CLONE({}), cls.FUNCTION)(**inputs)
+    else:
         out = getattr(cls(), cls.FUNCTION)(**inputs)
-        return tuple(out["result"]) if isinstance(out, dict) else tuple(out)
-    out = cls.execute(**inputs)  # a V3 node: NodeOutput
-    return tuple(getattr(out, "result", None) or getattr(out, "args", ()))
+    if inspect.isawaitable(out):
+        out = asyncio.run(out)
+    if hasattr(out, "args") and hasattr(out, "ui"):  # V3 NodeOutput
+        return tuple(out.args)
+    return tuple(out["result"]) if isinstance(out, dict) else tuple(out)
 
 
 def execute(graph: Mapping[str, Any], classes: Mapping[str, type]) -> dict[str, tuple[Any, ...]]:
