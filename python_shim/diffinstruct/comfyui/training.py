@@ -396,10 +396,12 @@ def carried_ta(model: Any) -> dict[str, torch.Tensor] | None:
 def carry_over_ta(ta: Any, generator_model: Any) -> str:
     """Start a full-mode TA from the TA of the run that produced `generator_model`, when there is one.
 
-    The TA models the generator's own distribution. A fresh TA (a copy of the reference) starts out modelling the
-    teacher's distribution instead, and until it catches up the IKL gradient points the wrong way. In the tiny
-    demo that costs diversity: a stage 3 that starts from stage 1's TA keeps the teacher's diversity, and one that
-    starts afresh falls well below it (issue 17). Returns where the TA started, for the summary."""
+    The TA models the generator's own distribution; a fresh TA (a copy of the reference) models the teacher's and
+    spends the run's first steps catching up. This is what the demo's stage 3 does. Measured on the tiny_demo
+    workflow (400 + 150 steps, TA lr 10x the generator's): carried over, stage 3 gains +2.76 learned reward and
+    keeps 97.3 % of the teacher's diversity; from a fresh TA +2.57 and 99.4 %. At these settings it buys reward,
+    not diversity (the TA's learning rate is what kept diversity, issue 17). Returns where the TA started, for the
+    summary."""
     state = carried_ta(generator_model)
     if state is None:
         return "reference"
