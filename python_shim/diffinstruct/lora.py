@@ -54,8 +54,9 @@ class LoRALayer(nn.Module):
                 raise TypeError(f"LoRA supports Linear and Conv2d, got {type(base).__name__}")
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
             nn.init.zeros_(up.weight)  # starts exactly at the base
-            down.to(base.weight.dtype)
-            up.to(base.weight.dtype)
+            dtype = adapter_dtype(base)
+            down.to(dtype)
+            up.to(dtype)
             self.adapters[role] = nn.Sequential(down, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +73,14 @@ class LoRALayer(nn.Module):
             # Conv2d never keep their output for backward, so autograd allows it); 1.0 is the default scale
             out = out.add_(delta) if self.scale == 1.0 else out.add_(delta, alpha=self.scale)
         return out
+
+
+def adapter_dtype(base: nn.Module) -> torch.dtype:
+    """The base weight's dtype, except for a base that casts its weights to the input's dtype (ComfyUI's
+    manual-cast layers holding fp8 / bf16 weights): its inputs, and so its adapters, are float32."""
+    if getattr(base, "comfy_cast_weights", False) or base.weight.element_size() < 2:
+        return torch.float32
+    return base.weight.dtype
 
 
 def store_frozen_in(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:

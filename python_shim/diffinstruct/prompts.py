@@ -25,6 +25,11 @@ def _cat(items: list[Any]) -> Any:
         return torch.cat(items, dim=0)
     if isinstance(first, dict):
         return {k: _cat([it[k] for it in items]) for k in first}
+    if isinstance(first, bool | int | float):  # a model input that is one value for the batch (num_tokens)
+        if any(it != first for it in items):
+            raise ValueError(f"a conditioning constant differs within one batch ({sorted(set(items))}): such "
+                             f"conditionings cannot share a network pass")
+        return first
     raise TypeError(f"conditioning must be a tensor or a dict of tensors, got {type(first).__name__}")
 
 
@@ -36,7 +41,13 @@ def join_conditioning(cond: Any, uncond: Any) -> Any | None:
             return None
         return torch.cat([cond, uncond], dim=0)
     if isinstance(cond, dict) and isinstance(uncond, dict) and cond.keys() == uncond.keys():
-        joined = {k: join_conditioning(cond[k], uncond[k]) for k in cond}
+        joined = {}
+        for key in cond:
+            a, b = cond[key], uncond[key]
+            if isinstance(a, torch.Tensor | dict) or isinstance(b, torch.Tensor | dict):
+                joined[key] = join_conditioning(a, b)
+            else:  # a constant of both batches (num_tokens): one pass only when they agree
+                joined[key] = a if a == b else None
         return None if any(v is None for v in joined.values()) else joined
     return None
 

@@ -254,7 +254,8 @@ class Loaded:
     verdicts: list[str | None]
 
 
-def load(family: Family, paths: dict[str, Path]) -> Loaded:
+def load(family: Family, paths: dict[str, Path], model_options: dict[str, Any] | None = None) -> Loaded:
+    """model_options: what the loader nodes pass (UNETLoader's weight_dtype becomes {"dtype": torch.float8_e4m3fn})."""
     import comfy.sd
     import comfy.utils
 
@@ -262,9 +263,10 @@ def load(family: Family, paths: dict[str, Path]) -> Loaded:
     with tiny_detection(family, verdicts):
         if "checkpoint" in paths:
             model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(str(paths["checkpoint"]), output_vae=True,
-                                                                     output_clip=False)
+                                                                     output_clip=False,
+                                                                     model_options=model_options or {})
         else:
-            model = comfy.sd.load_diffusion_model(str(paths["diffusion_model"]))
+            model = comfy.sd.load_diffusion_model(str(paths["diffusion_model"]), model_options=model_options or {})
             vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(paths["vae"])))
     return Loaded(model, vae, verdicts)
 

@@ -72,7 +72,8 @@ def report(family, comfy_nodes, tmp: Path, steps: int, counter: Counter) -> dict
 
     row = {"family": family.name, "loads": "-", "detected": "-", "forward": "-", "align": "-", "sample": "-",
            "lora": "-", "extras": "-", "inputs": "-"}
-    mappings = comfy_nodes.NODE_CLASS_MAPPINGS
+    # the pack's V3 nodes replaced by the declarations they are built from, to call their functions directly
+    mappings = {k: getattr(v, "DEFINITION", v) for k, v in comfy_nodes.NODE_CLASS_MAPPINGS.items()}
     try:
         built = families.build(family, seed=0)
         paths = families.save(family, built, tmp / "files" / family.name.replace(" ", "_"))
@@ -90,7 +91,8 @@ def report(family, comfy_nodes, tmp: Path, steps: int, counter: Counter) -> dict
             x = families.sample(model, cond, families.conditioning(clip, ""), family.latent_channels, 1, 2.0, side)
         row["forward"] = "ok" if torch.isfinite(x).all() else "NON-FINITE"
         inputs = host.encode_conditioning(model, cond[0], (side, side), 8)
-        row["inputs"] = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items() if k != "c_crossattn")
+        row["inputs"] = ", ".join(f"{k} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"{k} {v}"
+                                  for k, v in inputs.items() if k != "c_crossattn")
     except Exception as exc:  # noqa: BLE001 - the table says what failed
         row["loads" if row["loads"] == "-" else "forward"] = short(exc)
         traceback.print_exc()

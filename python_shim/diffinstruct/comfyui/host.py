@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import gc
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +23,18 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModel
+from .copies import copy_base_model
 
-SUPPORTED = ("SD1.5 and SDXL (epsilon prediction), v-prediction and EDM models, and flow models (SD3, Flux); "
-             "or a diffinstruct denoiser module")
+SUPPORTED = ("SD1.5 and SDXL (epsilon prediction), v-prediction and EDM models, flow models (SD3/3.5, Flux.1, "
+             "Chroma, Lumina 2 / Z-Image, Qwen-Image, HiDream, AuraFlow), PixArt and HunyuanDiT; or a diffinstruct "
+             "denoiser module")
 VE_PARAMETERISATIONS = ("EPS", "V_PREDICTION", "EDM", "X0")
 FLOW_PARAMETERISATIONS = ("CONST",)
 UNSUPPORTED_PARAMETERISATIONS = ("IMG_TO_IMG", "COSMOS_RFLOW")
+# image models whose latent format is the video VAE's 3-D one, sampled on [B, C, 1, H, W]: the engine sees the
+# frame axis squeezed out (ComfyDenoiser and to_raw_latent put it back)
+IMAGE_MODELS_ON_3D_LATENTS = ("QwenImage",)
+
 
 
 # ============================================================================================== what was passed
@@ -76,7 +81,7 @@ def model_family(model: Any) -> tuple[str, str]:
     label = f"{type(base).__name__} ({kind})"
     latent_format = getattr(base, "latent_format", None)
     dims = getattr(latent_format, "latent_dimensions", 2)
-    if dims != 2:
+    if dims != 2 and type(base).__name__ not in IMAGE_MODELS_ON_3D_LATENTS:
         what = "an audio (1-D latent)" if dims == 1 else "a video or 3-D latent"
         raise UnsupportedModel(f"{label} is {what} model: the pack trains text-to-image generators only; "
                                f"supported: {SUPPORTED}")
@@ -91,6 +96,18 @@ def model_family(model: Any) -> tuple[str, str]:
     raise UnsupportedModel(f"{label} is not supported (parameterisation {kind}); supported: {SUPPORTED}")
 
 
+def guidance_distilled(model: Any) -> bool:
+    """A model trained to take the CFG scale as an input (Flux.1 dev's guidance embedding): it is guided by the
+    `guidance` value in its conditioning (what FluxGuidance sets), in one pass, not by CFG's second pass."""
+    if not is_comfy_model(model):
+        return False
+    net = getattr(model.model, "diffusion_model", None)
+    if getattr(getattr(net, "params", None), "guidance_embed", False):
+        return True
+    embed = getattr(net, "guidance_in", None)
+    return isinstance(embed, nn.Module) and not isinstance(embed, nn.Identity)
+
+
 # ============================================================================================== the denoiser
 class ComfyDenoiser(nn.Module):
     """D(x, sigma, cond) -> x0 over a private copy of a ComfyUI BaseModel: `apply_model` takes sigma as t.
@@ -100,54 +117,77 @@ class ComfyDenoiser(nn.Module):
     (1 - sigma) x0 + sigma eps ("flow"), and apply_model's output is x0 in both cases.
     """
 
-    def __init__(self, base_model: nn.Module, process: str) -> None:
+    def __init__(self, base_model: nn.Module, process: str, model_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model = base_model
         self.process = process
+        # the MODEL's patches from other nodes (transformer_options: attention / block patches and wrappers;
+        # model_function_wrapper), applied as ComfyUI's sampler applies them
+        self.model_options = model_options or {}
         ms = base_model.model_sampling
         lo, hi = float(ms.sigma_min), float(ms.sigma_max)
         if process == "flow":  # the engine's VE view divides by 1 - sigma: keep it away from 0 and 1
             lo, hi = max(lo, 1e-3), min(hi, 1.0 - 1e-3)
         self.sigma_min, self.sigma_max = lo, hi
+        self.frame_axis = on_3d_latents(base_model)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ComfyDenoiser:
+        """Copies of the network (the TA, the EMA) share the MODEL's patches: they belong to the host's graph and
+        need not be copyable."""
+        memo[id(self.model_options)] = self.model_options
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def train(self, mode: bool = True) -> ComfyDenoiser:
+        """The network stays in eval mode: training must change the function ComfyUI samples with, and train-mode
+        behaviours would change it (PixArt's caption dropout drops prompts, and makes its mask on `cuda`)."""
+        super().train(mode)
+        self.model.eval()
+        return self
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         kwargs = cond if isinstance(cond, dict) else {"c_crossattn": cond}
-        return self.model.apply_model(x, sigma.to(x.device), **kwargs)
+        x_in = x.unsqueeze(2) if self.frame_axis else x
+        timestep = sigma.to(x.device)
+        options = self.model_options.get("transformer_options")
+        if options:
+            kwargs = {**kwargs, "transformer_options": {**options, "sigmas": timestep}}
+        wrapper = self.model_options.get("model_function_wrapper")
+        if wrapper is not None:
+            out = wrapper(self.model.apply_model, {"input": x_in, "timestep": timestep, "c": kwargs,
+                                                   "cond_or_uncond": []})
+        else:
+            out = self.model.apply_model(x_in, timestep, **kwargs)
+        return out.squeeze(2) if self.frame_axis else out
 
 
-def _plain_layers(module: nn.Module) -> None:
-    """Make comfy.ops layers run their plain torch forward on the copy: no per-forward casts or patches
-    (weights are already in the training dtype and ComfyUI's patches are baked in at load)."""
-    for m in module.modules():
-        if hasattr(m, "comfy_cast_weights"):
-            m.comfy_cast_weights = False
-        if isinstance(getattr(m, "weight_function", None), list):
-            m.weight_function = []
-        if isinstance(getattr(m, "bias_function", None), list):
-            m.bias_function = []
+def model_patches(model: Any) -> list[str]:
+    """The kinds of patch other nodes put on a MODEL (output_block_patch, attn1 replacements, a model function
+    wrapper...), for messages."""
+    if not is_comfy_model(model):
+        return []
+    options = getattr(model, "model_options", {}) or {}
+    transformer = options.get("transformer_options", {}) or {}
+    names = [k for k, v in (transformer.get("patches", {}) or {}).items() if v]
+    names += [f"{k} replacement" for k, v in (transformer.get("patches_replace", {}) or {}).items() if v]
+    return names + (["model_function_wrapper"] if options.get("model_function_wrapper") is not None else [])
 
 
-def _copy_base_model(base: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A BaseModel sharing model_sampling / latent_format with `base` but owning a copy of its network."""
-    new = copy.copy(base)
-    for attr in ("_modules", "_parameters", "_buffers"):
-        setattr(new, attr, OrderedDict(getattr(base, attr)))
-    for attr in ("current_patcher",):
-        if attr in new.__dict__:
-            new.__dict__[attr] = None
-    net = copy.deepcopy(base.diffusion_model).to(dtype)  # clones every tensor: no inference tensors remain
-    _plain_layers(net)
-    new.diffusion_model = net
-    new.manual_cast_dtype = None
-    if hasattr(net, "dtype"):
-        net.dtype = dtype
-    return new
+def on_3d_latents(base_model: Any) -> bool:
+    """An image model on the video VAE's latents ([B, C, 1, H, W]; Qwen-Image)."""
+    return getattr(getattr(base_model, "latent_format", None), "latent_dimensions", 2) == 3 and \
+        type(base_model).__name__ in IMAGE_MODELS_ON_3D_LATENTS
 
 
-def trainable_copy(model: Any, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> nn.Module:
+def trainable_copy(model: Any, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                   keep_weight_dtype: bool = False) -> nn.Module:
     """A denoiser the engine may attach LoRA layers to and train, independent of `model`.
 
-    Call outside inference mode (the training entry points do).
+    keep_weight_dtype: a MODEL loaded in fp8 or bf16 keeps its weights so (for a frozen base under LoRA: the
+    shared mode); they compute in `dtype`. Call outside inference mode (the training entry points do).
     """
     process, _ = model_family(model)
     if is_package_denoiser(model):
@@ -157,8 +197,8 @@ def trainable_copy(model: Any, dtype: torch.dtype = torch.float32, device: torch
 
     mm.load_models_gpu([model], force_full_load=True)  # bakes LoRA/weight patches into the shared weights
     dev = device if device is not None else model.load_device
-    copied = _copy_base_model(model.model, dtype).to(dev)
-    return ComfyDenoiser(copied, process)
+    copied = copy_base_model(model.model, dtype, keep_weight_dtype).to(dev)
+    return ComfyDenoiser(copied, process, model.model_options)
 
 
 def frozen_view(model: Any) -> nn.Module:
@@ -169,7 +209,7 @@ def frozen_view(model: Any) -> nn.Module:
     import comfy.model_management as mm
 
     mm.load_models_gpu([model])
-    return ComfyDenoiser(model.model, process)
+    return ComfyDenoiser(model.model, process, model.model_options)
 
 
 def model_device(model: Any) -> torch.device:
@@ -189,7 +229,8 @@ def latent_channels(model: Any) -> int:
 def to_raw_latent(model: Any, x0: torch.Tensor) -> torch.Tensor:
     """Model-space x0 -> what a LATENT holds (ComfyUI's latent_format.process_out); identity for our models."""
     if is_comfy_model(model):
-        return model.model.latent_format.process_out(x0)
+        base = model.model
+        return base.latent_format.process_out(x0.unsqueeze(2) if on_3d_latents(base) else x0)
     return x0
 
 
@@ -230,7 +271,7 @@ def encode_conditioning(model: Any, entry: Entry, latent_hw: tuple[int, int], do
     params = {k: v for k, v in extra.items() if k not in ("model_conds", "control", "gligen", "hooks")}
     params.update(cross_attn=tensor, device=device, noise=torch.zeros((1, latent_channels(model), h, w)),
                   width=params.get("width", w * downscale), height=params.get("height", h * downscale))
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for key, value in base.extra_conds(**params).items():
         data = getattr(value, "cond", value)
         if key == "c_concat":
@@ -238,6 +279,8 @@ def encode_conditioning(model: Any, entry: Entry, latent_hw: tuple[int, int], do
                                    f"models are not supported); supported: {SUPPORTED}")
         if isinstance(data, torch.Tensor):
             out[key] = data.detach().clone().to(device)
+        elif isinstance(data, bool | int | float):  # a CONDConstant: Lumina 2's num_tokens
+            out[key] = data
     if "c_crossattn" not in out:
         raise UnsupportedModel(f"{type(base).__name__} produced no cross-attention conditioning; "
                                f"supported: {SUPPORTED}")
@@ -286,10 +329,18 @@ class Decoder:
     process_output: Callable[[torch.Tensor], torch.Tensor]
     dtype: torch.dtype
     device: torch.device
+    latent_dim: int = 2  # 3: a video VAE (Qwen-Image's Wan 2.1), which takes [B, C, T, H, W]
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.module.decode(latents.to(self.device, self.dtype)) if hasattr(self.module, "decode") \
-            else self.module(latents.to(self.device, self.dtype))
+        # one image is one frame: a 2-D VAE gets it without the frame axis, a video VAE with it
+        if self.latent_dim == 2 and latents.dim() == 5 and latents.shape[2] == 1:
+            latents = latents[:, :, 0]
+        elif self.latent_dim == 3 and latents.dim() == 4:
+            latents = latents.unsqueeze(2)
+        latents = latents.to(self.device, self.dtype)
+        images = self.module.decode(latents) if hasattr(self.module, "decode") else self.module(latents)
+        if images.dim() == 5:  # [B, 3, T, H, W] from a video VAE
+            images = images[:, :, 0]
         return self.process_output(images.float())
 
 
@@ -305,7 +356,8 @@ def differentiable_decoder(vae: Any, device: torch.device | None = None) -> Deco
         mm.load_models_gpu([vae.patcher])
         dev = device if device is not None else torch.device(vae.device)
         module = copy.deepcopy(vae.first_stage_model).to(dev).requires_grad_(False).eval()
-        return Decoder(module, vae.process_output, torch.float32 if dev.type == "cpu" else vae.vae_dtype, dev)
+        return Decoder(module, vae.process_output, torch.float32 if dev.type == "cpu" else vae.vae_dtype, dev,
+                       int(getattr(vae, "latent_dim", 2)))
     if isinstance(vae, nn.Module):
         dev = device if device is not None else next(iter(vae.parameters()), torch.zeros(())).device
         module = copy.deepcopy(vae).to(dev).requires_grad_(False).eval()

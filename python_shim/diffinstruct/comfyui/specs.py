@@ -46,6 +46,13 @@ class ReferenceSpec:
 
     def __post_init__(self) -> None:
         self.omega = check_omega(self.omega)
+        from .host import guidance_distilled
+
+        if self.omega != 1.0 and guidance_distilled(self.model):
+            raise ConfigError(
+                f"omega = {self.omega:g} cannot apply: this MODEL is guidance-distilled (as Flux.1 dev), so it is "
+                f"guided by the guidance value in its conditioning (set it with FluxGuidance on the positive "
+                f"conditioning; the model's default is 3.5), not by CFG's unconditional pass; set omega to 1")
 
 
 @dataclass

@@ -33,10 +33,11 @@ from ..prompts import PromptList, _cat
 from ..rewards import LatentToImageReward, load_spec
 from . import host as host
 from . import live as comfy_live
+from .conditioning import NULL, conditioning_table, reference_guidance, same_token_count
+from .copies import low_precision
 from .files import curves_image, lora_for_host, merge_lora
 from .specs import LossSpec, RewardSpec, TrainedWeights
 
-NULL = ""  # PromptList's null prompt: the negative conditioning
 LOG = logging.getLogger("diffinstruct")
 
 
@@ -88,37 +89,7 @@ class TrainResult:
         return {"text": ["\n".join(self.lines)], **({"warning": [True]} if self.warning else {})}
 
 
-# ============================================================================================== conditioning
-def conditioning_table(model: Any, prompts: Sequence[str] | None, clip: Any, positive: Any, negative: Any,
-                       latent_hw: tuple[int, int], downscale: int) -> tuple[list[str], dict[str, Any]]:
-    """(labels, label -> engine cond): prompts encoded with `clip`, or the positive CONDITIONING's entries;
-    the negative conditioning is stored under NULL (the unconditional branch of CFG)."""
-    neg = host.conditioning_entries(negative, "negative conditioning")[0]
-    if prompts:
-        if clip is None:
-            raise ConfigError("prompts were given but no CLIP is connected to encode them")
-        entries = host.encode_prompts(clip, prompts)
-        labels = list(prompts)
-    else:
-        pos = host.conditioning_entries(positive, "positive conditioning")
-        labels = [f"conditioning {i}" for i in range(len(pos))]
-        entries = dict(zip(labels, pos, strict=True))
-    table = {label: host.encode_conditioning(model, entry, latent_hw, downscale) for label, entry in entries.items()}
-    table[NULL] = host.encode_conditioning(model, neg, latent_hw, downscale)
-    return labels, same_token_count(table)
-
-
-def same_token_count(table: dict[str, Any]) -> dict[str, Any]:
-    """Prompts longer than one CLIP window have more tokens; batch them as ComfyUI does (CONDCrossAttn.concat):
-    repeat each to the least common multiple of the lengths, which leaves attention's result unchanged."""
-    lengths = {c["c_crossattn"].shape[1] for c in table.values() if isinstance(c, dict) and "c_crossattn" in c}
-    if len(lengths) < 2:
-        return table
-    target = math.lcm(*lengths)
-    return {k: ({**c, "c_crossattn": c["c_crossattn"].repeat(1, target // c["c_crossattn"].shape[1], 1)}
-                if isinstance(c, dict) and "c_crossattn" in c else c) for k, c in table.items()}
-
-
+# ============================================================================================== models
 def same_model(a: Any, b: Any) -> bool:
     if a is b:
         return True
@@ -232,6 +203,14 @@ def train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any = N
     """
     try:
         return _train(loss, generator_model, opts, vae, prompts, clip)
+    except RuntimeError as exc:
+        traceback.clear_frames(exc.__traceback__)
+        patches = host.model_patches(loss.reference.model) or host.model_patches(generator_model)
+        if patches and "modified by an inplace operation" in str(exc):
+            raise ConfigError(f"the MODEL carries patches from other nodes ({', '.join(patches)}) that change "
+                              f"tensors in place, which training cannot differentiate (FreeU's patch does); train "
+                              f"the unpatched MODEL and apply the patch to the aligned one") from exc
+        raise
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)
         raise
@@ -258,7 +237,9 @@ def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, p
     started = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
         labels, table = conditioning_table(ref.model, prompts, clip, ref.positive, ref.negative, latent_hw, downscale)
-        teacher = host.trainable_copy(ref.model, device=device)
+        # shared mode: the frozen base keeps the dtype the MODEL was loaded in (fp8 / bf16 weight_dtype)
+        teacher = host.trainable_copy(ref.model, device=device, keep_weight_dtype=shared)
+        frozen = low_precision(teacher) if shared else None
         gen_init = None if same else host.trainable_copy(generator_model, device=device)
         sigma_init = default_sigma_init(teacher)
         # LoRA init from the run's seed, without touching the host's RNG
@@ -286,7 +267,17 @@ def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, p
         result.summary.update(start_step=run["start_step"], wall_seconds=time.perf_counter() - started,
                               checkpoint_dir=str(out), process=process, previews=len(hooks.previews),
                               ta_start=ta_start)
+        if frozen is not None:
+            result.summary["frozen_base_dtype"] = str(frozen).removeprefix("torch.")
+        guidance = reference_guidance(ref.model, table)
+        if guidance is not None:
+            result.summary["reference_guidance"] = guidance
         result.lines, result.warning = result_lines(result.summary, hooks.previews)
+        if frozen is not None:
+            result.lines.insert(0, f"frozen base in {result.summary['frozen_base_dtype']} as loaded, LoRA in float32")
+        if guidance is not None:
+            result.lines.insert(0, f"reference: guidance-distilled, guidance {guidance:g} from the conditioning "
+                                   f"(FluxGuidance), one pass")
         if hooks.cpu_estimate:
             result.lines.append(hooks.cpu_estimate.replace("WARNING: ", "note: "))
     return result

@@ -20,7 +20,8 @@ EVAL_PROMPTS_TOOLTIP = ("Prompts to evaluate, one per line (blank lines and line
                         "samples_per_prompt images each, in this order.")
 ALPHA_TOOLTIP = ("Reward scale alpha (0 = no reward). It weighs the reward gradient against the normalised "
                  "distillation direction; the DI++ paper used 0-1000 for SD1.5.")
-OMEGA_TOOLTIP = "CFG scale omega of the reference score (1 = no guidance)."
+OMEGA_TOOLTIP = ("CFG scale omega of the reference score (1 = no guidance). Guidance-distilled models (Flux.1 "
+                 "dev) take their guidance from the conditioning (FluxGuidance) instead: keep 1 for them.")
 
 
 def size_inputs(default: int = 512) -> dict[str, Any]:

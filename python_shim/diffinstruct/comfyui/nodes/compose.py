@@ -38,7 +38,8 @@ class DIPPReferenceScore:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The pretrained diffusion model (SD1.5, SDXL, v-prediction, SD3, Flux)."}),
+            "model": ("MODEL", {"tooltip": "The pretrained diffusion model (SD1.5, SDXL, SD3.5, PixArt, Flux.1, "
+                                           "Chroma, Lumina 2, Qwen-Image, HiDream, AuraFlow, HunyuanDiT)."}),
             "positive": ("CONDITIONING", {"tooltip": "Positive conditioning; used as the training conditioning "
                                                      "when Train gets no prompts."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative conditioning: the unconditional branch of CFG."}),

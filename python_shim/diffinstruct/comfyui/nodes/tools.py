@@ -42,7 +42,8 @@ class DIPPOneStepSample:
         downscale = host.vae_downscale(vae) if vae is not None else 8
         latent = one_step_sample(model, positive, seed, batch_size, width, height, downscale)
         if vae is None:
-            image = host.to_image(latent[:, :3].sigmoid())
+            flat = latent[:, :, 0] if latent.dim() == 5 else latent  # one frame of a video VAE's LATENT
+            image = host.to_image(flat[:, :3].sigmoid())
         else:
             decoder = host.differentiable_decoder(vae)
             with torch.no_grad():
