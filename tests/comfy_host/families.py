@@ -176,10 +176,20 @@ def config_of(family: Family, unet_config: dict[str, Any] | None = None, dtype: 
     return cfg
 
 
+# buffers the networks create empty because real checkpoints carry them (SD3's position embedding, PixArt's null
+# caption embedding): left so, a tiny file would hold whatever memory they got, and runs would differ
+CHECKPOINT_BUFFERS = ("pos_embed", "y_embedding")
+
+
 def build(family: Family, seed: int = 0) -> torch.nn.Module:
     """The family's model_base object (diffusion model inside), random weights from `seed`."""
     model = config_of(family).get_model({})
     tiny_comfy._init(model.diffusion_model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buffer in sorted(model.diffusion_model.named_buffers()):
+            if name.rpartition(".")[2] in CHECKPOINT_BUFFERS:
+                buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.02)
     return model
 
 
