@@ -311,9 +311,18 @@ def test_low_precision_frozen_base(host, aligned, name, weight_dtype):  # noqa: 
     positive = families.conditioning(clip, "a cat")
     with torch.inference_mode():
         theirs = comfy_x0(model, positive, x, sigma)
+    cond = comfy_host.encode_conditioning(model, positive[0], (side, side))
     with torch.no_grad():
-        ours = copy(x, sigma, comfy_host.encode_conditioning(model, positive[0], (side, side)))
+        ours = copy(x, sigma, cond)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # the same function ComfyUI samples
+    # with a gradient recorded, backward keeps the stored weights, not a float copy of each (FrozenCast)
+    weights = {tuple(m.weight.shape) for m in copy.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t,
+                                                  lambda t: t):
+        copy(x.clone().requires_grad_(True), sigma, cond).sum().backward()
+    floats = [shape for shape, d in saved if d == torch.float32 and shape in weights]
+    assert not floats, floats[:5]
 
     mappings = declarations(host)
     size = side * 8

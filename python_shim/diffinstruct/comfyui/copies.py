@@ -5,10 +5,12 @@ the in-place residuals of some families made safe for autograd."""
 from __future__ import annotations
 
 import copy
+import types
 from collections import OrderedDict
 from typing import Any
 
 import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own alias
 from torch import nn
 
 # ComfyUI networks whose blocks add their residual in place (`x += ...`, `x.addcmul_(...)`) after a LayerNorm
@@ -49,9 +51,46 @@ def _plain_layers(module: nn.Module) -> None:
             m.bias_function = []
 
 
+class FrozenCast(torch.autograd.Function):
+    """A frozen Linear / Conv2d whose weight is stored in low precision: the float copy the matmul needs is made in
+    the forward and again in the backward, and only the stored weight is kept for backward. Casting in the layer
+    (ComfyUI's manual cast) would keep the float copy of every weight alive until backward: 2-4 bytes per
+    parameter more than the base itself."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                conv: tuple[Any, ...] | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.conv, ctx.x_shape, ctx.x_dtype = conv, x.shape, x.dtype
+        w = weight.to(x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, w, b) if conv is None else F.conv2d(x, w, b, *conv)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (weight,) = ctx.saved_tensors
+        w = weight.to(grad.dtype)
+        if ctx.conv is None:
+            grad_x = grad @ w
+        else:
+            stride, padding, dilation, groups = ctx.conv
+            grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, w, grad, stride, padding, dilation, groups)
+        return grad_x.to(ctx.x_dtype), None, None, None
+
+
+def _frozen_cast_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(self, nn.Conv2d):
+        return FrozenCast.apply(x, self.weight, self.bias, (self.stride, self.padding, self.dilation, self.groups))
+    # a 2-D matmul inside, reshaped outside: a custom Function's output must not be a view, or the LoRA's in-place
+    # add onto it is refused
+    flat = FrozenCast.apply(x.reshape(-1, x.shape[-1]), self.weight, self.bias, None)
+    return flat.view(*x.shape[:-1], flat.shape[-1])
+
+
 def _cast_layers(module: nn.Module) -> None:
-    """Make comfy.ops layers cast their stored weights to the input's dtype on every forward (ComfyUI's manual
-    cast), so that frozen fp8 / bf16 weights stay as they were loaded; weight patches are baked in at load."""
+    """Frozen fp8 / bf16 weights stay as they were loaded: Linear and Conv2d layers cast them in FrozenCast, the
+    other comfy.ops layers (norms, embeddings) cast them to the input's dtype on every forward (ComfyUI's manual
+    cast); weight patches are baked in at load."""
     for m in module.modules():
         if hasattr(m, "comfy_cast_weights"):
             m.comfy_cast_weights = True
@@ -59,6 +98,11 @@ def _cast_layers(module: nn.Module) -> None:
             m.weight_function = []
         if isinstance(getattr(m, "bias_function", None), list):
             m.bias_function = []
+        weight = getattr(m, "weight", None)
+        plain_conv = isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+        if isinstance(weight, torch.Tensor) and weight.element_size() < 4 and (isinstance(m, nn.Linear)
+                                                                               or plain_conv):
+            m.forward = types.MethodType(_frozen_cast_forward, m)
 
 
 def low_precision(module: nn.Module) -> torch.dtype | None:
