@@ -410,3 +410,34 @@ def test_backends_agree(call):
 @pytest.mark.parametrize("call", calls(VALID))
 def test_deterministic(call):
     assert_deterministic(call)
+
+
+MIXED_SIZES = (1, 3, 1023, 1024, 1025, 70_000, 5, 2048)  # tiny and large tensors in one call, across chunk edges
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_adam_step_mixed_sizes(dtype, beta1):
+    gen = torch.Generator().manual_seed(13)
+    params = [torch.randn(n, generator=gen).to(dtype) for n in MIXED_SIZES]
+    grads = [torch.randn(n, generator=gen).to(dtype) for n in MIXED_SIZES]
+    m = [torch.randn(n, generator=gen) * 0.1 for n in MIXED_SIZES]
+    v = [torch.rand(n, generator=gen) for n in MIXED_SIZES]
+    want = [ref.adam(as64(p), as64(g), mm.double().numpy(), vv.double().numpy(), 1e-2, beta1, 0.999, 1e-8, 0.0, 3,
+                     False) for p, g, mm, vv in zip(params, grads, m, v, strict=True)]
+    kernels.adam_step(params, grads, m, v, lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=0.0, step=3)
+    tol = TOLERANCES[dtype]
+    for p, mm, vv, (wp, wm, wv) in zip(params, m, v, want, strict=True):
+        np.testing.assert_allclose(as64(p), wp, rtol=tol["rtol"], atol=max(tol["atol"], 1e-5))
+        if beta1:
+            np.testing.assert_allclose(mm.numpy(), wm, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(vv.numpy(), wv, rtol=1e-5, atol=1e-9)
+
+
+def test_adam_step_bad_item_after_plain_ones_is_named():
+    params = [torch.zeros(4), torch.zeros(4)]
+    with pytest.raises(TypeError, match=r"grads\[1\]"):
+        kernels.adam_step(params, [torch.ones(4), None], None, [torch.zeros(4), torch.zeros(4)], lr=1e-3, step=1)
+    with pytest.raises(ValueError, match=r"exp_avg_sqs\[1\]: a lazily negated"):
+        kernels.adam_step(params, [torch.ones(4), torch.ones(4)], None,
+                          [torch.zeros(4), torch._neg_view(torch.zeros(4))], lr=1e-3, step=1)

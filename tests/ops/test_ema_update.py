@@ -245,3 +245,47 @@ def test_backends_agree(call):
 @pytest.mark.parametrize("call", calls(VALID))
 def test_deterministic(call):
     assert_deterministic(call)
+
+
+# --------------------------------------------------------------------------- mixed lists
+
+MIXED_SIZES = (1, 3, 1023, 1024, 1025, 70_000, 5, 2048)  # tiny and large tensors in one call, across chunk edges
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_ema_update_mixed_sizes(dtype):
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.randn(n, generator=gen).to(dtype) for n in MIXED_SIZES]
+    ema = [torch.randn(n, generator=gen).to(dtype) for n in MIXED_SIZES]
+    before = [as64(e) for e in ema]
+    kernels.ema_update(ema, params, 0.95)
+    tol = TOLERANCES[dtype]
+    for e, b, p in zip(ema, before, params, strict=True):
+        np.testing.assert_allclose(as64(e), 0.95 * b + 0.05 * as64(p), rtol=tol["rtol"], atol=tol["atol"])
+
+
+def test_ema_update_list_mixing_plain_and_other_tensors():
+    """Plain CPU tensors take the list's direct DLPack path; one requiring grad or lazily negated, in the same
+    list, still takes plain()'s (detached, resolved), with the same results."""
+    gen = torch.Generator().manual_seed(12)
+    base = [torch.randn(n, generator=gen) for n in (4, 1500, 7)]
+    params = [base[0], base[1].clone().requires_grad_(True), torch._neg_view(base[2])]
+    ema = [torch.randn(t.shape, generator=gen) for t in base]
+    want = [0.9 * as64(e) + 0.1 * as64(p.detach().resolve_neg()) for e, p in zip(ema, params, strict=True)]
+    kernels.ema_update(ema, params, 0.9)
+    for e, w in zip(ema, want, strict=True):
+        np.testing.assert_allclose(as64(e), w, rtol=1e-6, atol=1e-7)
+
+
+def test_ema_update_lazily_negated_output_in_a_list_is_named():
+    ema = [torch.zeros(4), torch._neg_view(torch.zeros(4))]
+    with pytest.raises(ValueError, match=r"ema\[1\]: a lazily negated"):
+        kernels.ema_update(ema, [torch.ones(4), torch.ones(4)], 0.9)
+
+
+def test_ema_update_bad_item_after_plain_ones_is_named():
+    ema = [torch.zeros(4), torch.zeros(4), torch.zeros(2, 2).t()]
+    with pytest.raises(ValueError, match=r"ema\[2\]"):
+        kernels.ema_update(ema, [torch.ones(4), torch.ones(4), torch.ones(2, 2)], 0.9)
+    with pytest.raises(TypeError, match=r"params\[1\]"):
+        kernels.ema_update(ema[:2], [torch.ones(4), None], 0.9)

@@ -42,7 +42,8 @@ def _tensor(x: Any, name: str, *, optional: bool = False) -> Any:
         if x.is_nested or x.layout != torch.strided:
             layout = "nested" if x.is_nested else str(x.layout)
             raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {layout}")
-        if x.device.type not in ("cpu", "cuda"):
+        # is_cpu / is_cuda first: Tensor.device builds a torch.device object (~0.5 us, per tensor of a list)
+        if not (x.is_cpu or x.is_cuda) and x.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{name}: expected a CPU or CUDA tensor, got device {x.device}")
         return x
     if isinstance(x, np.ndarray):
@@ -53,7 +54,12 @@ def _tensor(x: Any, name: str, *, optional: bool = False) -> Any:
 def _tensors(seq: Any, name: str) -> list[Any]:
     if not isinstance(seq, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
-    return [_tensor(x, f"{name}[{i}]") for i, x in enumerate(seq)]
+    strided = None if torch is None else torch.strided
+    for i, x in enumerate(seq):
+        # the common case (a dense CPU torch tensor) without a call or a label per tensor; the rest as _tensor
+        if not (is_torch(x) and x.is_cpu and not x.is_nested and x.layout == strided):
+            _tensor(x, f"{name}[{i}]")
+    return list(seq)
 
 
 def _flag(value: Any, name: str) -> bool:

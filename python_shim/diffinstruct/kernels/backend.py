@@ -17,6 +17,8 @@ try:
     from torch.utils.dlpack import to_dlpack as _to_dlpack
 except ImportError:  # the kernels also work on NumPy arrays alone
     torch = None  # type: ignore[assignment]
+    _to_dlpack = None  # type: ignore[assignment]
+to_dlpack = _to_dlpack  # torch's C entry (ops._plain_list's path for plain CPU tensors)
 
 
 class _ReferenceOnly:

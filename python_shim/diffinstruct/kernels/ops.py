@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import reference, registry
-from .backend import core, plain, plain_out, refuse_lazy_output, stream_of, torch
+from .backend import core, plain, plain_out, refuse_lazy_output, stream_of, to_dlpack, torch
 from .scalars import arg_bool, arg_choice, arg_double, arg_i64, arg_u64, f32_finite, f32_positive, fmt_g, in_range
 from .spec import F32, I64, IN, INOUT, OUT, Op, Scalar, Tensor, TensorList
 from .validate import cuda_values, validate
@@ -206,12 +206,31 @@ OPS: dict[str, Op] = {op.name: op for op in _OPS}
 # ---------------------------------------------------------------------------------------------- the dispatch
 
 
+def _convert_list(seq: Any, name: str, slow: Callable[[Any, str], Any]) -> Any:
+    """slow(item, label) for each item; a plain CPU tensor (neither requiring grad nor lazily negated or
+    conjugated), for which plain() and plain_out() just export it, takes torch's DLPack export directly,
+    without a call or a label per tensor (a failed export is raised again by `slow`, naming the item)."""
+    if seq is None:
+        return None
+    out = []
+    for i, x in enumerate(seq):
+        if (torch is not None and isinstance(x, torch.Tensor) and x.is_cpu
+                and not (x.requires_grad or x.is_neg() or x.is_conj())):
+            try:
+                out.append(to_dlpack(x))
+                continue
+            except (RuntimeError, BufferError, TypeError, ValueError):
+                pass
+        out.append(slow(x, f"{name}[{i}]"))
+    return out
+
+
 def _plain_list(seq: Any, name: str) -> Any:
-    return None if seq is None else [plain(x, f"{name}[{i}]") for i, x in enumerate(seq)]
+    return _convert_list(seq, name, plain)
 
 
 def _plain_out_list(seq: Any, name: str) -> Any:
-    return None if seq is None else [plain_out(x, f"{name}[{i}]") for i, x in enumerate(seq)]
+    return _convert_list(seq, name, plain_out)
 
 
 # A single output reaches the binding through plain(), which would hand a lazily negated view over as a
