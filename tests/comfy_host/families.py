@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,6 +291,18 @@ def full_size_verdict(family: Family) -> str | None:
     sd = {family.prefix + k: v for k, v in model.diffusion_model.state_dict().items()}
     found = comfy.model_detection.model_config_from_unet(sd, family.prefix)
     return type(found).__name__ if found is not None else None
+
+
+class NotLoaded(logging.Handler):
+    """Counts ComfyUI's "lora key not loaded" warnings (a LoRA key that matched no layer)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "lora key not loaded" in record.getMessage():
+            self.count += 1
 
 
 # ============================================================================================== text encoders

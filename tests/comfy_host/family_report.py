@@ -21,19 +21,10 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-class Counter(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.not_loaded = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "lora key not loaded" in record.getMessage():
-            self.not_loaded += 1
 
 
 def setup(comfy_path: str, tmp: Path):
@@ -62,7 +53,7 @@ def short(exc: BaseException) -> str:
     return text if len(text) <= 220 else text[:217] + "..."
 
 
-def report(family, comfy_nodes, tmp: Path, steps: int, counter: Counter) -> dict[str, str]:
+def report(family, comfy_nodes, tmp: Path, steps: int, counter: Any) -> dict[str, str]:
     import families
     import torch
 
@@ -123,12 +114,12 @@ def report(family, comfy_nodes, tmp: Path, steps: int, counter: Counter) -> dict
     try:
         name = family.name.replace(" ", "_").replace(".", "")
         path = save_weights(out[1], tmp / "loras", f"families/{name}")
-        counter.not_loaded = 0
+        counter.count = 0
         before = len(model.patches)
         patched = mappings["LoraLoaderModelOnly"]().load_lora_model_only(model, f"families/{path.name}", 1.0)[0]
         layers = sum(k.endswith(".lora_down.weight") for k in out[1].tensors)
         row["lora"] = (f"{len(patched.patches) - before} of {layers} layers patched, "
-                       f"{counter.not_loaded} not loaded")
+                       f"{counter.count} not loaded")
     except Exception as exc:  # noqa: BLE001
         row["lora"] = short(exc)
     return row
@@ -147,9 +138,10 @@ def main() -> None:
         raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout")
     tmp = Path(tempfile.mkdtemp(prefix="families_"))
     comfy_nodes = setup(comfy_path, tmp)
-    counter = Counter()
-    logging.getLogger().addHandler(counter)
     import families
+
+    counter = families.NotLoaded()
+    logging.getLogger().addHandler(counter)
 
     rows = [report(f, comfy_nodes, tmp, opts.steps, counter) for f in families.FAMILIES
             if not opts.names or f.name in opts.names]

@@ -39,18 +39,6 @@ PROMPTS = ("a cat", "a dog")
 MARGIN = 0.005
 
 
-class NotLoaded(logging.Handler):
-    """Counts ComfyUI's "lora key not loaded" warnings."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "lora key not loaded" in record.getMessage():
-            self.count += 1
-
-
 def mean_reward(model, clip, vae, size: int) -> float:
     """Brightness of one-step samples (fixed seeds) decoded by the VAE, as the reward scores them."""
     from diffinstruct.comfyui import host as comfy_host
@@ -90,7 +78,7 @@ def aligned(host, loaded):  # noqa: F811 - the fixture imported above
     """family name -> what Align produced and what was measured (each family runs once, on first use)."""
     cache: dict[str, dict] = {}
     mappings = declarations(host)
-    counter = NotLoaded()
+    counter = families.NotLoaded()
     logging.getLogger().addHandler(counter)
 
     def get(name: str) -> dict:
@@ -343,7 +331,7 @@ def test_low_precision_frozen_base(host, aligned, name, weight_dtype):  # noqa: 
     assert after - before >= MARGIN, (before, after)
 
     path = save_weights(out[1], host.tmp / "loras", f"families/{stem}")
-    counter = NotLoaded()
+    counter = families.NotLoaded()
     logging.getLogger().addHandler(counter)
     try:
         with torch.inference_mode():

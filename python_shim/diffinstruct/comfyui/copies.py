@@ -39,16 +39,21 @@ def _clone_norm_inputs(module: nn.Module) -> int:
     return hooked
 
 
+def _set_cast(m: nn.Module, cast: bool) -> None:
+    """A comfy.ops layer's per-forward weight cast on or off, and its weight patches dropped (baked in at load)."""
+    if hasattr(m, "comfy_cast_weights"):
+        m.comfy_cast_weights = cast
+    if isinstance(getattr(m, "weight_function", None), list):
+        m.weight_function = []
+    if isinstance(getattr(m, "bias_function", None), list):
+        m.bias_function = []
+
+
 def _plain_layers(module: nn.Module) -> None:
     """Make comfy.ops layers run their plain torch forward on the copy: no per-forward casts or patches
     (weights are already in the training dtype and ComfyUI's patches are baked in at load)."""
     for m in module.modules():
-        if hasattr(m, "comfy_cast_weights"):
-            m.comfy_cast_weights = False
-        if isinstance(getattr(m, "weight_function", None), list):
-            m.weight_function = []
-        if isinstance(getattr(m, "bias_function", None), list):
-            m.bias_function = []
+        _set_cast(m, False)
 
 
 class FrozenCast(torch.autograd.Function):
@@ -92,12 +97,7 @@ def _cast_layers(module: nn.Module) -> None:
     other comfy.ops layers (norms, embeddings) cast them to the input's dtype on every forward (ComfyUI's manual
     cast); weight patches are baked in at load."""
     for m in module.modules():
-        if hasattr(m, "comfy_cast_weights"):
-            m.comfy_cast_weights = True
-        if isinstance(getattr(m, "weight_function", None), list):
-            m.weight_function = []
-        if isinstance(getattr(m, "bias_function", None), list):
-            m.bias_function = []
+        _set_cast(m, True)
         weight = getattr(m, "weight", None)
         plain_conv = isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
         if isinstance(weight, torch.Tensor) and weight.element_size() < 4 and (isinstance(m, nn.Linear)
