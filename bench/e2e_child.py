@@ -3,8 +3,9 @@
 The parent starts one such process per (implementation, configuration) and drives them in turn over stdin/stdout
 (`step`, `profile`, `quit`), so the timings of ours and the peer loop interleave while each process's peak RSS
 (VmHWM) is its own. Implementations: "ours" (engine.assemble + engine.build_engine, DITrainer.train_step), "peer"
-(bench/peer_loop.py), and ours with a prototype of an engine change applied here by monkeypatching (PROTOTYPES),
-so that its effect is measured without touching the engine's files.
+(bench/peer_loop.py), and ours with engine options (ENGINE_OPTIONS: DIConfig overrides such as the onepass plan)
+or with a prototype of an engine change applied here by monkeypatching (PROTOTYPES), so that its effect is measured
+without touching the engine's files.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ BASELINE = [0]  # the child's RSS after its imports
 
 @dataclass
 class Spec:
-    impl: str  # "ours", "peer", or "ours+<prototype>[+<prototype>]"
+    impl: str  # "ours", "peer", or "ours+<option or prototype>[+...]"
     mode: str = "shared"
     bf16: bool = False
     batch: int = 2
@@ -80,7 +81,7 @@ def sd15_sigmas() -> torch.Tensor:
     return ((1 - a) / a).sqrt().float()
 
 
-def build_ours(spec: Spec, unet: nn.Module | None = None) -> Any:
+def build_ours(spec: Spec, unet: nn.Module | None = None, **options: Any) -> Any:
     from diffinstruct import engine
     from diffinstruct.config import DIConfig
     from diffinstruct.hosts import diffusers as H
@@ -92,7 +93,7 @@ def build_ours(spec: Spec, unet: nn.Module | None = None) -> Any:
     prompts, null = text_table(spec)
     table = {f"prompt {i}": prompts[i:i + 1] for i in range(PROMPTS)} | {"": null}
     plist = PromptList([f"prompt {i}" for i in range(PROMPTS)], encode=table.__getitem__)
-    cfg = DIConfig(batch_size=spec.batch, omega=OMEGA, alpha=0.0, bf16=spec.bf16, seed=spec.seed)
+    cfg = DIConfig(batch_size=spec.batch, omega=OMEGA, alpha=0.0, bf16=spec.bf16, seed=spec.seed, **options)
     return engine.build_engine(models, plist, cfg)
 
 
@@ -114,56 +115,14 @@ def _frozen_bf16(trainer: Any) -> None:
             m.to(torch.bfloat16)
 
 
-def _one_ta_pass(trainer: Any) -> None:
-    """The TA's update regresses on the generator step's own x_t (the same sigma and eps), so one TA forward with grad
-    serves both halves: its detached output enters G, its DSM loss trains the TA. Three network passes instead of four
-    (generator, TA, reference); both estimators stay unbiased, they only share the noise draw."""
-    from diffinstruct import kernels
-    from diffinstruct.trainer import GENERATOR_METRICS, _flatten, _grad_norm, to_host
-
-    cfg = trainer.cfg
-    if cfg.grad_accum != 1 or cfg.ta_steps != 1 or cfg.method == "distar":
-        raise ValueError("the one-pass prototype covers grad_accum = 1, ta_steps = 1, dipp only")
-
-    def reuse_step(step: int) -> tuple[dict[str, float], dict[str, float]]:
-        batch = trainer.prompts.batch(cfg.batch_size, trainer._seed(step, "prompts", 0))
-        x0 = trainer._generate(trainer._latents(step, "z", 0), batch.cond, train=True)
-        x0d = x0.detach().float().contiguous()
-        sigma = trainer._sigma(step, "sigma", 0)
-        xt = kernels.add_noise(x0d, sigma, trainer._seed(step, "eps", 0))
-        with trainer._autocast():
-            d_ta = trainer.ta(xt, sigma, batch.cond)
-        d_ta_f = d_ta.detach().float().contiguous()
-        ta = kernels.ta_loss(d_ta_f, x0d, sigma, weighting=cfg.ta_weighting, sigma_data=cfg.sigma_data,
-                             reduction=cfg.ta_reduction)
-        d_ta.backward(ta.grad.to(d_ta.dtype))  # frees the TA's graph before the reference runs
-        with torch.no_grad(), trainer._autocast():
-            d_cond, d_uncond = trainer._reference_pair(xt, sigma, batch)
-        res = kernels.generator_grad(x0d, d_ta_f, d_cond.float().contiguous(),
-                                     d_uncond=None if d_uncond is None else d_uncond.float().contiguous(),
-                                     omega=cfg.omega, alpha=0.0, weighting=cfg.generator_weighting)
-        x0.backward(res.grad.to(x0.dtype))
-        metrics: dict[str, list[Any]] = {k: [] for k in GENERATOR_METRICS}
-        for name, value in (("weight", res.weight), ("ref_dist", res.ref_dist), ("gap", res.gap),
-                            ("surrogate", res.surrogate), ("sigma", sigma)):
-            metrics[name].append(value.mean())
-        values = to_host([res.nonfinite.sum(), _grad_norm(trainer.generator_params), *_flatten(metrics),
-                          ta.loss.mean(), ta.nonfinite.sum(), _grad_norm(trainer.ta_params)])
-        gen = trainer._generator_metrics(metrics, values[:-3])
-        ta_loss, ta_bad, ta_norm = values[-3:]
-        ta_ok = ta_bad == 0 and math.isfinite(ta_norm)
-        trainer._apply_generator(bool(gen["generator_ok"]))
-        trainer._apply_ta(ta_ok)
-        return {"ta_loss": ta_loss, "ta_nonfinite": ta_bad, "ta_ok": float(ta_ok)}, gen
-
-    trainer._reuse_step = reuse_step
-
-
-PROTOTYPES: dict[str, Callable[[Any], None]] = {"bf16w": _frozen_bf16, "onepass": _one_ta_pass}
-PROTOTYPE_TEXT = {
-    "bf16w": "frozen Linear/Conv2d weights kept in bf16 under bf16 (shared: the base; full: the reference)",
-    "onepass": "the TA's update reuses the generator step's x_t (its sigma and eps), so one TA forward with grad "
-               "serves both halves: 3 network passes an iteration instead of 4",
+PROTOTYPES: dict[str, Callable[[Any], None]] = {"bf16w": _frozen_bf16}
+ENGINE_OPTIONS: dict[str, dict[str, Any]] = {"onepass": {"ta_sample": "onepass"}}
+VARIANT_TEXT = {
+    "onepass": "the engine's `ta_sample = \"onepass\"` pass plan: the TA's update reuses the generator step's x_t "
+               "(its sigma and eps), so one TA forward with grad serves both halves: 3 network passes an iteration "
+               "instead of 4",
+    "bf16w": "prototype (monkeypatched, not in the engine): full mode's frozen reference stores its Linear/Conv2d "
+             "weights in bf16 under bf16 (the engine already does this for shared mode's base)",
 }
 
 
@@ -172,12 +131,14 @@ def build(spec: Spec) -> Callable[[int], dict[str, float]]:
     if spec.impl == "peer":
         loop = build_peer(spec)
         return lambda step: loop.step()
-    name, *protos = spec.impl.split("+")
-    if name != "ours" or any(p not in PROTOTYPES for p in protos):
+    name, *parts = spec.impl.split("+")
+    if name != "ours" or any(p not in PROTOTYPES and p not in ENGINE_OPTIONS for p in parts):
         raise ValueError(f"unknown implementation {spec.impl!r}")
-    trainer = build_ours(spec)
-    for p in protos:
-        PROTOTYPES[p](trainer)
+    options = {k: v for p in parts if p in ENGINE_OPTIONS for k, v in ENGINE_OPTIONS[p].items()}
+    trainer = build_ours(spec, **options)
+    for p in parts:
+        if p in PROTOTYPES:
+            PROTOTYPES[p](trainer)
     return trainer.train_step
 
 

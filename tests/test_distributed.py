@@ -44,6 +44,9 @@ CASES: dict[str, dict[str, Any]] = {
     "lora": {"method": "dipp", "grad_accum": 1, "mode": "shared", "reward": True},
     # the other pass plan: the TA first, on its own sample, then the generator
     "fresh": {"method": "dipp", "grad_accum": 2, "mode": "full", "reward": True, "ta_sample": "fresh"},
+    # one TA forward serves both halves: the TA's DDP wrapper runs inside the generator's micro-batches
+    "onepass": {"method": "dipp", "grad_accum": 2, "mode": "full", "reward": True, "ta_sample": "onepass"},
+    "onepass-lora": {"method": "dipp", "grad_accum": 1, "mode": "shared", "reward": True, "ta_sample": "onepass"},
 }
 EXPECTED_MODE = {"full": "ddp", "shared": "manual"}
 
@@ -248,7 +251,8 @@ def test_effective_batch_is_the_sum_of_the_local_batches(ddp_run, name):
         assert all(torch.equal(g0, g1) for g0, g1 in zip(ddp_grads[key], results[name][1]["grads"][key],
                                                         strict=True))
     refs = [make_trainer(name, rank=r, world_size=WORLD) for r in range(WORLD)]  # no process group: local only
-    local_gen, local_ta = (_local_reuse if CASES[name].get("ta_sample", "reuse") == "reuse" else _local_fresh)(refs)
+    local = {"reuse": _local_reuse, "fresh": _local_fresh, "onepass": _local_onepass}
+    local_gen, local_ta = local[CASES[name].get("ta_sample", "reuse")](refs)
     check_mean(ddp_grads["ta"], local_ta, "TA")
     check_mean(ddp_grads["generator"], local_gen, "generator")
 
@@ -264,6 +268,18 @@ def _local_reuse(refs: list[DITrainer]) -> tuple[list[list[torch.Tensor]], list[
         local_gen.append([p.grad.detach().clone() for p in t.generator_params])
         _, bad = t.accumulate_ta_grads(0, 0, samples)
         assert bad == 0
+        local_ta.append([p.grad.detach().clone() for p in t.ta_params])
+    return local_gen, local_ta
+
+
+def _local_onepass(refs: list[DITrainer]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """ta_sample = "onepass": the generator half of step 0 fills both roles' gradients (its TA forwards train)."""
+    local_gen, local_ta = [], []
+    for t in refs:
+        results: list[Any] = []
+        _, bad = t.accumulate_generator_grads(0, ta_results=results)
+        assert bad == 0 and len(results) == t.cfg.grad_accum
+        local_gen.append([p.grad.detach().clone() for p in t.generator_params])
         local_ta.append([p.grad.detach().clone() for p in t.ta_params])
     return local_gen, local_ta
 

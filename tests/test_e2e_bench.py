@@ -1,10 +1,11 @@
 """bench/e2e.py on a tiny UNet: the peer loop (bench/peer_loop.py) and ours compute the same DI++ step, the prototyped
-engine changes leave the step's gradients as they were, and the benchmark's process path and report run. Nothing here
-is timed: the benchmark itself is `make bench`."""
+engine change and the onepass plan leave the generator's gradients as they were, and the benchmark's process path
+and report run. Nothing here is timed: the benchmark itself is `make bench`."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -114,11 +115,12 @@ def test_bf16_weights_prototype_matches_autocast() -> None:
     _close(ta_new, ta_ref, 2e-2)
 
 
-def test_one_pass_prototype_keeps_g_and_trains_the_ta_at_the_generators_noise() -> None:
+def test_onepass_keeps_g_and_trains_the_ta_at_the_generators_noise() -> None:
+    """ta_sample = "onepass" against the peer loop whose TA step draws the generator step's sigma and eps."""
     _, g_ref, _ = _ours_grads(_pair("shared")[0])
     trainer, peer = _pair("shared")
     draws = _our_draws(trainer)
-    e2e_child.PROTOTYPES["onepass"](trainer)
+    trainer.cfg = dataclasses.replace(trainer.cfg, ta_sample="onepass")
     seen: dict[str, torch.Tensor] = {}
     trainer._apply_generator = lambda ok: seen.update(g=_grads(trainer.generator_params))
     trainer._apply_ta = lambda ok: seen.update(ta=_grads(trainer.ta_params))

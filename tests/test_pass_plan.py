@@ -50,6 +50,8 @@ def count_passes(models, trainer, step=1):
     ("reuse", "split", {"generator": [8], "ta": [8, 8], "reference": [8, 8]}),
     ("fresh", "joint", {"generator": [8, 8], "ta": [8, 8], "reference": [16]}),
     ("fresh", "split", {"generator": [8, 8], "ta": [8, 8], "reference": [8, 8]}),
+    ("onepass", "joint", {"generator": [8], "ta": [8], "reference": [16]}),
+    ("onepass", "split", {"generator": [8], "ta": [8], "reference": [8, 8]}),
 ])
 def test_network_passes_per_iteration(plan, reference_pass, expected):
     models, trainer = make(ta_sample=plan, reference_pass=reference_pass)
@@ -91,6 +93,49 @@ def test_the_ta_trains_on_the_generator_steps_sample():
     torch.testing.assert_close(eps, fresh_noise, rtol=1e-4, atol=1e-4)
 
 
+def test_onepass_trains_the_ta_on_the_generator_steps_own_xt():
+    """onepass: one TA forward on the generator step's x_t; its gradients are those of the TA's denoising loss on
+    that x_t regressing on the detached sample, and the generator's are those of "reuse" (same TA output there)."""
+    _, trainer = make(ta_sample="onepass")
+    _, reuse = make(ta_sample="reuse")
+    seen = []
+    original = trainer.ta
+
+    def spy(xt, sigma, cond):
+        seen.append((xt.detach().clone(), sigma.clone(), cond))
+        return original(xt, sigma, cond)
+
+    trainer.ta = spy
+    results = []
+    trainer.accumulate_generator_grads(3, ta_results=results)
+    (xt, sigma, cond), = seen
+    assert len(results) == 1
+    samples = []
+    reuse.accumulate_generator_grads(3, samples)
+    for a, b in zip(trainer.generator_params, reuse.generator_params, strict=True):
+        assert torch.equal(a.grad, b.grad)
+    (sample,) = samples
+    noise = torch.empty_like(sample.x0)
+    kernels.fill_normal(noise, trainer._seed(3, "eps", 0))  # the generator half's eps, not the "ta_eps" stream
+    torch.testing.assert_close((xt - sample.x0) / sigma[:, None], noise, rtol=1e-4, atol=1e-4)
+    # the TA's gradient: its DSM loss on exactly that x_t, through autograd
+    for p in reuse.ta_params:
+        p.grad = None
+    res = kernels.ta_loss(reuse.ta(xt, sigma, cond).detach().float().contiguous(), sample.x0, sigma,
+                          weighting=reuse.cfg.ta_weighting, sigma_data=reuse.cfg.sigma_data,
+                          reduction=reuse.cfg.ta_reduction)
+    reuse.ta(xt, sigma, cond).backward(res.grad)
+    assert any(p.grad.abs().max() > 0 for p in trainer.ta_params)
+    for a, b in zip(trainer.ta_params, reuse.ta_params, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(results[0][0], res.loss.mean())
+
+
+def test_onepass_is_refused_for_distar():
+    with pytest.raises(ConfigError, match="ta_sample = 'onepass' needs method"):
+        DIConfig(method="distar", ta_sample="onepass").validate()
+
+
 def test_joint_and_split_reference_give_the_same_step():
     """One batch of 2B or two of B: the same gradients up to float32 rounding of the batched matmuls."""
     grads = {}
@@ -109,10 +154,11 @@ def test_conditionings_that_do_not_stack_fall_back_to_two_passes():
     assert joined["a"].shape == (4, 3) and joined["a"][:2].eq(1).all() and joined["a"][2:].eq(0).all()
 
 
-def test_one_device_to_host_transfer_per_step(monkeypatch):
+@pytest.mark.parametrize("plan", ["reuse", "onepass"])
+def test_one_device_to_host_transfer_per_step(monkeypatch, plan):
     """No .item()/float()/int()/bool() of a tensor inside a step; one .tolist() for every metric and decision, plus
     one per optimiser for its CPU step counters (torch keeps `step` on the CPU: no device sync)."""
-    _, trainer = make()
+    _, trainer = make(ta_sample=plan)
     trainer.train_step(0)
     counts = collections.Counter()
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
@@ -136,11 +182,12 @@ def test_no_gradient_copy_without_accumulation():
     torch.testing.assert_close(trainer2._scaled(g), g / 2)
 
 
-@pytest.mark.parametrize("plan", ["reuse", "fresh"])
-def test_both_plans_train_and_are_reproducible(plan):
+@pytest.mark.parametrize("plan, over", [("reuse", {}), ("fresh", {}), ("onepass", {}),
+                                        ("onepass", {"grad_accum": 2, "batch_size": 4, "ta_steps": 2})])
+def test_every_plan_trains_and_is_reproducible(plan, over):
     states = []
     for _ in range(2):
-        _, trainer = make(ta_sample=plan)
+        _, trainer = make(ta_sample=plan, **over)
         for step in range(4):
             metrics = trainer.train_step(step)
             assert metrics["ta_ok"] == 1.0 and metrics["generator_ok"] == 1.0
@@ -150,14 +197,16 @@ def test_both_plans_train_and_are_reproducible(plan):
 
 
 def test_the_plans_differ():
-    """The two plans are different algorithms' orders (the TA lags the generator by one step under reuse)."""
+    """The plans are different algorithms' orders (the TA lags the generator by one step under reuse and onepass;
+    onepass's TA sees other noise than reuse's)."""
     out = {}
-    for plan in ("reuse", "fresh"):
+    for plan in ("reuse", "fresh", "onepass"):
         models, trainer = make(ta_sample=plan)
         for step in range(3):
             trainer.train_step(step)
         out[plan] = torch.cat([p.detach().flatten() for p in models.generator_params])
     assert not torch.equal(out["reuse"], out["fresh"])
+    assert not torch.equal(out["reuse"], out["onepass"])
 
 
 @pytest.mark.parametrize("key, value", [("ta_sample", "both"), ("reference_pass", "batched")])
@@ -203,3 +252,20 @@ def test_a_bf16_base_runs_outside_autocast():
     x = torch.randn(5, 2)
     out = models.reference(x, torch.full((5,), 0.7), torch.zeros(5, dtype=torch.long))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_onepass_resumes_bitwise(tmp_path):
+    """A checkpoint of an onepass run, loaded into a fresh trainer, continues exactly as the run that kept going."""
+    from diffinstruct import checkpoint as ckpt
+
+    _, a = make(ta_sample="onepass")
+    for step in range(2):
+        a.train_step(step)
+    ckpt.save_checkpoint(a, tmp_path, 2)
+    _, b = make(ta_sample="onepass")
+    ckpt.load_checkpoint(b, tmp_path)
+    for step in range(2, 4):
+        a.train_step(step)
+        b.train_step(step)
+    sa, sb = full_state(a), full_state(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

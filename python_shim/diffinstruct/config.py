@@ -16,7 +16,7 @@ GENERATOR_WEIGHTINGS = ("normalized", "unit")
 TA_WEIGHTINGS = ("edm", "unit")
 REDUCTIONS = ("mean", "sum")
 DISTAR_WEIGHTINGS = ("sigma2", "unit")
-TA_SAMPLES = ("reuse", "fresh")
+TA_SAMPLES = ("reuse", "fresh", "onepass")
 REFERENCE_PASSES = ("joint", "split")
 
 
@@ -56,7 +56,9 @@ class DIConfig:
     ta_steps: int = 1
     # the pass plan (docs/ALGORITHM.md section 4): "reuse" trains the TA on the generator step's detached sample
     # (4 network passes an iteration, as a plain loop would), "fresh" draws its own sample first (one more generator
-    # forward); "joint" runs the reference's cond and uncond as one batch of 2B, "split" as two of B (less memory)
+    # forward), "onepass" trains it on the generator step's own x_t, so one TA forward serves both halves (3 passes,
+    # faster; the generator's and the TA's graphs are alive together: more memory); "joint" runs the reference's cond
+    # and uncond as one batch of 2B, "split" as two of B (less memory)
     ta_sample: str = "reuse"
     reference_pass: str = "joint"
     ema_decay: float = 0.95
@@ -115,6 +117,9 @@ class DIConfig:
         integer("grad_accum", 1)
         integer("seed", 0)
         integer("max_bad_steps", 1)
+        if self.ta_sample == "onepass" and self.method == "distar":
+            raise ConfigError("ta_sample = 'onepass' needs method = 'di' or 'dipp' (DI*'s pass through the TA is a "
+                              "VJP with the TA frozen); use ta_sample = 'reuse'")
         if self.method == "di" and self.alpha != 0.0:
             raise ConfigError("alpha must be 0 with method = 'di' (use 'dipp' for a reward)")
         if self.sigma_min is not None and self.sigma_max is not None and self.sigma_max < self.sigma_min:

@@ -258,14 +258,21 @@ class DITrainer:
         sigma = self._sigma(step, "ta_sigma", key)
         with self.clock.measure():
             xt = kernels.add_noise(sample.x0, sigma, self._seed(step, "ta_eps", key))
+        loss, nonfinite, _ = self._ta_regress(ta, xt, sigma, sample)
+        return loss, nonfinite
+
+    def _ta_regress(self, ta: nn.Module, xt: torch.Tensor, sigma: torch.Tensor,
+                    sample: Sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The TA's forward on x_t, its DSM gradient back through it (the graph is freed here); returns the mean
+        loss, the non-finite count and the detached float32 output D_ta(x_t)."""
         with self._autocast():
             d_ta = ta(xt, sigma, sample.cond)
+        d_ta_f = d_ta.detach().float().contiguous()
         with self.clock.measure():
-            res = kernels.ta_loss(d_ta.detach().float().contiguous(), sample.x0, sigma,
-                                  weighting=self.cfg.ta_weighting, sigma_data=self.cfg.sigma_data,
-                                  reduction=self.cfg.ta_reduction)
+            res = kernels.ta_loss(d_ta_f, sample.x0, sigma, weighting=self.cfg.ta_weighting,
+                                  sigma_data=self.cfg.sigma_data, reduction=self.cfg.ta_reduction)
         d_ta.backward(self._scaled(res.grad).to(d_ta.dtype))
-        return res.loss.mean(), res.nonfinite.sum()
+        return res.loss.mean(), res.nonfinite.sum(), d_ta_f
 
     def accumulate_ta_grads(self, step: int, inner: int = 0, samples: Sequence[Sample] | None = None
                             ) -> tuple[list[torch.Tensor], Any]:
@@ -315,7 +322,9 @@ class DITrainer:
         return dr, r.detach().mean()
 
     def _dipp_micro(self, step: int, key: int, metrics: dict[str, list[Any]],
-                    samples: list[Sample] | None = None) -> Any:
+                    samples: list[Sample] | None = None, ta_results: list[tuple[Any, Any]] | None = None) -> Any:
+        """ta_results (ta_sample = "onepass"): the TA's forward on this x_t runs with grad and its DSM update is
+        accumulated here, so one TA pass serves both halves; its (loss, non-finite count) is appended."""
         cfg = self.cfg
         batch = self.prompts.batch(cfg.batch_size, self._seed(step, "prompts", key))
         x0 = self._generate(self._latents(step, "z", key), batch.cond, train=True)
@@ -325,8 +334,14 @@ class DITrainer:
         sigma = self._sigma(step, "sigma", key)
         with self.clock.measure():
             xt = kernels.add_noise(x0d, sigma, self._seed(step, "eps", key))
+        if ta_results is not None:
+            ta = self.ta if self.ddp is None else self.ddp.ta
+            with self._micro_scope("ta", key):
+                loss, nonfinite, d_ta = self._ta_regress(ta, xt, sigma, Sample(x0d, batch.cond))
+            ta_results.append((loss, nonfinite))
         with torch.no_grad(), self._autocast():
-            d_ta = self.ta(xt, sigma, batch.cond).float().contiguous()
+            if ta_results is None:
+                d_ta = self.ta(xt, sigma, batch.cond).float().contiguous()
             d_cond, d_uncond = self._reference_pair(xt, sigma, batch)
             d_cond = d_cond.float().contiguous()
             d_uncond = d_uncond.float().contiguous() if d_uncond is not None else None
@@ -377,21 +392,26 @@ class DITrainer:
         metrics["sigma"].append(sigma.mean())
         return res.nonfinite.sum()
 
-    def accumulate_generator_grads(self, step: int, samples: list[Sample] | None = None
+    def accumulate_generator_grads(self, step: int, samples: list[Sample] | None = None,
+                                   ta_results: list[tuple[Any, Any]] | None = None
                                    ) -> tuple[dict[str, list[Any]], Any]:
         """Fills the generator parameters' .grad for this step (no optimiser step); returns metrics (per micro-batch,
         tensors on the device until to_host) and the bad count. `samples` collects each micro-batch's detached
-        sample for the TA update (ta_sample = "reuse")."""
+        sample for the TA update (ta_sample = "reuse"); `ta_results` makes each micro-batch's TA forward also
+        accumulate the TA's gradients (ta_sample = "onepass", DI/DI++ only)."""
         metrics: dict[str, list[Any]] = {k: [] for k in GENERATOR_METRICS}
         bad: Any = 0
-        frozen = [p for p in self.ta_params if p.requires_grad]
+        distar = self.cfg.method == "distar"
+        frozen = [p for p in self.ta_params if p.requires_grad] if distar else []
         for p in frozen:  # DI*'s VJPs pass through the TA; its weights must not collect gradients
             p.requires_grad_(False)
-        micro_step = self._distar_micro if self.cfg.method == "distar" else self._dipp_micro
         try:
             for micro in range(self.cfg.grad_accum):
                 with self._micro_scope("generator", micro):
-                    bad = bad + micro_step(step, micro, metrics, samples)
+                    if distar:
+                        bad = bad + self._distar_micro(step, micro, metrics, samples)
+                    else:
+                        bad = bad + self._dipp_micro(step, micro, metrics, samples, ta_results)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -426,10 +446,18 @@ class DITrainer:
     # ------------------------------------------------------------------ one iteration
     def _reuse_step(self, step: int) -> tuple[dict[str, float], dict[str, float]]:
         """The default pass plan: the generator half, then the TA's first update on the generator's detached sample
-        (no second generator forward), then one host transfer of every number both halves produced."""
-        samples: list[Sample] = []
-        metrics, gen_bad = self.accumulate_generator_grads(step, samples)
-        losses, ta_bad = self.accumulate_ta_grads(step, 0, samples)
+        (no second generator forward), then one host transfer of every number both halves produced. Under
+        "onepass" that first update is the generator half's own TA forward on the same x_t."""
+        if self.cfg.ta_sample == "onepass":
+            results: list[tuple[Any, Any]] = []
+            metrics, gen_bad = self.accumulate_generator_grads(step, ta_results=results)
+            losses, ta_bad = [loss for loss, _ in results], sum(bad for _, bad in results)
+            if self.ddp is not None:
+                ta_bad = self.ddp.finish("ta", ta_bad)
+        else:
+            samples: list[Sample] = []
+            metrics, gen_bad = self.accumulate_generator_grads(step, samples)
+            losses, ta_bad = self.accumulate_ta_grads(step, 0, samples)
         values = to_host([gen_bad, _grad_norm(self.generator_params), *_flatten(metrics),
                           _mean(losses), ta_bad, _grad_norm(self.ta_params)])
         gen = self._generator_metrics(metrics, values[:-3])
@@ -447,7 +475,7 @@ class DITrainer:
         kernel_before = self.clock.seconds
         for module in self.models.modules:
             module.train()
-        if self.cfg.ta_sample == "reuse":
+        if self.cfg.ta_sample != "fresh":
             ta_metrics, gen_metrics = self._reuse_step(step)
         else:  # "fresh": ta_steps TA updates on their own samples, then the generator
             for inner in range(self.cfg.ta_steps):
