@@ -87,6 +87,46 @@ int arg_in_range(const char *name, double value, double lo, double hi, int lo_op
 /* On CPU: every element of a float32 per-sample vector finite and > 0. */
 int check_sigma_values(const tensor_view *sigma);
 
+/*
+ * The multi-tensor kernels' fast path over parallel lists (tuples of equal length): every item a
+ * NumPy array or, with an exporter, a torch CPU tensor that is_neg(x) says is not negated, read
+ * through the exchange API or from its export_fn(x) DLPack capsule. One allocation for all items; no labels. All or
+ * nothing: any item it cannot take, or that fails a check (dtype, contiguity, empty, device, shape
+ * against the first list's item), gives 0 with no exception set, and the caller then takes the
+ * checked path, which names the item. -1 only for errors that must propagate (no memory, an
+ * exporter's KeyboardInterrupt). fast_lists_release also after a failed parse.
+ */
+typedef struct {
+    void *data;
+    const int64_t *shape; /* NumPy's dims or the capsule's shape, alive as long as the item */
+    int64_t numel;
+    int ndim, dtype;
+    DLManagedTensor *managed; /* deleted by fast_lists_release, or NULL */
+} list_item;
+
+/* fast=(exchange_api, export_fn, is_neg, types) of the Python layer: torch.Tensor's
+ * __dlpack_c_exchange_api__ capsule (or None), torch's to_dlpack, Tensor.is_neg, and the exact
+ * tensor types that share that capsule. Borrowed from the call's arguments. */
+typedef struct {
+    int (*dltensor_from)(void *py_object, DLTensor *out); /* NULL: export_fn only */
+    PyObject *export_fn, *is_neg, *types;
+} list_exporter;
+
+/* The fast= argument: 1 with ex set, 0 when not given (NULL or None), -1 on a TypeError. */
+int list_exporter_arg(PyObject *obj, list_exporter *ex);
+
+typedef struct {
+    list_item *items; /* list k's item i at items[k * n + i] */
+    Py_ssize_t n;
+    int nlists;
+} fast_lists;
+
+int fast_lists_parse(fast_lists *f, PyObject *const *seqs, const view_role *roles, const unsigned *dtypes,
+                     int nlists, const list_exporter *ex);
+/* 1 when no output item overlaps any other item, 0 when one does, -1 on no memory. */
+int fast_lists_disjoint(const fast_lists *f, const view_role *roles);
+void fast_lists_release(fast_lists *f);
+
 const char *view_dtype_name(int dtype);
 /* Like PyErr_Format, but with C printf formats (floats included). */
 void raise_error(PyObject *exception, const char *format, ...);

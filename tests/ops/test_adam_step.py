@@ -441,3 +441,49 @@ def test_adam_step_bad_item_after_plain_ones_is_named():
     with pytest.raises(ValueError, match=r"exp_avg_sqs\[1\]: a lazily negated"):
         kernels.adam_step(params, [torch.ones(4), torch.ones(4)], None,
                           [torch.zeros(4), torch._neg_view(torch.zeros(4))], lr=1e-3, step=1)
+
+
+# --------------------------------------------------------------------------- the fast list path
+
+FAST = kernels.ops._FAST
+ADAM_KW = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "step": 4}
+
+
+def _state(n: int = 3, size: int = 6, dtype: torch.dtype = torch.float32) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(22)
+    return [[torch.randn(size, generator=gen).to(dtype) for _ in range(n)],
+            [torch.randn(size, generator=gen).to(dtype) for _ in range(n)],
+            [torch.randn(size, generator=gen) * 0.1 for _ in range(n)],
+            [torch.rand(size, generator=gen) for _ in range(n)]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("first_moment", [True, False])
+def test_fast_path_runs_plain_lists_bit_for_bit(dtype, first_moment):
+    p, g, m, v = _state(dtype=dtype)
+    kw = {**ADAM_KW, "beta1": 0.9 if first_moment else 0.0}
+    want = [[t.clone() for t in lst] for lst in (p, g, m, v)]
+    _core.adam_step(want[0], want[1], want[2] if first_moment else None, want[3], **kw)  # the checked path
+    params = [torch.nn.Parameter(t) for t in p]
+    assert _core.adam_step(params, tuple(g), m if first_moment else None, v, **kw, fast=FAST) is None
+    for got, exp in zip((p, m, v), (want[0], want[2], want[3]), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, exp, strict=True))
+
+
+def test_fast_path_hands_back_what_it_cannot_take_untouched():
+    p, g, m, v = _state()
+    cases = [
+        (p, g, [t.bfloat16() for t in m], v, ADAM_KW),  # moments must be float32
+        (p, g, m, [v[0], v[1], torch._neg_view(v[2])], ADAM_KW),
+        (p, g, m[:2], v, ADAM_KW),
+        (p, g, None, v, ADAM_KW),  # beta1 != 0 needs exp_avgs
+        (p, g, m, v, {**ADAM_KW, "step": 0}),
+        (p, g, m, v, {**ADAM_KW, "decoupled": 2}),
+        (p, [g[0], g[1], p[2]], m, v, ADAM_KW),  # params[2] is its own grad: an output overlapping an input
+    ]
+    before = [t.clone() for t in p + m + v]
+    for params, grads, ms, vs, kw in cases:
+        assert _core.adam_step(params, grads, ms, vs, **kw, fast=FAST) is NotImplemented
+    assert all(torch.equal(a, b) for a, b in zip(p + m + v, before, strict=True))
+    with pytest.raises(TypeError, match=r"exp_avgs\[0\]: expected dtype float32"):
+        kernels.adam_step(p, g, [t.bfloat16() for t in m], v, **ADAM_KW)

@@ -289,3 +289,90 @@ def test_ema_update_bad_item_after_plain_ones_is_named():
         kernels.ema_update(ema, [torch.ones(4), torch.ones(4), torch.ones(2, 2)], 0.9)
     with pytest.raises(TypeError, match=r"params\[1\]"):
         kernels.ema_update(ema[:2], [torch.ones(4), None], 0.9)
+
+
+# --------------------------------------------------------------------------- the fast list path
+
+FAST = kernels.ops._FAST
+
+
+def _pairs(n: int = 3, size: int = 6) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(21)
+    return [torch.randn(size, generator=gen) for _ in range(n)], [torch.randn(size, generator=gen) for _ in range(n)]
+
+
+def test_fast_path_runs_plain_lists_bit_for_bit():
+    """Plain tensors, Parameters requiring grad, tuples and NumPy arrays run on the entry's fast path (None),
+    with the same bits as the checked path."""
+    ema, params = _pairs()
+    params[1] = torch.nn.Parameter(params[1])
+    want = [e.clone() for e in ema]
+    _core.ema_update([w.numpy() for w in want], [p.detach().numpy() for p in params], 0.9)
+    assert _core.ema_update(tuple(ema), params, 0.9, fast=FAST) is None
+    assert all(torch.equal(e, w) for e, w in zip(ema, want, strict=True))
+    arrays = [w.numpy().copy() for w in want]
+    assert _core.ema_update(arrays, [p.detach().numpy() for p in params], 0.9, fast=FAST) is None
+    _core.ema_update(ema, params, 0.9, fast=(None, FAST[1], FAST[2], ()))  # torch's to_dlpack for every item
+    assert all(np.array_equal(a, e.numpy()) for a, e in zip(arrays, ema, strict=True))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_fast_path_takes_tensor_subclasses_through_to_dlpack():
+    ema, params = _pairs()
+    want = [e.clone() for e in ema]
+    kernels.ema_update(want, params, 0.5)
+    assert _core.ema_update(ema, [p.as_subclass(_Sub) for p in params], 0.5, fast=FAST) is None
+    assert all(torch.equal(e, w) for e, w in zip(ema, want, strict=True))
+
+
+def _handed_back() -> list[tuple[str, object, object, object]]:
+    ema, params = _pairs()
+    base = torch.zeros(12)
+    return [
+        ("negated input", ema, [params[0], torch._neg_view(params[1]), params[2]], 0.9),
+        ("negated output", [ema[0], torch._neg_view(ema[1]), ema[2]], params, 0.9),
+        ("transposed", [ema[0], ema[1], torch.zeros(3, 2).t()], [params[0], params[1], torch.zeros(2, 3)], 0.9),
+        ("same numel, other shape", [ema[0], ema[1], torch.zeros(2, 3)], [params[0], params[1], torch.zeros(3, 2)],
+         0.9),
+        ("overlapping outputs", [base[:6], base[3:9]], params[:2], 0.9),
+        ("output overlaps an input", [base[:6], ema[1]], [base[2:8], params[1]], 0.9),
+        ("float64", [ema[0].double()], [params[0].double()], 0.9),
+        ("empty tensor", [torch.zeros(0)], [torch.zeros(0)], 0.9),
+        ("empty lists", [], [], 0.9),
+        ("lengths", ema, params[:2], 0.9),
+        ("not a list", ema[0], params, 0.9),
+        ("None item", ema[:2], [params[0], None], 0.9),
+        ("decay", ema, params, 1.5),
+        ("decay type", ema, params, "0.9"),
+        ("meta", [torch.zeros(6, device="meta")], [torch.zeros(6, device="meta")], 0.9),
+        ("sparse", [ema[0].to_sparse()], [params[0].to_sparse()], 0.9),
+    ]
+
+
+@pytest.mark.parametrize("what,ema,params,decay", _handed_back(), ids=[c[0] for c in _handed_back()])
+def test_fast_path_hands_back_what_it_cannot_take_untouched(what, ema, params, decay):
+    """Anything but plain lists: NotImplemented, nothing written (the Python layer's checked path then raises
+    its own error, naming the item)."""
+    before = [e.clone() for e in ema] if isinstance(ema, list) else None
+    assert _core.ema_update(ema, params, decay, fast=FAST) is NotImplemented
+    if before is not None:
+        assert all(e.is_meta or e.is_sparse or torch.equal(e, b) for e, b in zip(ema, before, strict=True))
+
+
+def test_checked_path_names_what_the_fast_path_handed_back():
+    ema, params = _pairs(2)
+    with pytest.raises(ValueError, match=r"params\[1\] has shape \(3, 2\) but ema\[1\] has shape \(2, 3\)"):
+        kernels.ema_update([ema[0], torch.zeros(2, 3)], [params[0], torch.zeros(3, 2)], 0.9)
+    base = torch.zeros(12)
+    with pytest.raises(ValueError, match=r"overlaps .* in memory"):
+        kernels.ema_update([base[:6], base[3:9]], params, 0.9)
+
+
+@pytest.mark.parametrize("fast", [(1, 2), (None, len, len), (None, len, len, [torch.Tensor]), (None, 1, len, ())])
+def test_fast_argument_is_checked(fast):
+    ema, params = _pairs()
+    with pytest.raises(TypeError, match=r"fast must be a tuple \(exchange_api, export_fn, is_neg, types\)"):
+        _core.ema_update(ema, params, 0.9, fast=fast)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..checks import is_int
 from .backend import is_torch, refuse_lazy_output, torch
-from .ops import OPS, run
+from .ops import OPS, run, run_lists
 from .types import GeneratorGrad, HuberTerms, TALoss
 
 Array = Any  # torch.Tensor or numpy.ndarray
@@ -327,6 +327,8 @@ def huber_terms(
 
 def ema_update(ema: Sequence[Array], params: Sequence[Array], decay: float) -> None:
     """In place, over all tensors in one call: ema <- decay ema + (1 - decay) param."""
+    if run_lists(OPS["ema_update"], {"ema": ema, "params": params, "decay": decay}):
+        return
     ema, params = _tensors(ema, "ema"), _tensors(params, "params")
     run(OPS["ema_update"], {"ema": ema, "params": params, "decay": decay})
 
@@ -349,6 +351,11 @@ def adam_step(
 
     exp_avgs=None (only with beta1 = 0) keeps no first moment: torch's is the gradient then.
     """
+    args = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "lr": lr,
+            "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay, "step": step,
+            "decoupled": decoupled}
+    if run_lists(OPS["adam_step"], args):
+        return
     params, grads = _tensors(params, "params"), _tensors(grads, "grads")
     exp_avgs = None if exp_avgs is None else _tensors(exp_avgs, "exp_avgs")
     exp_avg_sqs = _tensors(exp_avg_sqs, "exp_avg_sqs")

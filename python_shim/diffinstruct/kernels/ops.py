@@ -266,6 +266,38 @@ def run(op: Op, args: dict[str, Any], **keywords: Any) -> Any:
     return entry(*call, stream=stream_of(first) if where == "cuda" else 0, **keywords)
 
 
+# The multi-tensor ops' fast path: the lists go to the C entry as they are, with what it needs to read torch
+# tensors itself: DLPack's C exchange API of torch.Tensor (no Python call or allocation per tensor), for the
+# exact types that share it, torch's to_dlpack for other tensors (or a torch without it), and Tensor.is_neg,
+# called per tensor (DLPack cannot carry the sign bit). No Python work, label or kept object per tensor. The
+# entry takes a call only when every item is a NumPy array or a plain CPU torch tensor that passes every
+# check, and otherwise answers NotImplemented without side effects: then the checked path (run) raises what
+# it raises.
+def _fast_exporter() -> tuple[Any, ...] | None:
+    if torch is None:
+        return None
+    api = getattr(torch.Tensor, "__dlpack_c_exchange_api__", None)
+    types = tuple(t for t in (torch.Tensor, torch.nn.Parameter)
+                  if api is not None and getattr(t, "__dlpack_c_exchange_api__", None) is api)
+    return api, to_dlpack, torch.Tensor.is_neg, types
+
+
+_FAST = _fast_exporter()
+
+
+def run_lists(op: Op, args: dict[str, Any]) -> bool:
+    """True when the C entry of a multi-tensor op (ema_update, adam_step) ran the call on its fast path."""
+    lead = args[op.lead]
+    if _FAST is None or not isinstance(lead, (list, tuple)) or not lead:
+        return False
+    try:
+        if registry.select(op, lead) != "cpu":
+            return False
+    except Exception:  # noqa: BLE001  (run raises it again, after the checks that come first there)
+        return False
+    return getattr(core, op.name)(*[args[name] for name, _ in _CALLS[op.name]], fast=_FAST) is not NotImplemented
+
+
 def _for_reference(x: Any, name: str, role: str) -> Any:
     """What the reference reads and writes: the caller's storage, detached, with lazy signs resolved
     for inputs; the hand-off errors of the C path (a lazily negated output, a dtype DLPack cannot
