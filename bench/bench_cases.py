@@ -228,7 +228,7 @@ def ta_loss(shape: tuple[int, ...], dtype: torch.dtype, nsets: int) -> Case:
 
     f32 = dtype == torch.float32
     return Case(
-        "ta_loss (grad)", "pass 1 R d_ta, x0; pass 2 R d_ta, x0, W grad: 5*n*s", 5 * n * s,
+        "ta_loss (grad)", "one pass per chunk: R d_ta, x0 (read again from L1), W grad: 3*n*s", 3 * n * s,
         3 * n * s,
         _impls(sets, f32, c, t, npy, (sigma.numpy(),)),
         run=lambda d: c(d)(), first_set=sets[0], sets=sets, extra={"sigma": sigma},
