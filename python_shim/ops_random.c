@@ -6,16 +6,36 @@
 
 #include "ops.h"
 
+/* The fast path of the fills (a's seed and offset set). */
+static PyObject *fill_fast(PyObject *out_obj, dipp_fill_args *a, int normal, const list_exporter *ex) {
+    static const fast_spec spec[1] = {{ROLE_OUTPUT, FAST_ANY, 0, 0, DTYPES_FLOAT}};
+    list_item it[1];
+    const int rc = fast_tensors(&out_obj, spec, 1, ex, it);
+    if (rc <= 0) return rc < 0 ? NULL : fast_not_taken();
+    a->out = it[0].data;
+    a->dtype = it[0].dtype;
+    a->n = it[0].numel;
+    dipp_status status;
+    Py_BEGIN_ALLOW_THREADS status = normal ? dipp_cpu_fill_normal(a) : dipp_cpu_fill_uniform(a);
+    Py_END_ALLOW_THREADS
+    return raise_status(status) == 0 ? Py_NewRef(Py_None) : NULL;
+}
+
 static PyObject *fill(PyObject *module, PyObject *args, PyObject *kwargs, int normal) {
-    static char *kwlist[] = {"out", "seed", "offset", "stream", NULL};
-    PyObject *out_obj, *seed_obj, *offset_obj = NULL, *stream_obj = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O$O", kwlist, &out_obj, &seed_obj, &offset_obj, &stream_obj))
+    static char *kwlist[] = {"out", "seed", "offset", "stream", "fast", NULL};
+    PyObject *out_obj, *seed_obj, *offset_obj = NULL, *stream_obj = NULL, *fast_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O$OO", kwlist, &out_obj, &seed_obj, &offset_obj, &stream_obj,
+                                     &fast_obj))
         return NULL;
+    list_exporter ex;
+    const int fast = list_exporter_arg(fast_obj, &ex);
+    if (fast < 0) return NULL;
     dipp_fill_args a = {0};
     uint64_t stream = 0;
     if (arg_u64(seed_obj, "seed", &a.seed) < 0 || arg_u64(offset_obj, "offset", &a.offset) < 0 ||
         arg_u64(stream_obj, "stream", &stream) < 0)
-        return NULL;
+        return fast ? fast_not_taken() : NULL;
+    if (fast) return fill_fast(out_obj, &a, normal, &ex);
     call_views call;
     call_init(&call);
     PyObject *result = NULL;

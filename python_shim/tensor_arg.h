@@ -127,6 +127,32 @@ int fast_lists_parse(fast_lists *f, PyObject *const *seqs, const view_role *role
 int fast_lists_disjoint(const fast_lists *f, const view_role *roles);
 void fast_lists_release(fast_lists *f);
 
+/*
+ * The single-tensor kernels' fast path (fast= of their entries): each tensor argument a NumPy array or
+ * an exact torch tensor type of ex->types that is not lazily negated, read through the exchange API
+ * (no capsule, nothing to release). Like the lists, all or nothing: 1 taken, 0 (no exception set) for
+ * anything the checked path must see, -1 only for errors that propagate.
+ */
+int fast_item(PyObject *obj, list_item *it, view_role role, unsigned dtypes, const list_exporter *ex);
+/* 1 when no output among items[0..count) (data NULL: absent) overlaps another item, else 0. */
+int fast_items_disjoint(const list_item *items, const view_role *roles, int count);
+
+/* How a fast tensor argument relates to the first (the lead): any shape, a batch (the lead itself, at
+ * least one dimension), the lead's shape and dtype, or one value per sample of the lead. */
+enum { FAST_ANY = 0, FAST_BATCH = 1, FAST_LIKE = 2, FAST_SAMPLE = 3 };
+typedef struct {
+    unsigned char role, shape, optional, sigma; /* view_role; FAST_*; None allowed; values finite, > 0 */
+    unsigned dtypes;
+} fast_spec;
+
+/* objs[k] checked as spec[k] into items[k] (data NULL for an absent optional), then the devices (CPU)
+ * and overlaps: 1 taken, 0 hand the call back, -1 error. */
+int fast_tensors(PyObject *const *objs, const fast_spec *spec, int count, const list_exporter *ex,
+                 list_item *items);
+/* What an entry called with fast= answers when the fast path does not take the call: NotImplemented,
+ * the pending Exception (the checked path raises it again, in its order) cleared; NULL for the others. */
+PyObject *fast_not_taken(void);
+
 const char *view_dtype_name(int dtype);
 /* Like PyErr_Format, but with C printf formats (floats included). */
 void raise_error(PyObject *exception, const char *format, ...);

@@ -17,8 +17,11 @@ static int item_dtype(int code, int bits, int lanes) {
     if (code == kDLFloat && bits == 32) return VIEW_F32;
     if (code == kDLFloat && bits == 16) return VIEW_F16;
     if (code == kDLBfloat && bits == 16) return VIEW_BF16;
+    if (code == kDLInt && bits == 64) return VIEW_I64;
     return -1;
 }
+
+static uintptr_t item_size(int dtype) { return dtype == VIEW_I64 ? 8u : dtype == VIEW_F32 ? 4u : 2u; }
 
 /* numel of a shape, 0 when empty, negative or too large (the checked path says which). */
 static int64_t item_numel(const int64_t *shape, int ndim) {
@@ -33,7 +36,7 @@ static int64_t item_numel(const int64_t *shape, int ndim) {
 static int numpy_item(PyObject *obj, list_item *it, view_role role, unsigned dtypes) {
     PyArrayObject *arr = (PyArrayObject *)obj;
     const int t = PyArray_TYPE(arr);
-    it->dtype = t == NPY_FLOAT32 ? VIEW_F32 : t == NPY_FLOAT16 ? VIEW_F16 : -1;
+    it->dtype = t == NPY_FLOAT32 ? VIEW_F32 : t == NPY_FLOAT16 ? VIEW_F16 : t == NPY_INT64 ? VIEW_I64 : -1;
     it->ndim = PyArray_NDIM(arr);
     if (it->dtype < 0 || !(dtypes & (1u << it->dtype)) || !PyArray_ISNOTSWAPPED(arr) || it->ndim > VIEW_MAX_DIMS ||
         !PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISALIGNED(arr) || (role != ROLE_INPUT && !PyArray_ISWRITEABLE(arr)))
@@ -108,8 +111,7 @@ static int dl_item(const DLTensor *t, list_item *it, unsigned dtypes) {
     it->shape = t->shape;
     it->numel = item_numel(t->shape, t->ndim);
     it->data = (char *)t->data + t->byte_offset;
-    const int64_t size = it->dtype == VIEW_F32 ? 4 : 2;
-    return it->numel > 0 && strides_contiguous(t) && (uintptr_t)it->data % (uintptr_t)size == 0;
+    return it->numel > 0 && strides_contiguous(t) && (uintptr_t)it->data % item_size(it->dtype) == 0;
 }
 
 static int is_exchange_type(PyObject *obj, PyObject *types) {
@@ -121,18 +123,25 @@ static int is_exchange_type(PyObject *obj, PyObject *types) {
 /* A torch CPU tensor that is not lazily negated: through the exchange API for the exact types that
  * share it (no allocation; the tensor, held by the caller's snapshot, keeps shape and data alive),
  * else through the exporter's DLPack capsule, consumed here. */
-static int exported_item(PyObject *obj, list_item *it, unsigned dtypes, const list_exporter *ex) {
+static int not_negated(PyObject *obj, const list_exporter *ex) {
     PyObject *neg = PyObject_CallOneArg(ex->is_neg, obj);
     int rc = call_ok(neg);
     if (rc <= 0) return rc;
     const int plain = neg == Py_False;
     Py_DECREF(neg);
-    if (!plain) return 0;
-    if (ex->dltensor_from && is_exchange_type(obj, ex->types)) {
-        DLTensor t;
-        if (ex->dltensor_from(obj, &t) == 0) return dl_item(&t, it, dtypes);
-        return call_ok(NULL);
-    }
+    return plain;
+}
+
+static int exchange_item(PyObject *obj, list_item *it, unsigned dtypes, const list_exporter *ex) {
+    DLTensor t;
+    if (ex->dltensor_from(obj, &t) == 0) return dl_item(&t, it, dtypes);
+    return call_ok(NULL);
+}
+
+static int exported_item(PyObject *obj, list_item *it, unsigned dtypes, const list_exporter *ex) {
+    int rc = not_negated(obj, ex);
+    if (rc <= 0) return rc;
+    if (ex->dltensor_from && is_exchange_type(obj, ex->types)) return exchange_item(obj, it, dtypes, ex);
     PyObject *capsule = PyObject_CallOneArg(ex->export_fn, obj);
     if ((rc = call_ok(capsule)) <= 0) return rc;
     DLManagedTensor *m = PyCapsule_IsValid(capsule, "dltensor") ? PyCapsule_GetPointer(capsule, "dltensor") : NULL;
@@ -144,6 +153,27 @@ static int exported_item(PyObject *obj, list_item *it, unsigned dtypes, const li
     }
     it->managed = m;
     return dl_item(&m->dl_tensor, it, dtypes);
+}
+
+int fast_item(PyObject *obj, list_item *it, view_role role, unsigned dtypes, const list_exporter *ex) {
+    it->managed = NULL;
+    if (PyArray_Check(obj)) return numpy_item(obj, it, role, dtypes);
+    if (!ex->dltensor_from || !is_exchange_type(obj, ex->types)) return 0;
+    int rc = not_negated(obj, ex);
+    return rc <= 0 ? rc : exchange_item(obj, it, dtypes, ex);
+}
+
+int fast_items_disjoint(const list_item *items, const view_role *roles, int count) {
+    for (int i = 0; i < count; ++i) {
+        if (!items[i].data) continue;
+        const uintptr_t s = (uintptr_t)items[i].data, e = s + (uintptr_t)items[i].numel * item_size(items[i].dtype);
+        for (int j = i + 1; j < count; ++j) {
+            if (!items[j].data || (roles[i] == ROLE_INPUT && roles[j] == ROLE_INPUT)) continue;
+            const uintptr_t t = (uintptr_t)items[j].data, f = t + (uintptr_t)items[j].numel * item_size(items[j].dtype);
+            if (s < f && t < e) return 0;
+        }
+    }
+    return 1;
 }
 
 static int same_shape(const list_item *a, const list_item *b) {
@@ -242,7 +272,7 @@ int fast_lists_disjoint(const fast_lists *f, const view_role *roles) {
     for (Py_ssize_t i = 0; i < count; ++i) {
         const list_item *it = &f->items[i];
         s[i].start = (uintptr_t)it->data;
-        s[i].end = s[i].start + (uintptr_t)it->numel * (it->dtype == VIEW_F32 ? 4u : 2u);
+        s[i].end = s[i].start + (uintptr_t)it->numel * item_size(it->dtype);
         s[i].output = roles[i / f->n] != ROLE_INPUT;
     }
     s = sort_spans(s, buffer + count, count);

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from ..checks import is_int
-from .backend import is_torch, refuse_lazy_output, torch
-from .ops import OPS, run, run_lists
+from . import backend
+from .backend import core, is_torch, refuse_lazy_output, torch
+from .ops import FAST, FAST_TYPES, OPS, fast_cpu, run, run_lists
 from .types import GeneratorGrad, HuberTerms, TALoss
 
 Array = Any  # torch.Tensor or numpy.ndarray
@@ -120,6 +121,39 @@ def _per_sample(x: Array, batch: int, integer: bool = False, rows: int = 0) -> A
     return np.empty(shape, dtype=np.int64 if integer else np.float32)
 
 
+# The fast path of the single-tensor ops (ops.fast_cpu): the outputs as the checked path allocates them, the
+# C entry with fast=, and the checked path only when that answers NotImplemented (having written nothing).
+_STRIDED = None if torch is None else torch.strided
+
+
+def _fast_kind(x: Any, batched: bool = True) -> int:
+    """1 for a dense CPU tensor of FAST_TYPES, 2 for a NumPy array (with batched: of at least one dimension),
+    0 for anything else or when the C kernels do not run the call (else fast_cpu() is FAST)."""
+    t = type(x)
+    if t is np.ndarray:
+        kind = 2
+    elif t in FAST_TYPES and x.is_cpu and x.layout == _STRIDED and not x.is_nested and not backend.is_cuda(x):
+        kind = 1  # backend.is_cuda: the registry's word on the device (tests let CPU tensors stand for CUDA ones)
+    else:
+        return 0
+    if batched and not x.ndim:
+        return 0
+    return kind if fast_cpu() is not None else 0
+
+
+def _fast_like(x: Array, kind: int) -> Array:
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if kind == 1 else np.empty_like(x)
+
+
+def _fast_sample(kind: int, batch: int, integer: bool = False, rows: int = 0) -> Any:
+    """_per_sample's outputs; with rows, the rows of one [rows, batch] block (a tuple or list of views)."""
+    if kind == 1:  # on the default device: where that is not the CPU, the entry hands the call back
+        dtype = torch.int64 if integer else torch.float32
+        return torch.empty(rows, batch, dtype=dtype).unbind(0) if rows else torch.empty(batch, dtype=dtype)
+    out = np.empty((rows, batch) if rows else (batch,), dtype=np.int64 if integer else np.float32)
+    return list(out) if rows else out
+
+
 def _batch(x: Array, name: str) -> int:
     _tensor(x, name)
     if len(x.shape) < 1:
@@ -134,6 +168,8 @@ def fill_uniform(out: Array, seed: int, offset: int = 0) -> Array:
     (1 - 2**-24, 1 - 2**-11, 1 - 2**-8 for float32, float16, bfloat16), so a float32 draw that
     would round up to 1.0 in float16/bfloat16 gives that largest value instead.
     """
+    if _fast_kind(out, batched=False) and core.fill_uniform(out, seed, offset, fast=FAST) is not NotImplemented:
+        return out
     _tensor(out, "out")
     refuse_lazy_output(out, "out")
     run(OPS["fill_uniform"], {"out": out, "seed": seed, "offset": offset})
@@ -142,6 +178,8 @@ def fill_uniform(out: Array, seed: int, offset: int = 0) -> Array:
 
 def fill_normal(out: Array, seed: int, offset: int = 0) -> Array:
     """Fill `out` with Philox standard normals (Box-Muller on lane pairs)."""
+    if _fast_kind(out, batched=False) and core.fill_normal(out, seed, offset, fast=FAST) is not NotImplemented:
+        return out
     _tensor(out, "out")
     refuse_lazy_output(out, "out")
     run(OPS["fill_normal"], {"out": out, "seed": seed, "offset": offset})
@@ -218,6 +256,12 @@ def add_noise(
 
     out: where x_t goes (the kernel's xt_out); same shape and dtype as x0.
     """
+    kind = _fast_kind(x0)
+    if kind and type(return_eps) is bool:
+        xt = _fast_like(x0, kind) if out is None else out
+        eps = _fast_like(x0, kind) if return_eps else None
+        if core.add_noise(x0, sigma, xt, seed, offset, eps, flow, fast=FAST) is not NotImplemented:
+            return (xt, eps) if return_eps else xt
     _batch(x0, "x0")
     _tensor(sigma, "sigma")
     _tensor(out, "out", optional=True)
@@ -232,6 +276,11 @@ def add_noise(
 
 def cfg_combine(uncond: Array, cond: Array, omega: float, *, out: Array | None = None) -> Array:
     """D_uncond + omega (D_cond - D_uncond); omega = 1 is no guidance."""
+    kind = _fast_kind(uncond, batched=False)
+    if kind:
+        result = _fast_like(uncond, kind) if out is None else out
+        if core.cfg_combine(uncond, cond, result, omega, fast=FAST) is not NotImplemented:
+            return result
     _tensor(uncond, "uncond")
     _tensor(cond, "cond")
     _tensor(out, "out", optional=True)
@@ -255,6 +304,14 @@ def ta_loss(
 
     nonfinite: per sample, the elements with D_TA - x0 or the gradient (as stored) non-finite.
     """
+    kind = _fast_kind(d_ta)
+    if kind and type(need_grad) is bool:
+        batch = d_ta.shape[0]
+        loss, bad = _fast_sample(kind, batch), _fast_sample(kind, batch, integer=True)
+        grad = _fast_like(d_ta, kind) if need_grad else None
+        if core.ta_loss(d_ta, x0, loss, sigma, grad, bad, weighting, sigma_data, reduction,
+                        fast=FAST) is not NotImplemented:
+            return TALoss(loss, grad, bad)
     batch = _batch(d_ta, "d_ta")
     _tensor(x0, "x0")
     _tensor(sigma, "sigma", optional=True)
@@ -288,6 +345,14 @@ def generator_grad(
     (the kernel's grad_out). nonfinite: per sample, the elements with x0, D_TA - D_ref, dr or
     the stored G non-finite (G overflowing float16 when W_b sits at its floor counts too).
     """
+    kind = _fast_kind(x0)
+    if kind:
+        batch = x0.shape[0]
+        grad = _fast_like(x0, kind) if out is None else out
+        diag, bad = _fast_sample(kind, batch, rows=4), _fast_sample(kind, batch, integer=True)
+        if core.generator_grad(x0, d_ta, d_cond, grad, *diag, bad, d_uncond, omega, dr, alpha, weighting, min_norm,
+                               fast=FAST) is not NotImplemented:
+            return GeneratorGrad(grad, *diag, bad)
     batch = _batch(x0, "x0")
     _tensor(d_ta, "d_ta")
     _tensor(d_cond, "d_cond")
@@ -312,6 +377,14 @@ def huber_terms(
 
     nonfinite: per sample, the elements with y, r or a stored a, b, d' non-finite.
     """
+    kind = _fast_kind(x0)
+    if kind:
+        batch = x0.shape[0]
+        vecs = [_fast_like(x0, kind) for _ in range(3)]
+        sums, bad = _fast_sample(kind, batch, rows=4), _fast_sample(kind, batch, integer=True)
+        if core.huber_terms(x0, d_p, d_q, sigma, *vecs, *sums, bad, c, weighting,
+                            fast=FAST) is not NotImplemented:
+            return HuberTerms(*vecs, *sums, bad)
     batch = _batch(x0, "x0")
     _tensor(d_p, "d_p")
     _tensor(d_q, "d_q")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import reference, registry
+from . import backend, reference, registry
 from .backend import core, plain, plain_out, refuse_lazy_output, stream_of, to_dlpack, torch
 from .scalars import arg_bool, arg_choice, arg_double, arg_i64, arg_u64, f32_finite, f32_positive, fmt_g, in_range
 from .spec import F32, I64, IN, INOUT, OUT, Op, Scalar, Tensor, TensorList
@@ -296,6 +296,27 @@ def run_lists(op: Op, args: dict[str, Any]) -> bool:
     except Exception:  # noqa: BLE001  (run raises it again, after the checks that come first there)
         return False
     return getattr(core, op.name)(*[args[name] for name, _ in _CALLS[op.name]], fast=_FAST) is not NotImplemented
+
+
+# The single-tensor ops' fast path (api.py): for a call whose first tensor is a dense CPU tensor of an exact
+# type in _FAST[3] or a NumPy array, the public function allocates the outputs and hands every argument to the
+# C entry as it is, with fast=: NumPy arrays are read inline and those torch tensors through the exchange API,
+# each checked (and Tensor.is_neg called) in C, with no view, label or capsule per tensor. The entry runs the
+# call only when the checked path would run it as it is, and otherwise answers NotImplemented having written
+# nothing; the public function then takes the checked path (run), which raises what it raises.
+FAST_TYPES: tuple[type, ...] = () if _FAST is None or _FAST[0] is None else _FAST[3]
+FAST = _FAST
+
+
+def fast_cpu() -> tuple[Any, ...] | None:
+    """fast= for a call whose tensors are on the CPU when the C kernels run it (the reference not forced)."""
+    if _FAST is None or not backend.HAVE_EXTENSION:
+        return None
+    try:
+        name = registry.forced()
+    except Exception:  # noqa: BLE001  (a bad DIPP_BACKEND: run raises it, after the checks that come first there)
+        return None
+    return None if name == "reference" else _FAST
 
 
 def _for_reference(x: Any, name: str, role: str) -> Any:
