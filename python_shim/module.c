@@ -8,29 +8,36 @@
 #define METHOD(name, doc) {#name, OP_KW op_##name, METH_VARARGS | METH_KEYWORDS, doc}
 
 static PyMethodDef methods[] = {
-    METHOD(fill_uniform, "fill_uniform(out, seed, offset=0, *, stream=0): Philox uniforms in the open interval (0, 1) "
+    METHOD(fill_uniform, "fill_uniform(out, seed, offset=0, *, stream=0, fast=None): Philox uniforms in the open "
+                         "interval (0, 1) "
                          "in every dtype: >= 2**-24 and <= the dtype's largest value below 1."),
-    METHOD(fill_normal, "fill_normal(out, seed, offset=0, *, stream=0): Philox standard normals (Box-Muller)."),
+    METHOD(fill_normal, "fill_normal(out, seed, offset=0, *, stream=0, fast=None): Philox standard normals "
+                        "(Box-Muller)."),
     METHOD(sample_sigma, "sample_sigma(sigma_out, seed, offset, p_mean, p_std, sigma_min, sigma_max, table=None, "
                          "index_out=None, snap=False): log-normal sigma per sample, clamped, optionally snapped."),
     METHOD(sigma_table, "sigma_table(kind, steps=1000, beta_start, beta_end, clip=1e-3) -> float64 array "
                         "ascending in timestep; kind 'iddpm_linear' or 'scaled_linear'."),
     METHOD(precond, "precond(sigma, c_skip, c_out, c_in, c_noise, weight, kind='edm', sigma_data=0.5)."),
-    METHOD(add_noise, "add_noise(x0, sigma, xt_out, seed, offset=0, eps_out=None, flow=False, *, stream=0)."),
-    METHOD(cfg_combine, "cfg_combine(uncond, cond, out, omega, *, stream=0): uncond + omega (cond - uncond)."),
+    METHOD(add_noise, "add_noise(x0, sigma, xt_out, seed, offset=0, eps_out=None, flow=False, *, stream=0, "
+                      "fast=None)."),
+    METHOD(cfg_combine, "cfg_combine(uncond, cond, out, omega, *, stream=0, fast=None): uncond + omega "
+                        "(cond - uncond); fast as in ema_update, for every tensor entry that takes it."),
     METHOD(ta_loss, "ta_loss(d_ta, x0, loss_out, sigma=None, grad_out=None, nonfinite_out=None, weighting='edm', "
-                    "sigma_data=0.5, reduction='mean', *, stream=0); nonfinite_out counts, per sample, the elements "
-                    "with D_TA - x0 or the stored gradient non-finite."),
+                    "sigma_data=0.5, reduction='mean', *, stream=0, fast=None); nonfinite_out counts, per sample, "
+                    "the elements with D_TA - x0 or the stored gradient non-finite."),
     METHOD(generator_grad, "generator_grad(x0, d_ta, d_cond, grad_out, weight_out, ref_dist_out, gap_out, "
                            "surrogate_out, nonfinite_out, d_uncond=None, omega=1, dr=None, alpha=0, "
-                           "weighting='normalized', min_norm=1e-5, *, stream=0); omega != 1 needs d_uncond; "
+                           "weighting='normalized', min_norm=1e-5, *, stream=0, fast=None); omega != 1 needs d_uncond; "
                            "nonfinite_out counts the elements with x0, D_TA - D_ref, dr or the stored G non-finite."),
     METHOD(huber_terms, "huber_terms(x0, d_p, d_q, sigma, a_out, b_out, dprime_out, ysq_out, yr_out, h_out, "
-                        "value_out, nonfinite_out, c, weighting='sigma2', *, stream=0); nonfinite_out counts the "
-                        "elements with y, r or a stored a, b, d' non-finite."),
-    METHOD(ema_update, "ema_update(ema, params, decay, *, stream=0): ema <- decay ema + (1 - decay) param."),
+                        "value_out, nonfinite_out, c, weighting='sigma2', *, stream=0, fast=None); nonfinite_out "
+                        "counts the elements with y, r or a stored a, b, d' non-finite."),
+    METHOD(ema_update, "ema_update(ema, params, decay, *, stream=0, fast=None): ema <- decay ema + (1 - decay) "
+                       "param; fast: (api, to_dlpack, is_neg, types) from the Python layer selects the whole-list "
+                       "path, which returns NotImplemented, having written nothing, when an item needs the checked "
+                       "path."),
     METHOD(adam_step, "adam_step(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, "
-                      "step, decoupled=False, stream=0)."),
+                      "step, decoupled=False, stream=0, fast=None); fast as in ema_update."),
     METHOD(stream_copy, "stream_copy(a, b): a[:] = b (bandwidth probe)."),
     METHOD(stream_triad, "stream_triad(a, b, c, scalar=3.0): a = b + scalar c (bandwidth probe)."),
     METHOD(threads, "threads() -> number of OpenMP threads the CPU kernels use."),
