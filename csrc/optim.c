@@ -9,8 +9,14 @@
 #define DIPP_EMA_PARALLEL_MIN_ELEMENTS (1 << 20)
 #define DIPP_ADAM_PARALLEL_MIN_ELEMENTS (1 << 19)
 
-/* The element count DIPP_PARALLEL_TASKS compares with its threshold: 0 (one thread) below `min`. */
-static inline int64_t list_elements(int64_t elements, int64_t min) { return elements >= min ? elements : 0; }
+/* The list's element count, which DIPP_PARALLEL_TASKS compares with its threshold: 0 (one thread) below
+ * `min`. Counted per tensor, not as tasks times the chunk size, so a list of many small tensors is not
+ * mistaken for a large one. */
+static inline int64_t list_elements(const dipp_tensor_pair *tensors, int64_t count, int64_t min) {
+    int64_t elements = 0;
+    for (int64_t k = 0; k < count; ++k) elements += tensors[k].n;
+    return elements >= min ? elements : 0;
+}
 
 DIPP_ALWAYS_INLINE void ema_range(const dipp_tensor_pair *t, int64_t e0, int64_t e1, float decay, float keep, int dt,
                                   int st) {
@@ -40,7 +46,7 @@ dipp_status dipp_cpu_ema_update(const dipp_ema_args *a) {
     int64_t *first = dipp_task_prefix(a->tensors, a->count);
     if (!first) return DIPP_ERR_NOMEM;
     const int64_t total = first[a->count];
-    DIPP_PARALLEL_TASKS(list_elements(total * DIPP_RED_CHUNK, DIPP_EMA_PARALLEL_MIN_ELEMENTS), total,
+    DIPP_PARALLEL_TASKS(list_elements(a->tensors, a->count, DIPP_EMA_PARALLEL_MIN_ELEMENTS), total,
                         ema_tasks(a, first, begin, end));
     free(first);
     return DIPP_OK;
@@ -109,7 +115,7 @@ dipp_status dipp_cpu_adam_step(const dipp_adam_args *a) {
     int64_t *first = dipp_task_prefix(a->tensors, a->count);
     if (!first) return DIPP_ERR_NOMEM;
     const int64_t total = first[a->count];
-    DIPP_PARALLEL_TASKS(list_elements(total * DIPP_RED_CHUNK, DIPP_ADAM_PARALLEL_MIN_ELEMENTS), total,
+    DIPP_PARALLEL_TASKS(list_elements(a->tensors, a->count, DIPP_ADAM_PARALLEL_MIN_ELEMENTS), total,
                         adam_tasks(a, &h, first, begin, end));
     free(first);
     return DIPP_OK;
