@@ -135,7 +135,8 @@ static int not_negated(PyObject *obj, const list_exporter *ex) {
 static int exchange_item(PyObject *obj, list_item *it, unsigned dtypes, const list_exporter *ex) {
     DLTensor t;
     if (ex->dltensor_from(obj, &t) == 0) return dl_item(&t, it, dtypes);
-    return call_ok(NULL);
+    /* DLPack asks a failing exchange function to set an exception; one that does not is a mere refusal */
+    return PyErr_Occurred() ? call_ok(NULL) : 0;
 }
 
 static int exported_item(PyObject *obj, list_item *it, unsigned dtypes, const list_exporter *ex) {
@@ -243,6 +244,10 @@ static Py_ssize_t run_end(const span *s, Py_ssize_t i, Py_ssize_t count) {
 /* s sorted by start, with tmp (as long) as scratch: a natural merge sort, so lists whose tensors were
  * allocated in order (a few ascending runs) cost a pass or two. Returns s or tmp, whichever holds it. */
 static span *sort_spans(span *s, span *tmp, Py_ssize_t count) {
+    if (count < 2) {  /* already sorted; the loop below needs a run to count */
+        for (Py_ssize_t i = 0; i < count; ++i) tmp[i] = s[i];
+        return tmp;
+    }
     for (;;) {
         Py_ssize_t i = 0, out = 0, runs = 0;
         while (i < count) {
