@@ -9,6 +9,7 @@ own sample (one more generator forward). reference_pass = "split": cond and unco
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -134,6 +135,13 @@ def test_onepass_trains_the_ta_on_the_generator_steps_own_xt():
 def test_onepass_is_refused_for_distar():
     with pytest.raises(ConfigError, match="ta_sample = 'onepass' needs method"):
         DIConfig(method="distar", ta_sample="onepass").validate()
+
+
+def test_onepass_is_refused_for_distar_also_when_cfg_is_replaced_after_validation():
+    _, trainer = make(method="distar", alpha=0.0)
+    trainer.cfg = dataclasses.replace(trainer.cfg, ta_sample="onepass")  # no validate() on this path
+    with pytest.raises(ConfigError, match="ta_sample = 'onepass' needs method"):
+        trainer.train_step(0)
 
 
 def test_joint_and_split_reference_give_the_same_step():

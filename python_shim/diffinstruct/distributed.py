@@ -15,8 +15,8 @@ How gradients are averaged, per role (generator, TA):
     would also own the other role's adapters) the role's parameters' gradients are averaged by hand: one flat
     all_reduce(SUM) / world_size right before the optimiser step (`DDPState.finish`).
 Only the calls whose weights train go through a DDP wrapper: the generator in the generator step, the TA in the
-TA step. No-grad forwards and DI*'s pass through the frozen TA use the plain modules, so DDP never waits for
-gradients that do not come.
+TA step (and in the generator step under ta_sample = "onepass", whose TA forward there trains). No-grad forwards
+and DI*'s pass through the frozen TA use the plain modules, so DDP never waits for gradients that do not come.
 
 Every rank ends each step with bitwise identical parameters, EMA and optimiser states: they start from rank 0's
 weights (DDP broadcasts them; the manual path does the same), apply identical averaged gradients, and skip a step

@@ -4,7 +4,8 @@ Everything runs in VE coordinates (x_t = x0 + sigma eps); flow models are seen
 through `VEView` (x_flow = x_ve / (1 + s), s_flow = s / (1 + s)), an exact
 reparameterisation, so one set of formulas serves every model family.
 Networks only run forward in the generator step, except the generator itself
-(x0.backward(G)), the reward's autograd path, and DI*'s VJPs.
+(x0.backward(G)), the reward's autograd path, DI*'s VJPs and, under
+ta_sample = "onepass", the TA's own DSM backward on the same x_t.
 """
 
 from __future__ import annotations
@@ -449,6 +450,8 @@ class DITrainer:
         (no second generator forward), then one host transfer of every number both halves produced. Under
         "onepass" that first update is the generator half's own TA forward on the same x_t."""
         if self.cfg.ta_sample == "onepass":
+            if self.cfg.method == "distar":  # also when cfg was replaced after validation
+                raise ConfigError("ta_sample = 'onepass' needs method = 'di' or 'dipp'; use ta_sample = 'reuse'")
             results: list[tuple[Any, Any]] = []
             metrics, gen_bad = self.accumulate_generator_grads(step, ta_results=results)
             losses, ta_bad = [loss for loss, _ in results], sum(bad for _, bad in results)
