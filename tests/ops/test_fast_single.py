@@ -176,3 +176,14 @@ def test_forced_reference_and_numpy_outputs(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.undo()
     res = K.ta_loss(t[0].numpy(), t[1].numpy(), s.numpy())
     assert all(isinstance(x, np.ndarray) for x in res)
+
+
+def test_fast_path_outputs_stay_on_the_cpu_whatever_the_default_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-sample outputs are made on the CPU, so a non-CPU default device (here meta) neither hands the call
+    back to the checked path nor changes a bit."""
+    t, s = _data(torch.float32, 3), _sigma(3)
+    want = _checked(monkeypatch, lambda: CALLS["generator_grad"](t, s))
+    with torch.device("meta"):
+        got = _fast_only(monkeypatch, lambda: CALLS["generator_grad"](t, s))
+    for a, b in zip(_flat(got), _flat(want), strict=True):
+        _same(a, b)

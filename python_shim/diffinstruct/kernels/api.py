@@ -30,6 +30,8 @@ from .backend import core, is_torch, refuse_lazy_output, torch
 from .ops import FAST, FAST_TYPES, OPS, fast_cpu, run, run_lists
 from .types import GeneratorGrad, HuberTerms, TALoss
 
+_CPU = torch.device("cpu") if torch is not None else None
+
 Array = Any  # torch.Tensor or numpy.ndarray
 
 
@@ -147,9 +149,11 @@ def _fast_like(x: Array, kind: int) -> Array:
 
 def _fast_sample(kind: int, batch: int, integer: bool = False, rows: int = 0) -> Any:
     """_per_sample's outputs; with rows, the rows of one [rows, batch] block (a tuple or list of views)."""
-    if kind == 1:  # on the default device: where that is not the CPU, the entry hands the call back
+    if kind == 1:  # on the CPU whatever the default device: only CPU tensors take this path
         dtype = torch.int64 if integer else torch.float32
-        return torch.empty(rows, batch, dtype=dtype).unbind(0) if rows else torch.empty(batch, dtype=dtype)
+        if rows:
+            return torch.empty(rows, batch, dtype=dtype, device=_CPU).unbind(0)
+        return torch.empty(batch, dtype=dtype, device=_CPU)
     out = np.empty((rows, batch) if rows else (batch,), dtype=np.int64 if integer else np.float32)
     return list(out) if rows else out
 
