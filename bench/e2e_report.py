@@ -164,7 +164,7 @@ def compare_lines(rows: list[dict[str, Any]]) -> list[str]:
             where = f"{row['mode']} {_dtype(row['bf16'])} {plan}"
             if not ok_speed:
                 misses.append(f"{where}: speed-up {speed:.2f}x, "
-                              f"{100 * (TARGET_SPEED - speed) / TARGET_SPEED:.0f} % short of {TARGET_SPEED}x")
+                              f"{100 * (TARGET_SPEED - speed) / TARGET_SPEED:.1f} % short of {TARGET_SPEED}x")
             if not ok_mem:
                 misses.append(f"{where}: memory {mem:.2f}x of the peer's (target <= {TARGET_MEMORY})")
             err = "; ".join(r.error for r in (ours, peer) if r.error)
@@ -215,7 +215,7 @@ def prototype_lines(rows: list[dict[str, Any]]) -> list[str]:
                   if any(p in PROTOTYPES for p in impl.split("+")[1:])]
     if not proto_rows:
         return []
-    lines = ["### A proposed engine change, prototyped in bench/e2e_child.py", ""]
+    lines = ["### Engine options and a prototyped engine change (bench/e2e_child.py)", ""]
     lines += [f"- `{name}`: {text}." for name, text in VARIANT_TEXT.items()]
     lines += ["", "Speed-ups in CPU time, paired by round as above.", "",
               "| mode | precision | variant | s/it | speed-up vs ours | speed-up vs peer | peak MiB | "
