@@ -55,7 +55,9 @@ class Settings:
     stream_reps: int
 
 
-FULL = Settings(budget_s=0.6, rounds=3, min_reps=12, max_reps=600, stream_reps=15)
+# Many short rounds (blocks of ~50 ms per implementation): a shared machine's memory bandwidth drifts over
+# seconds, and short blocks spread that drift over every implementation alike.
+FULL = Settings(budget_s=0.6, rounds=12, min_reps=12, max_reps=600, stream_reps=15)
 QUICK = Settings(budget_s=0.05, rounds=1, min_reps=3, max_reps=30, stream_reps=3)
 
 

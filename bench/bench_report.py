@@ -9,6 +9,7 @@ import bench_cases as cases
 from bench_contenders import LABELS
 
 LARGE = "large 32x4x128x128"
+LARGE_ROW = LARGE.split()[0]  # Row.size holds the size's first word
 TRIAD_TARGET = 0.70
 TORCH_TARGET = 3.0
 CONTENDER_TARGET = 1.0  # ours at least as fast as every contender, in every row
@@ -124,7 +125,7 @@ def why_compile(r: Row, triad: float) -> str:
     once = r.numel * (6 if "+dr" in r.kernel else 5) * (4 if r.dtype == "f32" else 2)  # inputs read once, G written
     parts = [f"torch.compile (inductor: one generated C++ kernel, a reduction loop and a write loop over the batch) "
              f"takes {comp.median * 1e3:.3f} ms, ours {r.c.median * 1e3:.3f} ms"]
-    if r.size == LARGE:
+    if r.size == LARGE_ROW:
         have, want = once / r.c.median / 1e9, once / need / 1e9
         verdict = ("more than this machine's triad bandwidth: memory, not the code, sets the ceiling" if want > triad
                    else "within triad bandwidth: memory is not saturated, the code falls short")
@@ -233,7 +234,7 @@ def why_torch(r: Row, rows: list[Row], triad: float) -> str:
                      f"{f32.c.median * 1e3:.3f} ms in float32 for half the bytes: the float32<->bfloat16 "
                      "conversions per element cost about what the saved traffic gains, while torch eager in "
                      "bfloat16 also halves the traffic of each of its passes")
-    elif r.size != LARGE:
+    elif r.size != LARGE_ROW:
         parts.append("at this size every operand sits in cache, so torch's extra passes and temporaries are "
                      "cheap and fixed per-call costs (Python wrapper, DLPack hand-off of ten tensors, two OpenMP "
                      "fork/joins) weigh most; the difference to the NumPy-argument call measures the hand-off")
@@ -335,7 +336,7 @@ def report(rows: list[Row], info: dict[str, str], stream: dict[str, float], swee
     lines: list[str] = []
     whys: list[str] = []
     for r in rows:
-        if not (r.target and r.size == "large" and r.dtype == "f32"):
+        if not (r.target and r.size == LARGE_ROW and r.dtype == "f32"):
             continue
         gbs = _gbs(r)
         frac = gbs / triad
