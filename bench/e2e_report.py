@@ -65,6 +65,11 @@ def _f(value: float, spec: str = ".2f") -> str:
     return "—" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _near(value: float, target: float) -> str:
+    """value to 2 decimals, or 3 where 2 would print the target itself for a value on the other side of it."""
+    return _f(value, ".3f" if math.isfinite(value) and abs(value - target) < 0.005 else ".2f")
+
+
 def _dtype(bf16: bool) -> str:
     return "bf16 autocast" if bf16 else "float32"
 
@@ -163,13 +168,14 @@ def compare_lines(rows: list[dict[str, Any]]) -> list[str]:
             ok_speed, ok_mem = speed >= TARGET_SPEED, mem <= TARGET_MEMORY
             where = f"{row['mode']} {_dtype(row['bf16'])} {plan}"
             if not ok_speed:
-                misses.append(f"{where}: speed-up {speed:.2f}x, "
+                misses.append(f"{where}: speed-up {_near(speed, TARGET_SPEED)}x, "
                               f"{100 * (TARGET_SPEED - speed) / TARGET_SPEED:.1f} % short of {TARGET_SPEED}x")
             if not ok_mem:
                 misses.append(f"{where}: memory {mem:.2f}x of the peer's (target <= {TARGET_MEMORY})")
             err = "; ".join(r.error for r in (ours, peer) if r.error)
             lines.append(f"| {row['mode']} | {_dtype(row['bf16'])} | {plan} | {_f(ours.median)} | "
-                         f"{_f(peer.median)} | {_f(paired_ratio(ours, peer, cpu=False))}x | **{_f(speed)}x** | "
+                         f"{_f(peer.median)} | {_f(paired_ratio(ours, peer, cpu=False))}x | "
+                         f"**{_near(speed, TARGET_SPEED)}x** | "
                          f"{'yes' if ok_speed else 'no'} | {_f(ours.peak_mib, '.0f')} | "
                          f"{_f(peer.peak_mib, '.0f')} | **{_f(mem)}** | {'yes' if ok_mem else 'no'} | "
                          f"{100 * row['others']:.0f} %{busy}{' ' + err if err else ''} |")
@@ -236,7 +242,7 @@ def prototype_lines(rows: list[dict[str, Any]]) -> list[str]:
         peer = row["results"]["peer"]
         best = max(variants, key=lambda i: paired_ratio(row["results"][i], peer))
         speed, mem = paired_ratio(row["results"][best], peer), row["results"][best].peak_mib / peer.peak_mib
-        lines.append(f"- {row['mode']} {_dtype(row['bf16'])}: `{best}` {speed:.2f}x the peer's speed "
+        lines.append(f"- {row['mode']} {_dtype(row['bf16'])}: `{best}` {_near(speed, TARGET_SPEED)}x the peer's speed "
                      f"({'meets' if speed >= TARGET_SPEED else 'misses'} {TARGET_SPEED}x), memory {mem:.2f}x the "
                      f"peer's ({'meets' if mem <= TARGET_MEMORY else 'misses'} {TARGET_MEMORY}).")
     lines.append("")
