@@ -51,4 +51,21 @@ int raise_status(dipp_status status);
         }                                                                                         \
     } while (0)
 
+/* A fast path's batch geometry, from its leading (per-sample) tensor's list_item. */
+#define FAST_GEOMETRY(A, ITEM)                          \
+    do {                                                \
+        (A)->dtype = (ITEM).dtype;                      \
+        (A)->batch = (ITEM).shape[0];                   \
+        (A)->per_sample = (ITEM).numel / (A)->batch;    \
+    } while (0)
+
+/* A fast path's last step: CALL (a CPU kernel) with the GIL released, then returns None or raises its status. */
+#define FAST_RETURN_RUN(CALL)                                             \
+    do {                                                                  \
+        dipp_status status_;                                              \
+        Py_BEGIN_ALLOW_THREADS status_ = (CALL);                          \
+        Py_END_ALLOW_THREADS                                              \
+        return raise_status(status_) == 0 ? Py_NewRef(Py_None) : NULL;    \
+    } while (0)
+
 #endif /* DIPP_OPS_H */

@@ -14,13 +14,8 @@ static PyObject *noise_fast(PyObject *const *objs, dipp_noise_args *a, const lis
     a->sigma = it[1].data;
     a->xt = it[2].data;
     a->eps_out = it[3].data;
-    a->dtype = it[0].dtype;
-    a->batch = it[0].shape[0];
-    a->per_sample = it[0].numel / a->batch;
-    dipp_status status;
-    Py_BEGIN_ALLOW_THREADS status = dipp_cpu_add_noise(a);
-    Py_END_ALLOW_THREADS
-    return raise_status(status) == 0 ? Py_NewRef(Py_None) : NULL;
+    FAST_GEOMETRY(a, it[0]);
+    FAST_RETURN_RUN(dipp_cpu_add_noise(a));
 }
 
 OP_DECLARE(add_noise) {
@@ -80,10 +75,7 @@ static PyObject *cfg_fast(PyObject *const *objs, double omega, const list_export
     const int rc = fast_tensors(objs, spec, 3, ex, it);
     if (rc <= 0) return rc < 0 ? NULL : fast_not_taken();
     dipp_cfg_args a = {it[0].data, it[1].data, it[2].data, it[0].dtype, it[0].numel, (float)omega};
-    dipp_status status;
-    Py_BEGIN_ALLOW_THREADS status = dipp_cpu_cfg_combine(&a);
-    Py_END_ALLOW_THREADS
-    return raise_status(status) == 0 ? Py_NewRef(Py_None) : NULL;
+    FAST_RETURN_RUN(dipp_cpu_cfg_combine(&a));
 }
 
 OP_DECLARE(cfg_combine) {

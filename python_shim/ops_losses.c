@@ -47,13 +47,8 @@ static PyObject *ta_fast(PyObject *const *objs, dipp_ta_args *a, const list_expo
     a->sigma = it[3].data;
     a->grad_out = it[4].data;
     a->nonfinite_out = it[5].data;
-    a->dtype = it[0].dtype;
-    a->batch = it[0].shape[0];
-    a->per_sample = it[0].numel / a->batch;
-    dipp_status status;
-    Py_BEGIN_ALLOW_THREADS status = dipp_cpu_ta_loss(a);
-    Py_END_ALLOW_THREADS
-    return raise_status(status) == 0 ? Py_NewRef(Py_None) : NULL;
+    FAST_GEOMETRY(a, it[0]);
+    FAST_RETURN_RUN(dipp_cpu_ta_loss(a));
 }
 
 OP_DECLARE(ta_loss) {
@@ -147,13 +142,8 @@ static PyObject *gen_fast(PyObject *const *o, PyObject *uncond, PyObject *dr, di
     a->gap_out = it[8].data;
     a->surrogate_out = it[9].data;
     a->nonfinite_out = it[10].data;
-    a->dtype = it[0].dtype;
-    a->batch = it[0].shape[0];
-    a->per_sample = it[0].numel / a->batch;
-    dipp_status status;
-    Py_BEGIN_ALLOW_THREADS status = dipp_cpu_generator_grad(a);
-    Py_END_ALLOW_THREADS
-    return raise_status(status) == 0 ? Py_NewRef(Py_None) : NULL;
+    FAST_GEOMETRY(a, it[0]);
+    FAST_RETURN_RUN(dipp_cpu_generator_grad(a));
 }
 
 OP_DECLARE(generator_grad) {
@@ -254,13 +244,8 @@ static PyObject *huber_fast(PyObject *const *o, dipp_huber_args *a, const list_e
     a->h_out = it[9].data;
     a->value_out = it[10].data;
     a->nonfinite_out = it[11].data;
-    a->dtype = it[0].dtype;
-    a->batch = it[0].shape[0];
-    a->per_sample = it[0].numel / a->batch;
-    dipp_status status;
-    Py_BEGIN_ALLOW_THREADS status = dipp_cpu_huber_terms(a);
-    Py_END_ALLOW_THREADS
-    return raise_status(status) == 0 ? Py_NewRef(Py_None) : NULL;
+    FAST_GEOMETRY(a, it[0]);
+    FAST_RETURN_RUN(dipp_cpu_huber_terms(a));
 }
 
 OP_DECLARE(huber_terms) {

@@ -15,10 +15,7 @@ static PyObject *fill_fast(PyObject *out_obj, dipp_fill_args *a, int normal, con
     a->out = it[0].data;
     a->dtype = it[0].dtype;
     a->n = it[0].numel;
-    dipp_status status;
-    Py_BEGIN_ALLOW_THREADS status = normal ? dipp_cpu_fill_normal(a) : dipp_cpu_fill_uniform(a);
-    Py_END_ALLOW_THREADS
-    return raise_status(status) == 0 ? Py_NewRef(Py_None) : NULL;
+    FAST_RETURN_RUN(normal ? dipp_cpu_fill_normal(a) : dipp_cpu_fill_uniform(a));
 }
 
 static PyObject *fill(PyObject *module, PyObject *args, PyObject *kwargs, int normal) {
