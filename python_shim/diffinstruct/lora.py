@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .frozen import mark_stored, runs_stored, store_frozen_layers_in
+
 
 class RoleSwitch:
     """Which adapter set is active; None means the bare base."""
@@ -60,8 +62,7 @@ class LoRALayer(nn.Module):
             self.adapters[role] = nn.Sequential(down, up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen_dtype is not None and x.dtype != self.frozen_dtype and not torch.is_autocast_enabled(
-                x.device.type):
+        if self.frozen_dtype is not None and runs_stored(x, self.frozen_dtype):
             # a base stored in bf16 (store_frozen_in) outside autocast: run it in its own dtype
             out = self.base(x.to(self.frozen_dtype)).to(x.dtype)
         else:
@@ -84,18 +85,20 @@ def adapter_dtype(base: nn.Module) -> torch.dtype:
 
 
 def store_frozen_in(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Keep the frozen float32 base weights of every LoRA layer in `dtype` (bf16 training): autocast then uses them
-    as they are instead of casting every weight on every pass, with the same values (the cast it did rounds the same
-    way), and the base takes half the memory. Outside autocast such a layer runs its base in `dtype`. Returns the
-    number of layers converted."""
+    """Keep the frozen float32 weights of `model` in `dtype` (bf16 training): every LoRA layer's base, and the plain
+    frozen Linear / Conv2d layers (frozen.store_frozen_layers_in: full mode's reference, layers without an adapter).
+    Autocast then uses them as they are instead of casting every weight on every pass, with the same values (the
+    cast it did rounds the same way), and they take half the memory. Outside autocast such a layer runs in `dtype`.
+    Returns the number of layers converted."""
     converted = 0
     for module in model.modules():
         if isinstance(module, LoRALayer) and getattr(module.base, "weight", None) is not None:
             if module.base.weight.dtype == torch.float32 and not module.base.weight.requires_grad:
                 module.base.to(dtype)
+                mark_stored(module.base)
                 module.frozen_dtype = dtype
                 converted += 1
-    return converted
+    return converted + store_frozen_layers_in(model, dtype)
 
 
 def default_target(name: str, module: nn.Module) -> bool:

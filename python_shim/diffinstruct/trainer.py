@@ -171,8 +171,8 @@ class DITrainer:
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
-        if self.cfg.bf16:  # the shared base's frozen weights as autocast would cast them on every pass
-            for module in models.modules:
+        if self.cfg.bf16:  # frozen weights (shared base, full mode's reference) as autocast would cast them
+            for module in {id(m): m for m in (*models.modules, models.reference)}.values():
                 store_frozen_in(module, torch.bfloat16)
         self.reference = VEView(models.reference)
         self.ta = VEView(models.ta)

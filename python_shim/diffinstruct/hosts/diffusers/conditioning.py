@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...frozen import compute_dtype
+
 
 def _cond_dict(cond: Any) -> dict[str, Any]:
     if isinstance(cond, torch.Tensor):
@@ -47,10 +49,8 @@ def _no_extra(parts: dict[str, Any], model: str, allowed: Sequence[str]) -> None
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+    """The dtype the network computes in (frozen weights stored in bf16 under bf16 training do not count)."""
+    return compute_dtype(model)
 
 
 def _model_device(model: nn.Module) -> torch.device:
