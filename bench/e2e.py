@@ -49,7 +49,7 @@ PROTOTYPE_ROWS: dict[tuple[str, bool], list[str]] = {
     ("shared", False): ["ours+onepass"],
     ("shared", True): ["ours+onepass"],
     ("full", False): ["ours+onepass"],
-    ("full", True): ["ours+onepass", "ours+bf16w+onepass"],
+    ("full", True): ["ours+onepass"],
 }
 CONFIGS = [("shared", False), ("shared", True), ("full", False), ("full", True)]
 

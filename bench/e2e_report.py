@@ -218,10 +218,10 @@ def why_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def prototype_lines(rows: list[dict[str, Any]]) -> list[str]:
     proto_rows = [(row, impl) for row in rows for impl in row["results"]
-                  if any(p in PROTOTYPES for p in impl.split("+")[1:])]
+                  if any(p in PROTOTYPES or p in ENGINE_OPTIONS for p in impl.split("+")[1:])]
     if not proto_rows:
         return []
-    lines = ["### Engine options and a prototyped engine change (bench/e2e_child.py)", ""]
+    lines = ["### Engine options and prototyped engine changes (bench/e2e_child.py)", ""]
     lines += [f"- `{name}`: {text}." for name, text in VARIANT_TEXT.items()]
     lines += ["", "Speed-ups in CPU time, paired by round as above.", "",
               "| mode | precision | variant | s/it | speed-up vs ours | speed-up vs peer | peak MiB | "

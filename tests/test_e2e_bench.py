@@ -1,5 +1,5 @@
-"""bench/e2e.py on a tiny UNet: the peer loop (bench/peer_loop.py) and ours compute the same DI++ step, the prototyped
-engine change and the onepass plan leave the generator's gradients as they were, and the benchmark's process path
+"""bench/e2e.py on a tiny UNet: the peer loop (bench/peer_loop.py) and ours compute the same DI++ step, the onepass
+plan leaves the generator's gradients as they were, and the benchmark's process path
 and report run. Nothing here is timed: the benchmark itself is `make bench`."""
 
 from __future__ import annotations
@@ -104,17 +104,6 @@ def test_peer_loop_computes_our_step(mode: str) -> None:
     assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True) if a.dim() > 1)
 
 
-def test_bf16_weights_prototype_matches_autocast() -> None:
-    _, g_ref, ta_ref = _ours_grads(_pair("shared", bf16=True)[0])
-    trainer = _pair("shared", bf16=True)[0]
-    e2e_child.PROTOTYPES["bf16w"](trainer)
-    assert any(p.dtype == torch.bfloat16 for p in trainer.models.reference.parameters())
-    assert all(p.dtype == torch.float32 for p in trainer.generator_params + trainer.ta_params)
-    _, g_new, ta_new = _ours_grads(trainer)
-    _close(g_new, g_ref, 2e-2)  # the same bf16 weights either way; only op order inside autocast may differ
-    _close(ta_new, ta_ref, 2e-2)
-
-
 def test_onepass_keeps_g_and_trains_the_ta_at_the_generators_noise() -> None:
     """ta_sample = "onepass" against the peer loop whose TA step draws the generator step's sigma and eps."""
     _, g_ref, _ = _ours_grads(_pair("shared")[0])
@@ -135,7 +124,7 @@ def test_onepass_keeps_g_and_trains_the_ta_at_the_generators_noise() -> None:
 
 def test_interleaved_processes_and_report(tmp_path: Path) -> None:
     # one process (each costs seconds of imports); it stands in for ours and the peer in the report
-    spec = e2e_child.Spec("ours+bf16w+onepass", mode="shared", bf16=True, tiny=True, latent=8)
+    spec = e2e_child.Spec("ours+onepass", mode="shared", bf16=True, tiny=True, latent=8)
     results, share = e2e.run_interleaved([spec], warmup=1, repeats=1, profile=True, log=lambda _: None)
     res = results[spec.impl]
     assert res.error is None and res.finite and len(res.seconds) == len(res.cpu) == 1 and res.peak_mib > 0
@@ -147,7 +136,7 @@ def test_interleaved_processes_and_report(tmp_path: Path) -> None:
               for b, lat in ((1, 8), (2, 8), (1, 16))]
     text = e2e_report.report(rows, points, e2e.QUICK, 1.0, quick=True)
     assert "| shared | bf16 autocast | " in text and "1.00x" in text and "op class" in text
-    assert "ours+bf16w+onepass" in text
+    assert "ours+onepass" in text
     assert "CPU time = 0.00 s + 0.10 s x batch" in text and "CPU time grows as tokens^1.00" in text
     e2e.save(tmp_path / "m.json", rows, points, 1.0)  # --json, then --from-json renders the same section
     assert e2e_report.report(*e2e.load(tmp_path / "m.json")[:2], e2e.QUICK, 1.0, quick=True) == text
