@@ -10,7 +10,7 @@ method in words and the numbers of a run):
    unet config ComfyUI's model_detection returns for the family's files, on the meta device (no memory), and the
    package's `attach_lora` is run on it to count exactly what LoRA mode wraps and adds.
 2. Bytes per parameter: what the engine allocates (host.trainable_copy copies in float32; store_frozen_in keeps the
-   LoRA-wrapped frozen layers in bf16 when bf16 is on; FusedAdam keeps one float32 second moment, beta1 = 0; EMA a
+   frozen Linear/Conv2d layers in bf16 when bf16 is on: the shared base's, full mode's reference's; FusedAdam keeps one float32 second moment, beta1 = 0; EMA a
    clone of the generator's trainable weights; a gradient in the parameter's dtype). Confirmed on a tiny Flux built
    through ComfyUI: one DITrainer.train_step per mode, then the bytes the models, optimisers and EMA hold are counted,
    and the gradients both networks hold at once (the generator's wait for the TA's step in the "reuse" pass plan).
@@ -234,7 +234,8 @@ MODES: tuple[ModeSpec, ...] = (
     ModeSpec("shared-fp8", "shared, fp8 base (derived)", True, "bf16", 1, 4, 16 + 12, derived=True,
              note="fp8 e4m3 storage of the wrapped weights, computed in bf16; activations as bf16"),
     ModeSpec("full-fp32", "full, fp32 (bf16 off)", False, "fp32", 4, 4, 16 + 12),
-    ModeSpec("full-amp", "full, fp32 weights + bf16 autocast", False, "bf16", 4, 4, 16 + 12, autocast_weight_copies=2),
+    ModeSpec("full-amp", "full, bf16 reference + bf16 autocast", False, "bf16", 2, 4, 16 + 12,
+             autocast_weight_copies=2),
 )
 
 
