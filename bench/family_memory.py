@@ -10,8 +10,9 @@ method in words and the numbers of a run):
    unet config ComfyUI's model_detection returns for the family's files, on the meta device (no memory), and the
    package's `attach_lora` is run on it to count exactly what LoRA mode wraps and adds.
 2. Bytes per parameter: what the engine allocates (host.trainable_copy copies in float32; store_frozen_in keeps the
-   frozen Linear/Conv2d layers in bf16 when bf16 is on: the shared base's, full mode's reference's; FusedAdam keeps one float32 second moment, beta1 = 0; EMA a
-   clone of the generator's trainable weights; a gradient in the parameter's dtype). Confirmed on a tiny Flux built
+   frozen Linear/Conv2d layers in bf16 when bf16 is on: the shared base's, full mode's reference's; FusedAdam keeps
+   one float32 second moment, beta1 = 0; EMA a clone of the generator's trainable weights; a gradient in the
+   parameter's dtype). Confirmed on a tiny Flux built
    through ComfyUI: one DITrainer.train_step per mode, then the bytes the models, optimisers and EMA hold are counted,
    and the gradients both networks hold at once (the generator's wait for the TA's step in the "reuse" pass plan).
 3. Activations measured, one fresh subprocess per point: the generator's forward (grad) at batch 1, then the TA's and
