@@ -25,7 +25,8 @@ def test_the_same_run_gets_the_same_folder():
     key = comfy_runs.run_key(PROMPT, ALIGN)
     assert key is not None and len(key) == comfy_runs.KEY_CHARS
     assert comfy_runs.run_key(copy.deepcopy(PROMPT), ALIGN) == key
-    for name, value in (("steps", 5000), ("checkpoint_every", 7), ("preview_every", 0), ("diversity_warning", 0.1)):
+    for name, value in (("steps", 5000), ("checkpoint_every", 7), ("preview_every", 0), ("diversity_warning", 0.1),
+                        ("gradient_checkpointing", True)):
         assert comfy_runs.run_key(changed(ALIGN, **{name: value}), ALIGN) == key, name
     shown = changed(ALIGN, dipp_status="stopped after 3 steps")  # the canvas's status box is not an input
     assert comfy_runs.run_key(shown, ALIGN) == key

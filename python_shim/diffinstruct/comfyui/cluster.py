@@ -28,7 +28,7 @@ from ..errors import ConfigError
 FORMAT = "diffinstruct.comfyui-run/1"
 LINKS = ("model", "loss", "vae", "clip")  # what the export node takes from the graph
 TRAIN_KEYS = ("prompts", "steps", "batch_size", "learning_rate", "seed", "width", "height", "checkpoint_every",
-              "ema_decay", "filename_prefix")
+              "ema_decay", "gradient_checkpointing", "filename_prefix")
 # nodes that train when executed: a graph that needs one would train it again on every rank
 NOT_EXPORTABLE = frozenset({"DIPPTrain", "DIPPAlign", "DIPPExportRun"})
 
@@ -154,7 +154,9 @@ def run(config: Mapping[str, Any], out_dir: str | os.PathLike[str], classes: Map
                                  checkpoint_dir=str(Path(out_dir).expanduser()), batch_size=train["batch_size"],
                                  lr_generator=train["learning_rate"], seed=train["seed"], width=train["width"],
                                  height=train["height"], checkpoint_every=train["checkpoint_every"],
-                                 ema_decay=train.get("ema_decay", 0.95), live=LiveSettings(every=0))
+                                 ema_decay=train.get("ema_decay", 0.95),
+                                 gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
+                                 live=LiveSettings(every=0))
     with torch.inference_mode():
         result = training.train(value["loss"], value["model"], opts, vae=value.get("vae"), prompts=prompts,
                                 clip=value.get("clip"))

@@ -2,8 +2,9 @@
 queueing the same workflow again (after Cancel, or with more steps) finds and resumes it.
 
 The name comes from the part of the queued prompt that decides what is trained: the node's own inputs and,
-through its links, every node upstream of it (their class and inputs), hashed. Inputs that only say how long
-or how visibly to train (steps, checkpoint_every, the live view's settings, resume) are left out of the node's
+through its links, every node upstream of it (their class and inputs), hashed. Inputs that only say how long,
+how visibly or in how much memory to train (steps, checkpoint_every, the live view's settings, resume,
+gradient_checkpointing) are left out of the node's
 own inputs, so raising steps continues the run. Any other change (a prompt, alpha, seed, another checkpoint
 upstream) gives a new folder. Nothing here needs ComfyUI (docs/COMFYUI.md section 9).
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 # the node's own inputs that do not change what is trained
 NOT_THE_RUN = frozenset({"steps", "checkpoint_every", "checkpoint_dir", "preview_every", "diversity_warning",
-                         "resume"})
+                         "resume", "gradient_checkpointing"})
 # the web extension's status box (comfyui/web/diffinstruct.js): never part of a run, on any node
 DISPLAY_ONLY = frozenset({"dipp_status"})
 KEY_CHARS = 12

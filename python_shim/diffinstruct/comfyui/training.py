@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..generator import OneStepGenerator, default_sigma_init
 from ..prompts import PromptList, _cat
 from ..rewards import LatentToImageReward, load_spec
+from . import checkpointing as comfy_checkpointing
 from . import host as host
 from . import live as comfy_live
 from .conditioning import NULL, conditioning_table, reference_guidance, same_token_count
@@ -55,6 +56,7 @@ class TrainOptions:
     resume: bool = True
     use_ema: bool = True
     bf16: bool = train_option("bf16", default=False)
+    gradient_checkpointing: bool = False  # recompute the networks' blocks in backward (comfyui/checkpointing.py)
     preview_count: int = 4
     node_id: str | None = None
     live: comfy_live.LiveSettings = field(default_factory=comfy_live.LiveSettings)
@@ -245,6 +247,9 @@ def _train(loss: LossSpec, generator_model: Any, opts: TrainOptions, vae: Any, p
         # LoRA init from the run's seed, without touching the host's RNG
         models = engine.assemble(teacher, latent_shape, mode="shared" if shared else "full", rank=loss.ta.rank,
                                  sigma_init=sigma_init, generator_init=gen_init, seed=opts.seed, device=device)
+        if opts.gradient_checkpointing:  # after assemble: full mode's copies get their own wrappers
+            for module in (*models.modules, models.reference):
+                comfy_checkpointing.enable(module)
         ta_start = "reference" if shared else carry_over_ta(models.ta, generator_model)
         prompt_list = PromptList(labels, encode=lambda p: table[p], null=NULL)
         reward = build_reward(loss.reward, ref.model, vae, device)

@@ -3,52 +3,20 @@ denoiser builders per model kind, activation checkpointing that is correct with 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from ... import kernels
 from ...denoisers import FlowDenoiser, VPDenoiser
-from ...lora import LoRALayer, RoleSwitch
+from ...recompute import role_aware_checkpoint
 from .conditioning import _cond_dict, _fit, _model_dtype, _no_extra, _take
 from .schedules import PREDICTIONS, _scheduler_dict, prediction_type, sigmas_from_scheduler_config
 
 VAE_SCALE_FACTOR = 8  # pixels per latent element (SD, SDXL, PixArt, SD3)
-
-
-def _switches_in(module: nn.Module) -> list[RoleSwitch]:
-    seen: dict[int, RoleSwitch] = {}
-    for m in module.modules():
-        if isinstance(m, LoRALayer):
-            seen.setdefault(id(m.switch), m.switch)
-    return list(seen.values())
-
-
-def role_aware_checkpoint(module: nn.Module, *args: Any) -> Any:
-    """torch.utils.checkpoint that recomputes under the LoRA roles active in the forward pass.
-
-    With a shared LoRA base (lora.RoleSwitch), backward runs after the role's `with switch.use(...)`
-    has exited; plain checkpointing would recompute the block as the bare base and silently give the
-    adapters wrong (or no) gradients. This captures the roles at forward time and restores them
-    around the recomputation.
-    """
-    switches = _switches_in(module)
-    if not switches:
-        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
-    roles = [s.active for s in switches]
-
-    def run(*inner: Any) -> Any:
-        with contextlib.ExitStack() as stack:
-            for switch, role in zip(switches, roles, strict=True):
-                stack.enter_context(switch.use(role))
-            return module(*inner)
-
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 def _host_models(module: nn.Module) -> list[nn.Module]:
