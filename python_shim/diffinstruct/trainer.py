@@ -311,8 +311,8 @@ class DITrainer:
         if self.reward is None:
             return None, math.nan
         if getattr(self.reward, "noisy", False):
-            # d x_t / d x0 = 1; weighted like the IKL term: sigma^2 * grad_{x_t} r
-            grad = self.reward.grad_xt(xt, sigma, batch.cond, batch.uncond)
+            with self._autocast():  # d x_t / d x0 = 1; weighted like the IKL term: sigma^2 * grad_{x_t} r
+                grad = self.reward.grad_xt(xt, sigma, batch.cond, batch.uncond)
             s2 = (sigma.float() ** 2).reshape((-1,) + (1,) * (xt.dim() - 1))
             return (s2 * grad).contiguous(), math.nan
         want_grad = self.cfg.alpha != 0.0
