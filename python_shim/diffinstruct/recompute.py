@@ -7,10 +7,12 @@ Three things would make the second run compute something else than the first:
 * LoRA roles. With a shared base (lora.RoleSwitch) backward runs after the role's `with switch.use(...)` has exited;
   the roles active at forward time are captured and restored around the second run.
 * Blocks that modify an input in place (ComfyUI's Flux blocks add their residuals into `x`): each run works on a
-  fresh copy of the floating-point tensor arguments, so the inputs kept for the second run stay as they were.
-* Callers that change an argument after the block ran: a dict argument (ComfyUI's transformer_options, whose
-  counters the UNet advances after each block) is copied at forward time, and a tensor argument changed in place
-  afterwards is refused in backward with a clear error instead of a silently different recomputation.
+  fresh copy of every tensor argument (also inside tuples, lists and dicts), so the inputs kept for the second run
+  stay as they were.
+* Callers that change an argument after the block ran: the containers (ComfyUI's transformer_options, whose
+  counters the UNet advances after each block) are rebuilt for each run from what they held at forward time, and
+  every tensor goes to torch's checkpoint as an input, whose version check refuses in backward one changed in place
+  afterwards ("modified by an inplace operation") instead of recomputing something else.
 
 Under no_grad (the reference's and the TA's evaluation passes) a block runs as it is.
 """
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .lora import LoRALayer, RoleSwitch
 
@@ -61,32 +64,24 @@ def role_aware_checkpoint(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
                                              **kwargs)
 
 
-def _fresh(value: Any) -> Any:
-    return value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-
-def _kept(value: Any) -> Any:
-    return dict(value) if isinstance(value, dict) else value
-
-
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     inner = self.__dict__.get(_PLAIN) or types.MethodType(type(self).forward, self)
     if not torch.is_grad_enabled():
         return inner(*args, **kwargs)
-    args, kwargs = tuple(_kept(a) for a in args), {k: _kept(v) for k, v in kwargs.items()}
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    versions = [t._version for t in tensors]
-    runs = [0]
+    # every tensor, also inside tuples, lists and dicts, goes to torch's checkpoint positionally (it infers the
+    # device and saves the RNG state from those); the containers are rebuilt, fresh, for each run
+    leaves, spec = tree_flatten((args, kwargs))
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    tensors = [leaves[i] for i in where]
 
-    def run(*a: Any, **k: Any) -> Any:
-        if runs[0] and any(t._version != v for t, v in zip(tensors, versions, strict=True)):
-            raise RuntimeError(f"gradient checkpointing: an input of {type(self).__name__} was modified in place "
-                               "after the block ran, so its activations cannot be recomputed; turn "
-                               "gradient_checkpointing off for this model")
-        runs[0] += 1
-        return inner(*(_fresh(x) for x in a), **{key: _fresh(x) for key, x in k.items()})
+    def run(*given: torch.Tensor) -> Any:
+        values = list(leaves)
+        for i, t in zip(where, given, strict=True):
+            values[i] = t.clone()  # the block may change its inputs in place (ComfyUI's Flux blocks do)
+        a, k = tree_unflatten(values, spec)
+        return inner(*a, **k)
 
-    return torch.utils.checkpoint.checkpoint(_with_roles(self, run), *args, use_reentrant=False, **kwargs)
+    return torch.utils.checkpoint.checkpoint(_with_roles(self, run), *tensors, use_reentrant=False)
 
 
 def is_checkpointed(block: nn.Module) -> bool:

@@ -58,8 +58,12 @@ def blocks_of(net: nn.Module) -> list[nn.Module]:
 def enable(module: nn.Module) -> int:
     """Checkpoint the blocks of every ComfyUI diffusion model inside `module`; returns how many blocks it found
     (ConfigError when a model has none: the option cannot do anything for it)."""
+    nets = diffusion_models(module)
+    if not nets:
+        raise ConfigError(f"gradient_checkpointing: {type(module).__name__} holds no ComfyUI diffusion model (it "
+                          "checkpoints the blocks of a MODEL ComfyUI loaded); turn gradient_checkpointing off")
     count = 0
-    for net in diffusion_models(module):
+    for net in nets:
         blocks = blocks_of(net)
         if not blocks:
             raise ConfigError(f"gradient_checkpointing: {type(net).__name__} has no block list to checkpoint; "
