@@ -28,7 +28,7 @@ from ..errors import ConfigError
 FORMAT = "diffinstruct.comfyui-run/1"
 LINKS = ("model", "loss", "vae", "clip")  # what the export node takes from the graph
 TRAIN_KEYS = ("prompts", "steps", "batch_size", "learning_rate", "seed", "width", "height", "checkpoint_every",
-              "ema_decay", "gradient_checkpointing", "filename_prefix")
+              "ema_decay", "gradient_checkpointing", "bf16", "filename_prefix")
 # nodes that train when executed: a graph that needs one would train it again on every rank
 NOT_EXPORTABLE = frozenset({"DIPPTrain", "DIPPAlign", "DIPPExportRun"})
 
@@ -156,6 +156,7 @@ def run(config: Mapping[str, Any], out_dir: str | os.PathLike[str], classes: Map
                                  height=train["height"], checkpoint_every=train["checkpoint_every"],
                                  ema_decay=train.get("ema_decay", 0.95),
                                  gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
+                                 bf16=bool(train.get("bf16", False)),
                                  live=LiveSettings(every=0))
     with torch.inference_mode():
         result = training.train(value["loss"], value["model"], opts, vae=value.get("vae"), prompts=prompts,

@@ -49,6 +49,9 @@ CHECKPOINTING = ("BOOLEAN", {"default": False, "tooltip": "Recompute each block 
                              "instead of keeping its activations: far less memory (at 1024 px Flux holds ~35 GiB of "
                              "activations, checkpointed only its blocks' inputs), for about one more forward pass "
                              "of time. The same training up to float rounding; a run resumes with it on or off."})
+BF16 = ("BOOLEAN", {"default": False, "tooltip": "Train under bf16 autocast: the networks compute in bf16 (faster "
+                    "on GPUs with bf16 tensor cores, smaller activations); trainable weights and the optimiser stay "
+                    "float32, and frozen float32 weights are kept in bf16, the values autocast would use anyway."})
 STEPS = ("INT", {"default": 200, "min": 1, "max": 1_000_000,
                  "tooltip": "Training steps (in total, counting the steps resumed from the checkpoint folder)."})
 
@@ -162,15 +165,15 @@ class DIPPTrain(_TrainingNode):
             "optional": {"clip": ("CLIP", {"tooltip": "Encodes the prompts (needed when prompts are given)."}),
                          **_live_inputs(),
                          # last: a saved workflow's widget values are positional, and older ones end before them
-                         "ema_decay": EMA_DECAY, "gradient_checkpointing": CHECKPOINTING},
+                         "ema_decay": EMA_DECAY, "gradient_checkpointing": CHECKPOINTING, "bf16": BF16},
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     def train(self, model: Any, loss: LossSpec, vae: Any, prompts: str, steps: int, batch_size: int,
               learning_rate: float, seed: int, width: int, height: int, checkpoint_dir: str, checkpoint_every: int,
               resume: bool, clip: Any = None, ema_decay: float = 0.95, preview_every: int = 10,
-              diversity_warning: float = 0.5, gradient_checkpointing: bool = False, unique_id: str | None = None,
-              prompt: dict[str, Any] | None = None) -> dict[str, Any]:
+              diversity_warning: float = 0.5, gradient_checkpointing: bool = False, bf16: bool = False,
+              unique_id: str | None = None, prompt: dict[str, Any] | None = None) -> dict[str, Any]:
         from diffinstruct.comfyui import training as comfy_train
         from diffinstruct.comfyui.host import parse_prompts
 
@@ -179,8 +182,8 @@ class DIPPTrain(_TrainingNode):
         opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=folder, ema_decay=ema_decay,
                                         batch_size=batch_size, lr_generator=learning_rate, seed=seed, width=width,
                                         height=height, checkpoint_every=checkpoint_every, resume=resume,
-                                        gradient_checkpointing=gradient_checkpointing, node_id=unique_id,
-                                        live=_live(preview_every, diversity_warning))
+                                        gradient_checkpointing=gradient_checkpointing, bf16=bf16,
+                                        node_id=unique_id, live=_live(preview_every, diversity_warning))
         return _outputs(comfy_train.train(loss, model, opts, vae=vae, prompts=prompt_list, clip=clip))
 
 
@@ -215,7 +218,8 @@ class DIPPAlign(_TrainingNode):
                                                "round": False, "tooltip": TA_LR_TOOLTIP}),
                 **_common_inputs(),
                 **_live_inputs(),
-                "gradient_checkpointing": CHECKPOINTING,  # last: saved workflows' widget values are positional
+                # last: saved workflows' widget values are positional
+                "gradient_checkpointing": CHECKPOINTING, "bf16": BF16,
             },
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
@@ -224,8 +228,8 @@ class DIPPAlign(_TrainingNode):
               steps: int, negative_prompt: str = "", rank: int = 8, ta_learning_rate: float = 1e-3,
               batch_size: int = 1, learning_rate: float = 1e-4, seed: int = 0, width: int = 512, height: int = 512,
               checkpoint_dir: str = "", checkpoint_every: int = 50, preview_every: int = 10,
-              diversity_warning: float = 0.5, gradient_checkpointing: bool = False, unique_id: str | None = None,
-              prompt: dict[str, Any] | None = None) -> dict[str, Any]:
+              diversity_warning: float = 0.5, gradient_checkpointing: bool = False, bf16: bool = False,
+              unique_id: str | None = None, prompt: dict[str, Any] | None = None) -> dict[str, Any]:
         from diffinstruct.comfyui import training as comfy_train
         from diffinstruct.comfyui.host import encode_prompts, parse_prompts
 
@@ -237,8 +241,8 @@ class DIPPAlign(_TrainingNode):
         opts = comfy_train.TrainOptions(steps=steps, checkpoint_dir=folder,
                                         batch_size=batch_size, lr_generator=learning_rate, seed=seed, width=width,
                                         height=height, checkpoint_every=checkpoint_every,
-                                        gradient_checkpointing=gradient_checkpointing, node_id=unique_id,
-                                        live=_live(preview_every, diversity_warning))
+                                        gradient_checkpointing=gradient_checkpointing, bf16=bf16,
+                                        node_id=unique_id, live=_live(preview_every, diversity_warning))
         return _outputs(comfy_train.train(loss, model, opts, vae=vae, prompts=prompt_list, clip=clip))
 
 
@@ -268,7 +272,7 @@ class DIPPExportRun:
                                                "weights the cluster run saves in --out."}),
             },
             "optional": {"clip": ("CLIP", {"tooltip": "Encodes the prompts (needed when prompts are given)."}),
-                         "ema_decay": EMA_DECAY, "gradient_checkpointing": CHECKPOINTING},
+                         "ema_decay": EMA_DECAY, "gradient_checkpointing": CHECKPOINTING, "bf16": BF16},
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
@@ -285,7 +289,8 @@ class DIPPExportRun:
     def export(self, model: Any, loss: LossSpec, vae: Any, prompts: str, steps: int, batch_size: int,
                learning_rate: float, seed: int, width: int, height: int, checkpoint_every: int,
                filename_prefix: str, clip: Any = None, ema_decay: float = 0.95, gradient_checkpointing: bool = False,
-               unique_id: str | None = None, prompt: dict[str, Any] | None = None) -> dict[str, Any]:
+               bf16: bool = False, unique_id: str | None = None,
+               prompt: dict[str, Any] | None = None) -> dict[str, Any]:
         from pathlib import Path
 
         from diffinstruct.comfyui import cluster
@@ -295,7 +300,7 @@ class DIPPExportRun:
 
         settings = {"prompts": prompts, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
                     "seed": seed, "width": width, "height": height, "checkpoint_every": checkpoint_every,
-                    "ema_decay": ema_decay, "gradient_checkpointing": gradient_checkpointing,
+                    "ema_decay": ema_decay, "gradient_checkpointing": gradient_checkpointing, "bf16": bf16,
                     "filename_prefix": check_prefix(filename_prefix)}
         config = cluster.export_config(prompt, unique_id, settings)
         target = node_write(Path(runs_root()) / f"{check_prefix(filename_prefix)}.json", "filename_prefix")
