@@ -38,7 +38,8 @@ def test_the_same_run_gets_the_same_folder():
 
 def test_what_is_trained_changes_the_folder():
     key = comfy_runs.run_key(PROMPT, ALIGN)
-    for prompt in (changed(ALIGN, seed=1), changed(ALIGN, alpha=3.0), changed(REWARD, reward="saturation"),
+    for prompt in (changed(ALIGN, seed=1), changed(ALIGN, alpha=3.0), changed(ALIGN, bf16=True),
+                   changed(REWARD, reward="saturation"),
                    changed(next(k for k, v in PROMPT.items() if v["class_type"] == "CheckpointLoaderSimple"),
                            ckpt_name="other.safetensors")):
         assert comfy_runs.run_key(prompt, ALIGN) != key
