@@ -59,10 +59,29 @@ def test_layers_it_cannot_take_over_are_left_alone():
     tied_a, tied_b = nn.Linear(8, 8), nn.Linear(8, 8)
     tied_b.weight = tied_a.weight
     trainable = nn.Linear(8, 8)
-    model = nn.ModuleDict({"attn": attn, "a": tied_a.requires_grad_(False), "b": tied_b, "t": trainable})
+    plain = nn.Linear(8, 8).requires_grad_(False)
+    model = nn.ModuleDict({"attn": attn, "a": tied_a.requires_grad_(False), "b": tied_b, "t": trainable,
+                           "plain": plain})
     model["b"].bias.requires_grad_(False)
-    assert frozen.store_frozen_layers_in(model) == 0
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert frozen.store_frozen_layers_in(model) == 1  # only the plain frozen layer
+    assert plain.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if not name.startswith("plain."))
     x = torch.randn(5, 1, 8)
     out, _ = attn(x, x, x)
     assert out.dtype == torch.float32
+
+
+def test_storing_twice_changes_nothing_and_a_keyword_input_is_cast():
+    net = _net()
+    frozen.store_frozen_layers_in(net)
+    assert frozen.store_frozen_layers_in(net) == 0
+    x = torch.randn(2, 8)
+    assert net(x).dtype == torch.float32
+
+    class Named(nn.Linear):  # a subclass called by another keyword, as diffusers' LoRACompatibleLinear is
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return super().forward(hidden_states)
+
+    layer = Named(8, 4).requires_grad_(False)
+    frozen.store_frozen_layers_in(layer)
+    assert layer(hidden_states=x).dtype == torch.float32

@@ -277,3 +277,32 @@ def test_onepass_resumes_bitwise(tmp_path):
         b.train_step(step)
     sa, sb = full_state(a), full_state(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_bf16_full_mode_stores_the_reference_and_keeps_the_bits_with_the_implicit_cfg_reward(monkeypatch):
+    """Full mode under bf16: the frozen reference is stored in bf16 too, and a run whose reward evaluates that
+    reference (implicit CFG: its passes run under autocast like every other) is bit-identical to casting on the
+    fly."""
+    from diffinstruct import assembly
+    from diffinstruct import trainer as trainer_module
+    from diffinstruct.denoisers import EDMDenoiser
+    from diffinstruct.rewards import ImplicitCFGReward
+
+    def build(store: bool):
+        torch.manual_seed(0)
+        teacher = EDMDenoiser(toy.MLPNet(2, 4, 32))
+        models = assembly.build_models(teacher, (2,), mode="full", sigma_init=2.5)
+        with monkeypatch.context() as patch:
+            if not store:
+                patch.setattr(trainer_module, "store_frozen_in", lambda module, dtype: 0)
+            cfg = DIConfig(**{**BASE, "bf16": True})
+            return models, DITrainer(cfg, models, toy.class_prompts(4), ImplicitCFGReward(models.reference))
+
+    (models, stored), (_, cast) = build(True), build(False)
+    linears = [m for m in models.reference.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    for step in range(3):
+        stored.train_step(step)
+        cast.train_step(step)
+    a, b = full_state(stored), full_state(cast)
+    assert all(torch.equal(a[k], b[k]) for k in a)

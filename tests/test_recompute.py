@@ -6,6 +6,7 @@ blocks of DiT-style block lists and of UNet containers."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -237,5 +238,56 @@ def test_a_tensor_inside_a_tuple_changed_after_the_block_ran_is_refused():
     a, b = torch.randn(2, WIDTH, requires_grad=True), torch.randn(2, WIDTH)
     out = block(pair=(a * 1.0, b))
     b.add_(1.0)  # after the block ran, inside the tuple it was given
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+@dataclasses.dataclass
+class Mod:
+    """A dataclass of tensors as a block argument (ComfyUI's Chroma passes its modulations so)."""
+
+    shift: torch.Tensor
+    scale: float
+
+
+class AliasBlock(nn.Module):
+    """Adds into its input, then reads the same tensor through its options (an alias), and a dataclass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, options: dict, mod: Mod) -> torch.Tensor:
+        x += torch.tanh(self.fc(x.clone()))
+        return self.fc(options["same"] * options["sigmas"].mean()) + mod.shift * mod.scale
+
+
+def _alias_grads(checkpointed: bool) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    block = AliasBlock()
+    if checkpointed:
+        recompute.checkpoint_blocks([block])
+    with torch.inference_mode():  # as ComfyUI builds its transformer_options
+        sigmas = torch.full((2,), 0.5)
+    x = torch.randn(2, WIDTH, requires_grad=True)
+    shift = torch.randn(2, WIDTH, requires_grad=True)
+    h = x * 1.0
+    out = block(h, {"same": h, "sigmas": sigmas}, Mod(shift * 1.0, 2.0))
+    out.square().sum().backward()
+    return [x.grad, shift.grad, *(p.grad for p in block.parameters())]
+
+
+def test_aliases_dataclasses_and_inference_tensors_in_the_arguments():
+    plain, ckpt = _alias_grads(False), _alias_grads(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, ckpt, strict=True))
+
+
+def test_a_tensor_inside_a_dataclass_changed_after_the_block_ran_is_refused():
+    torch.manual_seed(0)
+    block = AliasBlock()
+    recompute.checkpoint_blocks([block])
+    x, shift = torch.randn(2, WIDTH, requires_grad=True), torch.randn(2, WIDTH)
+    out = block(x * 1.0, {"same": torch.ones(2, WIDTH), "sigmas": torch.ones(2)}, Mod(shift, 2.0))
+    shift.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()

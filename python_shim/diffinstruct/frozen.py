@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 _MARK = "_dipp_stored_from"  # on a layer whose weights are stored below their original dtype: that dtype
-_CAST_BACK = "_dipp_cast_back"  # the input's dtype, between a stored layer's pre-hook and its hook
+_CAST_BACK = "_dipp_cast_back"  # the inputs' dtypes, pushed by a stored layer's pre-hook, popped by its hook
 
 
 def mark_stored(module: nn.Module, original: torch.dtype = torch.float32) -> None:
@@ -49,21 +49,32 @@ def runs_stored(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return x.dtype != dtype and not torch.is_autocast_enabled(x.device.type)
 
 
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int | str, torch.Tensor] | None:
+    """The layer's input: its first positional tensor, else its one tensor keyword (input=, hidden_states=...)."""
+    for i, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            return i, value
+    named = [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return named[0] if len(named) == 1 else None
+
+
 def _cast_in(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    x = args[0] if args else kwargs.get("input")
+    found = _first_tensor(args, kwargs)
     dtype = module.weight.dtype
-    if not isinstance(x, torch.Tensor) or not runs_stored(x, dtype):
-        setattr(module, _CAST_BACK, None)
+    stack = module.__dict__.setdefault(_CAST_BACK, [])  # a stack: correct also if the layer is re-entered
+    if found is None or not runs_stored(found[1], dtype):
+        stack.append(None)
         return None
-    setattr(module, _CAST_BACK, x.dtype)
-    if args:
-        return (x.to(dtype), *args[1:]), kwargs
-    return args, {**kwargs, "input": x.to(dtype)}
+    where, x = found
+    stack.append(x.dtype)
+    if isinstance(where, int):
+        return (*args[:where], x.to(dtype), *args[where + 1:]), kwargs
+    return args, {**kwargs, where: x.to(dtype)}
 
 
 def _cast_out(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-    back = getattr(module, _CAST_BACK, None)
-    setattr(module, _CAST_BACK, None)
+    stack = module.__dict__.get(_CAST_BACK)
+    back = stack.pop() if stack else None
     return out.to(back) if back is not None and isinstance(out, torch.Tensor) else None
 
 
@@ -74,7 +85,8 @@ def _plain_frozen(m: nn.Module, skip: set[int], shared: Counter[int]) -> bool:
             and all(not p.requires_grad and shared[id(p)] == 1 for p in m.parameters(recurse=False))
             # a layer that casts its weights itself (ComfyUI's manual cast) or already has its own forward
             # (FrozenCast, a host's patch) is left as it is
-            and not getattr(m, "comfy_cast_weights", False) and "forward" not in m.__dict__)
+            and not getattr(m, "comfy_cast_weights", False) and "forward" not in m.__dict__
+            and getattr(m, _MARK, None) is None)  # stored once already (its hooks are there)
 
 
 def store_frozen_layers_in(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
