@@ -349,15 +349,18 @@ def test_align_in_bf16(host, loaded, name):  # noqa: F811
     family, model, clip, vae, stem = loaded(name)
     size = family.latent_size * 8
     mappings = declarations(host)
+    folder = host.tmp / "family_runs" / f"{stem}_autocast"  # its own run: nothing to resume from
+    assert not folder.exists()
     with torch.inference_mode():
         before = mean_reward(model, clip, vae, size)
         reward = mappings["DIPPReward"]().build("brightness", 1.0, "auto")[0]
         out = mappings["DIPPAlign"]().align(model, clip, vae, "\n".join(PROMPTS), reward, ALPHA, 1.0, ALIGN_STEPS,
                                             width=size, height=size, learning_rate=LR, ta_learning_rate=1e-3,
                                             batch_size=2, checkpoint_every=ALIGN_STEPS, bf16=True,
-                                            checkpoint_dir=str(host.tmp / "family_runs" / f"{stem}_bf16"))["result"]
+                                            checkpoint_dir=str(folder))["result"]
         after = mean_reward(out[0], clip, vae, size)
     print(f"\n{name}: Align {ALIGN_STEPS} steps in bf16, brightness {before:.4f} -> {after:.4f} "
           f"({after - before:+.4f})")
+    assert json.loads(out[4])["start_step"] == 0  # trained from the start, in bf16
     assert all(bool(torch.isfinite(t).all()) for t in out[1].tensors.values())
     assert after > before + MARGIN
