@@ -226,22 +226,6 @@ def _pair_grads(checkpointed: bool) -> list[torch.Tensor]:
     return [x.grad, side.grad, *(p.grad for p in blocks.parameters())]
 
 
-def test_tensors_inside_containers_and_keyword_only_calls_are_recomputed_faithfully():
-    plain, ckpt = _pair_grads(False), _pair_grads(True)
-    assert all(torch.equal(a, b) for a, b in zip(plain, ckpt, strict=True))
-
-
-def test_a_tensor_inside_a_tuple_changed_after_the_block_ran_is_refused():
-    torch.manual_seed(0)
-    block = PairBlock()
-    recompute.checkpoint_blocks([block])
-    a, b = torch.randn(2, WIDTH, requires_grad=True), torch.randn(2, WIDTH)
-    out = block(pair=(a * 1.0, b))
-    b.add_(1.0)  # after the block ran, inside the tuple it was given
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        out.sum().backward()
-
-
 @dataclasses.dataclass
 class Mod:
     """A dataclass of tensors as a block argument (ComfyUI's Chroma passes its modulations so)."""
@@ -277,17 +261,32 @@ def _alias_grads(checkpointed: bool) -> list[torch.Tensor]:
     return [x.grad, shift.grad, *(p.grad for p in block.parameters())]
 
 
-def test_aliases_dataclasses_and_inference_tensors_in_the_arguments():
-    plain, ckpt = _alias_grads(False), _alias_grads(True)
+@pytest.mark.parametrize("grads", [_pair_grads, _alias_grads], ids=["keyword-only-tuples", "aliases-dataclasses"])
+def test_arguments_inside_containers_are_recomputed_faithfully(grads):
+    """Keyword-only calls with tensors in tuples; aliases, a dataclass and an inference-mode tensor."""
+    plain, ckpt = grads(False), grads(True)
     assert all(torch.equal(a, b) for a, b in zip(plain, ckpt, strict=True))
 
 
-def test_a_tensor_inside_a_dataclass_changed_after_the_block_ran_is_refused():
+def _run_then_change(kind: str) -> torch.Tensor:
+    """A checkpointed block's output, after a tensor inside one of its container arguments was changed in place."""
     torch.manual_seed(0)
-    block = AliasBlock()
-    recompute.checkpoint_blocks([block])
-    x, shift = torch.randn(2, WIDTH, requires_grad=True), torch.randn(2, WIDTH)
-    out = block(x * 1.0, {"same": torch.ones(2, WIDTH), "sigmas": torch.ones(2)}, Mod(shift, 2.0))
-    shift.add_(1.0)
+    later = torch.randn(2, WIDTH)
+    x = torch.randn(2, WIDTH, requires_grad=True) * 1.0
+    if kind == "tuple":
+        block: nn.Module = PairBlock()
+        recompute.checkpoint_blocks([block])
+        out = block(pair=(x, later))
+    else:
+        block = AliasBlock()
+        recompute.checkpoint_blocks([block])
+        out = block(x, {"same": torch.ones(2, WIDTH), "sigmas": torch.ones(2)}, Mod(later, 2.0))
+    later.add_(1.0)  # after the block ran
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dataclass"])
+def test_a_tensor_inside_a_container_changed_after_the_block_ran_is_refused(kind):
+    out = _run_then_change(kind)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
